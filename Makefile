@@ -1,0 +1,39 @@
+# Everything a newcomer needs: `make test`, `make demo`, `make bench`.
+# The virtual environment is created on first use. CI points VENV at a folder outside the clone,
+# keyed by setup.cfg's hash, so that runs share one 6 GB torch install.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The torch build served by this project's package mirror; elsewhere any torch>=2.4 works (setup.cfg).
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+DEPS_STAMP := $(VENV)/.cdb_hf-deps-$(shell sha256sum setup.cfg pyproject.toml | sha256sum | cut -c1-16)
+# Tests and the demo never touch the network.
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
+
+.PHONY: install test lint demo bench clean
+
+$(DEPS_STAMP):
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade "setuptools>=68" wheel
+	$(BIN)/python -m pip install -q $(TORCH_PINS)
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+# Re-point the editable install at this checkout (the venv may be shared between clones).
+install: $(DEPS_STAMP)
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+
+lint: install
+	$(BIN)/python -m ruff check cdb_hf tests bench run_finetune.py
+
+test: lint
+	$(OFFLINE) $(BIN)/python -m pytest -q tests
+
+demo: install
+	$(OFFLINE) $(BIN)/python bench/overhead.py --quick
+
+bench: install
+	$(OFFLINE) $(BIN)/python bench/overhead.py
+
+clean:
+	rm -rf .venv build *.egg-info .pytest_cache

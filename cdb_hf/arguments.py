@@ -1,0 +1,110 @@
+"""The argument dataclasses shared by the CLI, the Trainer path, the accelerate loop and the recipes.
+
+``HfArgumentParser`` fills them from the command line, a YAML/JSON recipe, or both. CDB's own flags
+are generated from :class:`~cdb_hf.core.ChannelDropBackConfig` (prefixed ``cdb_``), so the core stays
+the single source of truth for their names, defaults, types and help.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .core import ChannelDropBackConfig
+
+CDB_PREFIX = "cdb_"
+
+
+@dataclass
+class ModelArguments:
+    """Which checkpoint to fine-tune (names follow transformers' run_image_classification.py)."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Hub model id (e.g. google/vit-base-patch16-224-in21k), a local directory written "
+                          "by save_pretrained, or a built-in source such as builtin:efficientnet_lite0."},
+    )
+    config_name: str | None = field(default=None, metadata={"help": "Config name or path, if not the model's."})
+    image_processor_name: str | None = field(
+        default=None, metadata={"help": "Image processor name or path, if not the model's."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded checkpoints are cached."})
+    model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of the checkpoint."})
+    token: str | None = field(
+        default=None, metadata={"help": "Hub token (never logged); defaults to the cached login."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow code from the Hub repository to run. Off by default."})
+    ignore_mismatched_sizes: bool = field(
+        default=False,
+        metadata={"help": "Accepted for compatibility: a new classification head is created automatically "
+                          "when the label count differs from the checkpoint's."},
+    )
+
+
+@dataclass
+class DataArguments:
+    """Which images to train and evaluate on."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Hub dataset id, a local dataset folder (save_to_disk or loadable files), or a "
+                          "built-in source such as builtin:mnist5k or builtin:digits."},
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
+    train_dir: str | None = field(default=None, metadata={"help": "An image folder (one sub-folder per class)."})
+    validation_dir: str | None = field(default=None, metadata={"help": "A validation image folder."})
+    train_val_split: float = field(
+        default=0.15, metadata={"help": "Validation fraction carved (seeded) from train when there is no split."})
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Truncate the training set (seeded shuffle first) for quick runs."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the validation set."})
+    image_column_name: str | None = field(
+        default=None, metadata={"help": "Image column; detected automatically when omitted."})
+    label_column_name: str | None = field(
+        default=None, metadata={"help": "Label column; detected automatically when omitted."})
+
+
+@dataclass
+class RunArguments:
+    """cdb_hf's own switches that are not CDB hyperparameters."""
+
+    trainer: Literal["hf", "accelerate"] = field(
+        default="hf",
+        metadata={"help": "'hf': transformers Trainer + ChannelDropBackCallback; 'accelerate': cdb_hf's "
+                          "accelerate loop. Same arguments, same results."},
+    )
+    ab_seeds: int = field(
+        default=0,
+        metadata={"help": "If > 0, run an A/B comparison: baseline vs CDB for this many paired seeds."},
+    )
+
+
+def _cdb_arguments_class() -> type:
+    """``CDBArguments``: ChannelDropBackConfig's fields as ``cdb_*`` flags, plus the ``cdb`` switch."""
+    specs = [("cdb", bool, field(default=True, metadata={"help": "Apply ChannelDropBack (false = baseline)."}))]
+    for f in dataclasses.fields(ChannelDropBackConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        specs.append((CDB_PREFIX + f.name, f.type, field(default=default, metadata=dict(f.metadata))))
+
+    def to_config(self, **overrides) -> ChannelDropBackConfig | None:
+        """The core config these flags describe, or None when CDB is off."""
+        if not self.cdb:
+            return None
+        values = {f.name: getattr(self, CDB_PREFIX + f.name) for f in dataclasses.fields(ChannelDropBackConfig)}
+        values.update(overrides)
+        return ChannelDropBackConfig(**values)
+
+    def validate(self) -> None:
+        """Raise the core's ValueError now (before any work) if the CDB flags are invalid."""
+        self.to_config()
+
+    cls = dataclasses.make_dataclass("CDBArguments", specs, namespace={"to_config": to_config,
+                                                                       "validate": validate})
+    cls.__module__ = __name__
+    cls.__doc__ = "ChannelDropBack flags: every ChannelDropBackConfig field, prefixed 'cdb_'."
+    return cls
+
+
+CDBArguments = _cdb_arguments_class()
+
+ALL_ARGUMENT_CLASSES = (ModelArguments, DataArguments, CDBArguments, RunArguments)

@@ -1,0 +1,490 @@
+"""ChannelDropBack (Hershkovitch Neiterman & Ben-Artzi, ICPR 2024): a backward-only regularizer.
+
+At every optimizer step CDB picks one or more eligible layers and, inside each, a random subset of
+channels (rows by default); only those receive this step's update. The forward pass is untouched, so
+the trained model is a plain model.
+
+The module is torch-only and is built around three objects:
+
+* :class:`ChannelDropBackConfig` - every knob, validated when it is built;
+* :class:`ChannelDropBack` - owns eligibility, selection, masking and the (tiny) state;
+* optimizer step hooks installed by :meth:`ChannelDropBack.attach` (or the explicit
+  :meth:`ChannelDropBack.before_step` / :meth:`ChannelDropBack.after_step` pair).
+
+Selections are a pure function of ``(seed, step)``: each step reseeds dedicated generators, so the
+global RNG is never consumed, every rank of a distributed job draws the same rows, and a checkpoint
+only needs the step counter. All decisions that steer Python control flow (which layers, how many
+rows) are drawn on the host from a CPU generator; only *which* rows is drawn on the parameter's
+device. The number of dropped rows is therefore known on the host and the step path never reads a
+device value back (no ``.item()``, no boolean indexing).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+__all__ = ["ChannelDropBack", "ChannelDropBackConfig", "ELIGIBLE_MODULE_TYPES"]
+
+#: Module types whose ``weight`` is eligible. Eligibility is by type, not by parameter name, because
+#: names change between library versions (ViT's ``query`` became ``q_proj`` in transformers 5).
+ELIGIBLE_MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
+
+_LAYER_SELECTIONS = ("single", "bernoulli")
+_CHANNEL_SAMPLINGS = ("bernoulli", "exact")
+_AXES = {"rows": 0, "cols": 1}
+_MODES = ("grad", "exact")
+_ALL_DROPPED_RULES = ("keep_all", "keep_one")
+_SCHEDULES = ("constant", "step", "linear")
+_SCHEDULE_UNITS = ("steps", "epochs")
+
+
+def _check_choice(name: str, value: Any, valid: tuple[str, ...] | dict) -> None:
+    if value not in valid:
+        raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, valid))}")
+
+
+def _check_rate(name: str, value: float, high_inclusive: bool = True) -> None:
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (is_number and 0.0 <= value and (value <= 1.0 if high_inclusive else value < 1.0)):
+        interval = "[0, 1]" if high_inclusive else "[0, 1)"
+        raise ValueError(f"{name}={value!r} is out of range; it must be a number in {interval}")
+
+
+@dataclass
+class ChannelDropBackConfig:
+    """Every ChannelDropBack knob. Defaults follow the paper: one layer per step, rows, grad mode."""
+
+    layer_selection: Literal["single", "bernoulli"] = field(
+        default="single",
+        metadata={"help": "'single': one eligible layer per step, uniformly (paper, Alg. 1). "
+                          "'bernoulli': every eligible layer independently with probability layer_rate "
+                          "(official code)."},
+    )
+    layer_rate: float = field(
+        default=1.0,
+        metadata={"help": "The scheduled selection rate (the schedule's final value). 'single': probability "
+                          "that a step selects its one layer; 'bernoulli': per-layer selection probability."},
+    )
+    layer_rate_init: float = field(
+        default=0.0,
+        metadata={"help": "Start value of the 'step' and 'linear' schedules (ignored by 'constant')."},
+    )
+    step_rate: float = field(
+        default=1.0,
+        metadata={"help": "Probability that a step applies CDB at all (both layer selections)."},
+    )
+    channel_rate: float = field(
+        default=0.3,
+        metadata={"help": "Fraction of a selected layer's channels that is DROPPED (not updated), in [0, 1)."},
+    )
+    channel_sampling: Literal["bernoulli", "exact"] = field(
+        default="bernoulli",
+        metadata={"help": "'bernoulli': each channel dropped independently with channel_rate (official); "
+                          "'exact': exactly round(channel_rate * channels) channels dropped."},
+    )
+    axis: Literal["rows", "cols"] = field(
+        default="rows",
+        metadata={"help": "'rows': dim 0 (output features / output channels); 'cols': dim 1 (input "
+                          "features / input channels, as in the official code)."},
+    )
+    mode: Literal["grad", "exact"] = field(
+        default="grad",
+        metadata={"help": "'grad': zero the dropped gradients (official; momentum and weight decay still "
+                          "move dropped rows). 'exact': dropped rows and their optimizer state are bitwise "
+                          "unchanged by the step."},
+    )
+    rescale: bool = field(
+        default=True,
+        metadata={"help": "Divide the kept gradients by the realized keep fraction (official code)."},
+    )
+    all_dropped: Literal["keep_all", "keep_one"] = field(
+        default="keep_all",
+        metadata={"help": "When a Bernoulli draw drops every channel: 'keep_all' masks nothing (official), "
+                          "'keep_one' keeps one random channel."},
+    )
+    include: list[str] | None = field(
+        default=None,
+        metadata={"help": "Glob patterns over parameter names; only eligible weights matching one are used."},
+    )
+    exclude: list[str] | None = field(
+        default=None,
+        metadata={"help": "Glob patterns over parameter names to leave out (e.g. '*classifier*')."},
+    )
+    skip_first: int = field(
+        default=0,
+        metadata={"help": "Skip the first k eligible layers in module order (official code: skip_init_layers)."},
+    )
+    schedule: Literal["constant", "step", "linear"] = field(
+        default="constant",
+        metadata={"help": "layer_rate schedule: 'constant'; 'step' (official: layer_rate_init until 30%, "
+                          "layer_rate/2 until 60%, then layer_rate); 'linear' ramp from layer_rate_init."},
+    )
+    schedule_total_steps: int | None = field(
+        default=None,
+        metadata={"help": "Optimizer steps the schedule spans (the trainers fill it from max_steps)."},
+    )
+    schedule_unit: Literal["steps", "epochs"] = field(
+        default="steps",
+        metadata={"help": "'steps': the rate moves every optimizer step; 'epochs': only at epoch boundaries "
+                          "(needs schedule_steps_per_epoch)."},
+    )
+    schedule_steps_per_epoch: int | None = field(
+        default=None,
+        metadata={"help": "Optimizer steps per epoch, for schedule_unit='epochs'."},
+    )
+    seed: int = field(
+        default=0,
+        metadata={"help": "Seed of CDB's own generators; selections are a pure function of (seed, step)."},
+    )
+
+    def __post_init__(self) -> None:
+        _check_choice("layer_selection", self.layer_selection, _LAYER_SELECTIONS)
+        _check_choice("channel_sampling", self.channel_sampling, _CHANNEL_SAMPLINGS)
+        _check_choice("axis", self.axis, _AXES)
+        _check_choice("mode", self.mode, _MODES)
+        _check_choice("all_dropped", self.all_dropped, _ALL_DROPPED_RULES)
+        _check_choice("schedule", self.schedule, _SCHEDULES)
+        _check_choice("schedule_unit", self.schedule_unit, _SCHEDULE_UNITS)
+        _check_rate("layer_rate", self.layer_rate)
+        _check_rate("layer_rate_init", self.layer_rate_init)
+        _check_rate("step_rate", self.step_rate)
+        _check_rate("channel_rate", self.channel_rate, high_inclusive=False)
+        if not isinstance(self.rescale, bool):
+            raise ValueError(f"rescale={self.rescale!r} is not valid; it must be True or False")
+        if not isinstance(self.skip_first, int) or isinstance(self.skip_first, bool) or self.skip_first < 0:
+            raise ValueError(f"skip_first={self.skip_first!r} is not valid; it must be an integer >= 0")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed={self.seed!r} is not valid; it must be an integer")
+        for name in ("include", "exclude"):
+            patterns = getattr(self, name)
+            if isinstance(patterns, str):  # a lone pattern is a common slip; accept it as a list of one
+                patterns = [patterns]
+            if patterns is not None:
+                patterns = list(patterns)
+                if not patterns or not all(isinstance(p, str) and p for p in patterns):
+                    raise ValueError(f"{name}={patterns!r} is not valid; it must be a non-empty list of glob "
+                                     "patterns, or None")
+            setattr(self, name, patterns)
+        for name in ("schedule_total_steps", "schedule_steps_per_epoch"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name}={value!r} is not valid; it must be a positive integer or None")
+        if self.schedule_unit == "epochs" and self.schedule != "constant" and self.schedule_steps_per_epoch is None:
+            raise ValueError("schedule_unit='epochs' needs schedule_steps_per_epoch (optimizer steps per epoch)")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable copy (for checkpoints, model cards and recipes)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ChannelDropBackConfig:
+        """Build from a dict, rejecting unknown keys by name."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown ChannelDropBackConfig field(s) {unknown}; valid fields: {sorted(known)}")
+        return cls(**values)
+
+    def rate_at(self, step: int) -> float:
+        """The scheduled ``layer_rate`` at optimizer step ``step`` (0-based)."""
+        if self.schedule == "constant":
+            return self.layer_rate
+        if self.schedule_total_steps is None:
+            raise ValueError(f"schedule={self.schedule!r} needs schedule_total_steps (the number of optimizer "
+                             "steps of the run); the Trainer callback and the accelerate loop fill it in")
+        position = step
+        if self.schedule_unit == "epochs":
+            position = (step // self.schedule_steps_per_epoch) * self.schedule_steps_per_epoch
+        progress = min(position / self.schedule_total_steps, 1.0)
+        if self.schedule == "step":
+            if progress < 0.3:
+                return self.layer_rate_init
+            return self.layer_rate / 2 if progress < 0.6 else self.layer_rate
+        return self.layer_rate_init + (self.layer_rate - self.layer_rate_init) * progress
+
+
+def _mix_seed(*values: int) -> int:
+    """SplitMix64 over a tuple of ints: well-spread, platform-independent 63-bit seeds."""
+    state = 0x9E3779B97F4A7C15
+    for value in values:
+        state = (state ^ (value & 0xFFFFFFFFFFFFFFFF)) & 0xFFFFFFFFFFFFFFFF
+        state = (state + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        state = z ^ (z >> 31)
+    return state & 0x7FFFFFFFFFFFFFFF
+
+
+@dataclass
+class _Selected:
+    """One selected layer at one step: the dropped indices along ``dim`` and the grad scale."""
+
+    name: str
+    param: nn.Parameter
+    dim: int
+    size: int
+    dropped: torch.Tensor  # int64 indices on the parameter's device, length known on the host
+    scale: float
+
+
+class _HookHandle:
+    """Removes CDB's optimizer hooks (same interface as torch's RemovableHandle)."""
+
+    def __init__(self, cdb: ChannelDropBack, handles: list) -> None:
+        self._cdb, self._handles = cdb, handles
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._cdb._optimizer = None
+
+
+class ChannelDropBack:
+    """Apply ChannelDropBack to ``model``'s Linear and Conv weights.
+
+    Build it once from the model, then :meth:`attach` it to the optimizer: each ``optimizer.step()``
+    then updates only the selected rows of the selected layers. Nothing in the forward pass changes.
+
+    Args:
+        model: any ``nn.Module``; only its Linear/Conv weights that require grad are eligible.
+        config: the knobs; the defaults are the paper's.
+    """
+
+    def __init__(self, model: nn.Module, config: ChannelDropBackConfig | None = None) -> None:
+        self.config = config if config is not None else ChannelDropBackConfig()
+        if self.config.schedule != "constant" and self.config.schedule_total_steps is None:
+            raise ValueError(f"schedule={self.config.schedule!r} needs schedule_total_steps (the number of "
+                             "optimizer steps of the run); the Trainer callback and the accelerate loop fill "
+                             "it in")
+        self.dim = _AXES[self.config.axis]
+        self.layers: dict[str, nn.Parameter] = self._eligible_layers(model)
+        self._names = list(self.layers)
+        self._params = list(self.layers.values())
+        self.step = 0
+        self._host_generator = torch.Generator(device="cpu")
+        self._device_generators: dict[torch.device, tuple[torch.Generator, int]] = {}
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._selected: list[_Selected] = []
+        self._snapshots: list[tuple[_Selected, torch.Tensor, dict[str, torch.Tensor]]] = []
+        self.last_stats: dict[str, float] = {"applied": 0.0, "layers": 0.0, "keep_fraction": 1.0,
+                                             "layer_rate": self.config.rate_at(0)}
+
+    # ------------------------------------------------------------------ eligibility
+    def _eligible_layers(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        config = self.config
+        names = {id(p): n for n, p in model.named_parameters()}
+        typed: dict[str, nn.Parameter] = {}
+        for module in model.modules():
+            weight = getattr(module, "weight", None)
+            if not isinstance(module, ELIGIBLE_MODULE_TYPES) or not isinstance(weight, nn.Parameter):
+                continue
+            if not weight.requires_grad or id(weight) not in names or names[id(weight)] in typed:
+                continue
+            if weight.dim() <= self.dim or weight.shape[self.dim] < 2:
+                continue  # e.g. a depthwise conv along dim 1: a single channel cannot be dropped
+            if type(weight.data).__name__ == "DTensor":
+                raise ValueError(f"parameter {names[id(weight)]!r} is a DTensor (FSDP2 / tensor parallel); "
+                                 "ChannelDropBack supports plain and DDP-replicated parameters only")
+            typed[names[id(weight)]] = weight
+        if not typed:
+            raise ValueError(f"{type(model).__name__} has no eligible layer: ChannelDropBack needs Linear or Conv "
+                             f"weights that require grad with at least 2 channels along axis={config.axis!r}")
+
+        def matches(name: str, patterns: list[str]) -> bool:
+            return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+        for kind, patterns in (("include", config.include), ("exclude", config.exclude)):
+            for pattern in patterns or []:
+                if not any(fnmatch.fnmatchcase(n, pattern) for n in typed):
+                    raise ValueError(f"{kind} pattern {pattern!r} matches no eligible layer; eligible layers "
+                                     f"are e.g. {_preview(list(typed))}")
+        selected = {n: p for n, p in typed.items()
+                    if (config.include is None or matches(n, config.include))
+                    and not (config.exclude and matches(n, config.exclude))}
+        selected = dict(list(selected.items())[config.skip_first:])
+        if not selected:
+            raise ValueError(f"include={config.include!r}, exclude={config.exclude!r} and "
+                             f"skip_first={config.skip_first} leave no eligible layer out of {len(typed)} "
+                             f"(e.g. {_preview(list(typed))})")
+        return selected
+
+    # ------------------------------------------------------------------ optimizer hooks
+    def attach(self, optimizer: torch.optim.Optimizer) -> _HookHandle:
+        """Install CDB on ``optimizer``'s step (pre and post hooks) and return a removable handle.
+
+        Works with any ``torch.optim.Optimizer`` (foreach and fused included) and with wrappers that
+        expose the real optimizer as ``.optimizer`` (accelerate's ``AcceleratedOptimizer``). The hooks
+        run after gradient clipping and AMP unscaling, whichever trainer drives the loop.
+        """
+        inner = _unwrap_optimizer(optimizer)
+        if self._optimizer is not None:
+            raise RuntimeError("this ChannelDropBack is already attached to an optimizer; call "
+                               "handle.remove() first")
+        self._check_optimizer_covers_layers(inner)
+        self._optimizer = inner
+        handles = [inner.register_step_pre_hook(lambda opt, args, kwargs: self.before_step()),
+                   inner.register_step_post_hook(lambda opt, args, kwargs: self.after_step())]
+        return _HookHandle(self, handles)
+
+    def _check_optimizer_covers_layers(self, optimizer: torch.optim.Optimizer) -> None:
+        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [n for n, p in self.layers.items() if id(p) not in in_optimizer]
+        if len(missing) == len(self.layers):
+            raise ValueError("none of the eligible layers is in the optimizer: build ChannelDropBack from the "
+                             "same model (after wrapping, the parameters must be the same objects)")
+
+    @torch.no_grad()
+    def before_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Draw this step's selection and mask the selected gradients (call right before ``step()``)."""
+        optimizer = _unwrap_optimizer(optimizer) if optimizer is not None else self._optimizer
+        self._selected = self._draw(self.step)
+        self._snapshots = []
+        for sel in self._selected:
+            grad = sel.param.grad
+            if grad is None:
+                continue
+            if self.config.mode == "exact":
+                self._snapshot(sel, optimizer)
+            # index_fill_ rather than a multiply: 0 * inf would turn an fp16 overflow into NaN.
+            grad.index_fill_(sel.dim, sel.dropped, 0)
+            if sel.scale != 1.0:
+                grad.mul_(sel.scale)
+
+    @torch.no_grad()
+    def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Restore the dropped rows in exact mode and advance the step counter (call after ``step()``)."""
+        optimizer = _unwrap_optimizer(optimizer) if optimizer is not None else self._optimizer
+        for sel, weight_rows, state_rows in self._snapshots:
+            sel.param.index_copy_(sel.dim, sel.dropped, weight_rows)
+            state = optimizer.state.get(sel.param, {}) if optimizer is not None else {}
+            for key, value in state.items():
+                if not _is_per_element(value, sel.param):
+                    continue
+                if key in state_rows:
+                    value.index_copy_(sel.dim, sel.dropped, state_rows[key])
+                else:  # state created by this very step: "not happened" is its initial value, zero
+                    value.index_fill_(sel.dim, sel.dropped, 0)
+        self._snapshots = []
+        self.step += 1
+
+    def _snapshot(self, sel: _Selected, optimizer: torch.optim.Optimizer | None) -> None:
+        weight_rows = sel.param.index_select(sel.dim, sel.dropped)
+        state = optimizer.state.get(sel.param, {}) if optimizer is not None else {}
+        state_rows = {key: value.index_select(sel.dim, sel.dropped)
+                      for key, value in state.items() if _is_per_element(value, sel.param)}
+        self._snapshots.append((sel, weight_rows, state_rows))
+
+    # ------------------------------------------------------------------ selection
+    def _draw(self, step: int) -> list[_Selected]:
+        """The selection of optimizer step ``step``: a pure function of (seed, step)."""
+        config = self.config
+        rate = config.rate_at(step)
+        host = self._host_generator.manual_seed(_mix_seed(config.seed, step, 0))
+        apply_draw, rate_draw, pick_draw = torch.rand(3, generator=host).tolist()
+        if apply_draw >= config.step_rate:
+            chosen = []
+        elif config.layer_selection == "single":
+            chosen = [min(int(pick_draw * len(self._params)), len(self._params) - 1)] if rate_draw < rate else []
+        else:
+            chosen = (torch.rand(len(self._params), generator=host) < rate).nonzero().flatten().tolist()
+        if not chosen:
+            self.last_stats = {"applied": 0.0, "layers": 0.0, "keep_fraction": 1.0, "layer_rate": rate}
+            return []
+
+        sizes = [self._params[i].shape[self.dim] for i in chosen]
+        if config.channel_sampling == "exact":
+            drops = [min(round(config.channel_rate * n), n - 1) for n in sizes]
+        else:
+            # Bernoulli(p) per channel == Binomial(n, p) many channels, uniformly chosen: drawing the
+            # count on the host keeps the step free of device-to-host reads.
+            counts = torch.tensor(sizes, dtype=torch.float64)
+            drops = torch.binomial(counts, torch.full_like(counts, config.channel_rate), generator=host)
+            drops = [int(d) for d in drops.tolist()]
+            rule = config.all_dropped
+            drops = [(0 if rule == "keep_all" else n - 1) if d == n else d for d, n in zip(drops, sizes)]
+
+        selected, keep_fractions = [], []
+        for index, size, dropped in zip(chosen, sizes, drops):
+            param = self._params[index]
+            if dropped:
+                device_gen = self._device_generator(param.device, step)
+                order = torch.randperm(size, generator=device_gen, device=param.device)
+                indices = order[:dropped]
+            else:
+                indices = torch.empty(0, dtype=torch.long, device=param.device)
+            keep = (size - dropped) / size
+            scale = 1.0 / keep if config.rescale else 1.0
+            selected.append(_Selected(self._names[index], param, self.dim, size, indices, scale))
+            keep_fractions.append(keep)
+        self.last_stats = {"applied": 1.0, "layers": float(len(selected)),
+                           "keep_fraction": sum(keep_fractions) / len(keep_fractions), "layer_rate": rate}
+        return selected
+
+    def _device_generator(self, device: torch.device, step: int) -> torch.Generator:
+        """One generator per device, reseeded once per step, so draws do not depend on past steps."""
+        key = torch.device(device)
+        if key not in self._device_generators:
+            self._device_generators[key] = (torch.Generator(device=key), -1)
+        generator, seeded_for = self._device_generators[key]
+        if seeded_for != step:
+            generator.manual_seed(_mix_seed(self.config.seed, step, 1))
+            self._device_generators[key] = (generator, step)
+        return generator
+
+    # ------------------------------------------------------------------ introspection & state
+    @property
+    def last_selection(self) -> dict[str, torch.Tensor]:
+        """``{parameter name: bool mask over the masked axis}`` (True = updated) of the last step."""
+        masks = {}
+        for sel in self._selected:
+            keep = torch.ones(sel.size, dtype=torch.bool, device=sel.dropped.device)
+            masks[sel.name] = keep.index_fill_(0, sel.dropped, False)
+        return masks
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the same selection sequence: the step counter (and the seed)."""
+        return {"step": self.step, "seed": self.config.seed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue from a :meth:`state_dict`; selections resume exactly where they stopped."""
+        if "step" not in state_dict:
+            raise ValueError(f"not a ChannelDropBack state dict (keys {sorted(state_dict)}); expected 'step'")
+        if state_dict.get("seed", self.config.seed) != self.config.seed:
+            warnings.warn(f"loading CDB state saved with seed {state_dict['seed']} into a run with seed "
+                          f"{self.config.seed}: the selection sequence will differ from the saved run",
+                          stacklevel=2)
+        self.step = int(state_dict["step"])
+
+    def __repr__(self) -> str:
+        return (f"ChannelDropBack(layers={len(self.layers)}, step={self.step}, "
+                f"config={self.config})")
+
+
+def _is_per_element(value: Any, param: torch.Tensor) -> bool:
+    """Optimizer state that has one entry per weight element (momentum, Adam moments, ...)."""
+    return isinstance(value, torch.Tensor) and value.shape == param.shape and value.dim() > 0
+
+
+def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The real ``torch.optim.Optimizer`` behind wrappers such as accelerate's AcceleratedOptimizer."""
+    inner = optimizer
+    while not type(inner).__module__.startswith("torch.") and isinstance(
+            getattr(inner, "optimizer", None), torch.optim.Optimizer):
+        inner = inner.optimizer
+    if not isinstance(inner, torch.optim.Optimizer):
+        raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    return inner
+
+
+def _preview(names: list[str], limit: int = 4) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return f"[{shown}{', ...' if len(names) > limit else ''}] ({len(names)} in all)"
+

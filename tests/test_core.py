@@ -1,0 +1,526 @@
+"""Semantics of the ChannelDropBack core: eligibility, masking, exact mode, sampling, determinism."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import timm
+import torch
+from torch import nn
+from transformers import ConvNextConfig, ConvNextForImageClassification, ViTConfig, ViTForImageClassification
+
+from cdb_hf import ChannelDropBack, ChannelDropBackConfig
+
+
+# ---------------------------------------------------------------------------- tiny models
+def tiny_vit() -> nn.Module:
+    torch.manual_seed(0)
+    config = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                       image_size=16, patch_size=8, num_labels=3)
+    return ViTForImageClassification(config)
+
+
+def tiny_convnext() -> nn.Module:
+    torch.manual_seed(0)
+    config = ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3, image_size=16)
+    return ConvNextForImageClassification(config)
+
+
+def tiny_timm() -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("test_vit", pretrained=False, num_classes=3, img_size=16)
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4))
+
+
+def mlp_loss(model: nn.Module, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(8, 6, generator=generator)
+    return model(x).pow(2).mean()
+
+
+def image_loss(model: nn.Module, size: int = 16) -> torch.Tensor:
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(3))
+    out = model(x)
+    logits = out.logits if hasattr(out, "logits") else out
+    return logits.pow(2).mean()
+
+
+def masked_dim(cdb: ChannelDropBack) -> int:
+    return 0 if cdb.config.axis == "rows" else 1
+
+
+def rows(tensor: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """The slices of ``tensor`` along ``dim`` where ``mask`` is True."""
+    return tensor.index_select(dim, mask.nonzero().flatten())
+
+
+# ---------------------------------------------------------------------------- eligibility
+def test_vit_eligibility_is_linear_and_conv_weights_only():
+    model = tiny_vit()
+    names = set(ChannelDropBack(model).layers)
+    assert "vit.embeddings.patch_embeddings.projection.weight" in names
+    assert "classifier.weight" in names
+    assert any("attention" in n and n.endswith(".weight") for n in names)
+    expected = {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    assert names == {n + ".weight" for n in expected}
+    params = dict(model.named_parameters())
+    for never in ("vit.embeddings.cls_token", "vit.embeddings.position_embeddings"):
+        assert never in params and never not in names
+    assert not any(n.endswith(".bias") or "layernorm" in n for n in names)
+
+
+def test_convnext_eligibility_excludes_layer_scale_and_norms_and_respects_axis():
+    model = tiny_convnext()
+    names = set(ChannelDropBack(model).layers)
+    assert "convnext.encoder.stages.0.layers.0.dwconv.weight" in names  # (C, 1, k, k): C rows
+    assert not any("layer_scale" in n or "layernorm" in n or "downsampling_layer.0" in n for n in names)
+    assert any("downsampling_layer.1" in n for n in names)  # the downsampling conv itself
+    cols = set(ChannelDropBack(model, ChannelDropBackConfig(axis="cols")).layers)
+    # A depthwise conv has a single input channel per group: nothing to drop along dim 1.
+    assert "convnext.encoder.stages.0.layers.0.dwconv.weight" not in cols
+    assert cols < names
+
+
+def test_timm_model_eligibility():
+    model = tiny_timm()
+    names = set(ChannelDropBack(model).layers)
+    assert "patch_embed.proj.weight" in names and "head.weight" in names
+    assert "pos_embed" not in names and "cls_token" not in names
+    assert all(n.endswith(".weight") for n in names)
+
+
+def test_include_exclude_and_skip_first():
+    model = tiny_vit()
+    all_layers = list(ChannelDropBack(model).layers)
+    only_attention = ChannelDropBack(model, ChannelDropBackConfig(include=["*attention*"])).layers
+    assert only_attention and all("attention" in n for n in only_attention)
+    no_head = ChannelDropBack(model, ChannelDropBackConfig(exclude=["classifier.*"])).layers
+    assert list(no_head) == [n for n in all_layers if not n.startswith("classifier")]
+    skipped = ChannelDropBack(model, ChannelDropBackConfig(skip_first=2)).layers
+    assert list(skipped) == all_layers[2:]
+
+
+def test_frozen_and_tied_weights():
+    model = mlp()
+    model[0].weight.requires_grad_(False)
+    model.add_module("tied", nn.Linear(16, 12))
+    model.tied.weight = model[2].weight
+    names = list(ChannelDropBack(model).layers)
+    assert names == ["2.weight", "4.weight"]
+
+
+# ---------------------------------------------------------------------------- grad mode
+@pytest.mark.parametrize("axis", ["rows", "cols"])
+@pytest.mark.parametrize("sampling", ["bernoulli", "exact"])
+def test_grad_mode_zeroes_dropped_and_rescales_kept_exactly(axis, sampling):
+    model = mlp()
+    reference = copy.deepcopy(model)
+    mlp_loss(reference).backward()
+    cdb = ChannelDropBack(model, ChannelDropBackConfig(layer_selection="bernoulli", layer_rate=1.0,
+                                                       channel_rate=0.4, axis=axis, channel_sampling=sampling))
+    mlp_loss(model).backward()
+    cdb.before_step()
+    selection = cdb.last_selection
+    assert set(selection) == set(cdb.layers)
+    dim = masked_dim(cdb)
+    for name, param in model.named_parameters():
+        expected = dict(reference.named_parameters())[name].grad
+        if name not in selection:
+            assert torch.equal(param.grad, expected)
+            continue
+        keep = selection[name]
+        assert rows(param.grad, ~keep, dim).abs().sum() == 0
+        scale = keep.numel() / keep.sum()
+        torch.testing.assert_close(rows(param.grad, keep, dim), rows(expected, keep, dim) * scale,
+                                   rtol=1e-6, atol=0)
+
+
+def test_no_rescale_keeps_gradients_as_they_are():
+    model = mlp()
+    reference = copy.deepcopy(model)
+    mlp_loss(reference).backward()
+    cdb = ChannelDropBack(model, ChannelDropBackConfig(layer_selection="bernoulli", rescale=False, channel_rate=0.5))
+    mlp_loss(model).backward()
+    cdb.before_step()
+    for name, keep in cdb.last_selection.items():
+        grad = dict(model.named_parameters())[name].grad
+        assert torch.equal(rows(grad, keep, 0), rows(dict(reference.named_parameters())[name].grad, keep, 0))
+
+
+@pytest.mark.parametrize("sampling", ["bernoulli", "exact"])
+def test_masked_gradient_is_unbiased(sampling):
+    layer = nn.Linear(4, 64, bias=False)
+    cdb = ChannelDropBack(layer, ChannelDropBackConfig(channel_rate=0.3, channel_sampling=sampling))
+    total = torch.zeros(64, 4)
+    draws = 400
+    for _ in range(draws):
+        layer.weight.grad = torch.ones(64, 4)
+        cdb.before_step()
+        cdb.after_step()
+        total += layer.weight.grad
+    mean = total / draws
+    # Per draw a row's factor is 0 or 1/keep (variance ~0.43): 400 draws give a std of ~0.033 per row.
+    assert abs(mean.mean().item() - 1.0) < 0.02
+    assert (mean - 1.0).abs().max().item() < 0.2
+
+
+def test_fp16_overflow_in_dropped_rows_does_not_become_nan():
+    layer = nn.Linear(4, 8, bias=False).half()
+    cdb = ChannelDropBack(layer, ChannelDropBackConfig(channel_rate=0.5, channel_sampling="exact"))
+    layer.weight.grad = torch.full((8, 4), float("inf"), dtype=torch.float16)
+    cdb.before_step()
+    keep = cdb.last_selection["weight"]
+    assert torch.equal(rows(layer.weight.grad, ~keep, 0), torch.zeros(4, 4, dtype=torch.float16))
+    assert not torch.isnan(layer.weight.grad).any()
+
+
+# ---------------------------------------------------------------------------- exact mode
+def _optimizers():
+    return {
+        "sgd_nesterov_foreach": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True,
+                                                           weight_decay=1e-2, foreach=True),
+        "sgd_momentum_loop": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2, foreach=False),
+        "sgd_fused": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2, fused=True),
+        "adam_foreach": lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=1e-2, foreach=True),
+        "adam_amsgrad_loop": lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=1e-2, amsgrad=True, foreach=False),
+        "adam_fused": lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=1e-2, fused=True),
+        "adamw_foreach": lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1, foreach=True),
+        "adamw_loop": lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1, foreach=False),
+        "adamw_fused": lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1, fused=True),
+    }
+
+
+def _per_element_state(optimizer, param):
+    return {k: v.clone() for k, v in optimizer.state.get(param, {}).items()
+            if isinstance(v, torch.Tensor) and v.shape == param.shape}
+
+
+@pytest.mark.parametrize("name", list(_optimizers()))
+@pytest.mark.parametrize("axis", ["rows", "cols"])
+def test_exact_mode_freezes_dropped_rows_and_their_state(name, axis):
+    make_optimizer = _optimizers()[name]
+    model = mlp()
+    optimizer = make_optimizer(model.parameters())
+    for _ in range(2):  # build up momentum / moments first
+        mlp_loss(model).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    reference = copy.deepcopy(model)
+    reference_optimizer = make_optimizer(reference.parameters())
+    reference_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # no shared buffers
+
+    cdb = ChannelDropBack(model, ChannelDropBackConfig(mode="exact", channel_rate=0.5, axis=axis,
+                                                       layer_selection="bernoulli", layer_rate=0.7, seed=5))
+    cdb.attach(optimizer)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    states_before = {n: _per_element_state(optimizer, p) for n, p in model.named_parameters()}
+    mlp_loss(model).backward()
+    optimizer.step()
+    mlp_loss(reference).backward()
+    reference_optimizer.step()
+
+    selection = cdb.last_selection
+    assert selection, "this seed selects at least one layer"
+    dim = masked_dim(cdb)
+    reference_params = dict(reference.named_parameters())
+    for n, p in model.named_parameters():
+        if n not in selection:  # untouched layers take the ordinary step
+            assert torch.equal(p, reference_params[n]), n
+            continue
+        keep = selection[n]
+        assert torch.equal(rows(p, ~keep, dim), rows(before[n], ~keep, dim)), f"{n}: dropped rows moved"
+        assert not torch.equal(rows(p, keep, dim), rows(before[n], keep, dim)), f"{n}: kept rows did not move"
+        for key, value in _per_element_state(optimizer, p).items():
+            assert torch.equal(rows(value, ~keep, dim), rows(states_before[n][key], ~keep, dim)), (n, key)
+
+
+@pytest.mark.parametrize("name", ["sgd_nesterov_foreach", "adamw_fused"])
+def test_exact_mode_on_the_first_step_leaves_dropped_state_at_its_initial_value(name):
+    model = mlp()
+    optimizer = _optimizers()[name](model.parameters())
+    cdb = ChannelDropBack(model, ChannelDropBackConfig(mode="exact", layer_selection="bernoulli", channel_rate=0.5))
+    cdb.attach(optimizer)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    mlp_loss(model).backward()
+    optimizer.step()
+    for n, keep in cdb.last_selection.items():
+        p = dict(model.named_parameters())[n]
+        assert torch.equal(rows(p, ~keep, 0), rows(before[n], ~keep, 0))
+        for value in _per_element_state(optimizer, p).values():
+            assert rows(value, ~keep, 0).abs().sum() == 0
+
+
+def test_grad_mode_lets_momentum_and_weight_decay_move_dropped_rows():
+    """The official semantics (METHOD.md pitfall 1): a zero gradient is not a frozen weight."""
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    mlp_loss(model).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    cdb = ChannelDropBack(model, ChannelDropBackConfig(mode="grad", layer_selection="bernoulli", channel_rate=0.5))
+    cdb.attach(optimizer)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    mlp_loss(model).backward()
+    optimizer.step()
+    name, keep = next(iter(cdb.last_selection.items()))
+    p = dict(model.named_parameters())[name]
+    assert not torch.equal(rows(p, ~keep, 0), rows(before[name], ~keep, 0))
+
+
+# ---------------------------------------------------------------------------- selection statistics
+def _selections(cdb: ChannelDropBack, model: nn.Module, steps: int):
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    out = []
+    for _ in range(steps):
+        cdb.before_step()
+        out.append({n: m.clone() for n, m in cdb.last_selection.items()})
+        cdb.after_step()
+    return out
+
+
+def test_single_selects_exactly_one_layer_per_step_uniformly():
+    model = mlp()
+    cdb = ChannelDropBack(model)
+    selections = _selections(cdb, model, 300)
+    assert all(len(s) == 1 for s in selections)
+    counts = {n: sum(n in s for s in selections) for n in cdb.layers}
+    assert all(60 <= c <= 140 for c in counts.values()), counts  # 100 expected each
+
+
+def test_bernoulli_frequency_and_channel_drop_fraction_match_rates():
+    model = nn.Sequential(*[nn.Linear(32, 32) for _ in range(10)])
+    cdb = ChannelDropBack(model, ChannelDropBackConfig(layer_selection="bernoulli", layer_rate=0.3,
+                                                       channel_rate=0.25))
+    selections = _selections(cdb, model, 200)
+    frequency = sum(len(s) for s in selections) / (200 * 10)
+    assert abs(frequency - 0.3) < 0.04  # std ~0.01
+    masks = torch.cat([m for s in selections for m in s.values()])
+    assert abs((~masks).float().mean().item() - 0.25) < 0.02
+
+
+def test_exact_channel_sampling_drops_exactly_the_rounded_count():
+    model = nn.Linear(4, 10)
+    cdb = ChannelDropBack(model, ChannelDropBackConfig(channel_rate=0.34, channel_sampling="exact"))
+    for selection in _selections(cdb, model, 20):
+        assert int((~selection["weight"]).sum()) == 3
+
+
+def test_step_rate_and_layer_rate_zero_skip_steps():
+    model = mlp()
+    assert not any(_selections(ChannelDropBack(model, ChannelDropBackConfig(step_rate=0.0)), model, 20))
+    assert not any(_selections(ChannelDropBack(model, ChannelDropBackConfig(layer_rate=0.0)), model, 20))
+    half = _selections(ChannelDropBack(model, ChannelDropBackConfig(step_rate=0.5)), model, 400)
+    assert 150 < sum(bool(s) for s in half) < 250
+
+
+@pytest.mark.parametrize("rule,expected_kept", [("keep_all", 2), ("keep_one", 1)])
+def test_all_dropped_rule(rule, expected_kept):
+    layer = nn.Linear(3, 2, bias=False)  # 2 rows at a 0.95 drop rate: most draws drop both
+    cdb = ChannelDropBack(layer, ChannelDropBackConfig(channel_rate=0.95, all_dropped=rule))
+    kept = [int(s["weight"].sum()) for s in _selections(cdb, layer, 50)]
+    assert min(kept) >= 1 and kept.count(expected_kept) > 35
+
+
+# ---------------------------------------------------------------------------- determinism & state
+def _as_lists(selections):
+    return [{n: m.tolist() for n, m in s.items()} for s in selections]
+
+
+def test_same_seed_same_selections_and_other_seed_differs():
+    model = tiny_vit()
+    config = ChannelDropBackConfig(layer_selection="bernoulli", layer_rate=0.5, seed=7)
+    a = _as_lists(_selections(ChannelDropBack(model, config), model, 15))
+    b = _as_lists(_selections(ChannelDropBack(model, config), model, 15))
+    c = _as_lists(_selections(ChannelDropBack(model, dataclasses.replace(config, seed=8)), model, 15))
+    assert a == b and a != c
+
+
+def test_state_dict_round_trip_continues_the_same_sequence():
+    model = mlp()
+    config = ChannelDropBackConfig(layer_selection="bernoulli", layer_rate=0.5, seed=3)
+    straight = ChannelDropBack(model, config)
+    expected = _as_lists(_selections(straight, model, 20))
+    first = ChannelDropBack(model, config)
+    head = _as_lists(_selections(first, model, 12))
+    state = first.state_dict()
+    assert state == {"step": 12, "seed": 3}
+    resumed = ChannelDropBack(model, config)
+    resumed.load_state_dict(state)
+    assert head + _as_lists(_selections(resumed, model, 8)) == expected
+
+
+def test_cdb_does_not_touch_the_global_rng():
+    model = mlp()
+    cdb = ChannelDropBack(model, ChannelDropBackConfig(layer_selection="bernoulli"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    cdb.attach(optimizer)
+    mlp_loss(model).backward()
+    state = torch.get_rng_state()
+    optimizer.step()
+    assert cdb.last_selection and torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("build", [tiny_vit, tiny_convnext])
+def test_channel_rate_zero_trajectory_is_bitwise_plain_training(build):
+    def train(with_cdb: bool) -> dict[str, torch.Tensor]:
+        model = build()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
+        if with_cdb:
+            ChannelDropBack(model, ChannelDropBackConfig(channel_rate=0.0, layer_selection="bernoulli",
+                                                         mode="exact")).attach(optimizer)
+        for _ in range(3):
+            image_loss(model).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    plain, with_cdb = train(False), train(True)
+    assert all(torch.equal(plain[n], with_cdb[n]) for n in plain)
+
+
+def test_gradient_accumulation_draws_one_selection_per_optimizer_step():
+    model = mlp()
+    reference = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    cdb = ChannelDropBack(model, ChannelDropBackConfig(channel_rate=0.5, channel_sampling="exact"))
+    cdb.attach(optimizer)
+    for micro in range(3):  # three micro-batches, one optimizer step
+        mlp_loss(model, seed=micro).backward()
+        mlp_loss(reference, seed=micro).backward()
+    assert cdb.step == 0
+    optimizer.step()
+    assert cdb.step == 1
+    (name, keep), = cdb.last_selection.items()
+    grad = dict(model.named_parameters())[name].grad
+    accumulated = dict(reference.named_parameters())[name].grad
+    torch.testing.assert_close(rows(grad, keep, 0), rows(accumulated, keep, 0) * 2.0, rtol=1e-6, atol=0)
+    assert rows(grad, ~keep, 0).abs().sum() == 0
+
+
+def test_hooks_work_through_an_optimizer_wrapper_and_can_be_removed():
+    class Wrapper:  # the shape of accelerate's AcceleratedOptimizer
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+
+        def step(self):
+            self.optimizer.step()
+
+    model = mlp()
+    optimizer = Wrapper(torch.optim.SGD(model.parameters(), lr=0.1))
+    cdb = ChannelDropBack(model)
+    handle = cdb.attach(optimizer)
+    with pytest.raises(RuntimeError, match="already attached"):
+        cdb.attach(optimizer)
+    mlp_loss(model).backward()
+    optimizer.step()
+    assert cdb.step == 1
+    handle.remove()
+    optimizer.step()
+    assert cdb.step == 1
+
+
+def test_stats_describe_the_last_step():
+    model = mlp()
+    cdb = ChannelDropBack(model, ChannelDropBackConfig(channel_rate=0.25, channel_sampling="exact"))
+    _selections(cdb, model, 1)
+    stats = cdb.last_stats
+    assert stats["applied"] == 1.0 and stats["layers"] == 1.0 and stats["layer_rate"] == 1.0
+    (keep,) = cdb.last_selection.values()
+    assert stats["keep_fraction"] == pytest.approx(keep.float().mean().item())
+
+
+# ---------------------------------------------------------------------------- schedules
+def test_official_step_schedule():
+    config = ChannelDropBackConfig(schedule="step", layer_rate_init=0.03, layer_rate=0.3, schedule_total_steps=100)
+    assert [config.rate_at(s) for s in (0, 29, 30, 59, 60, 99, 500)] == [0.03, 0.03, 0.15, 0.15, 0.3, 0.3, 0.3]
+
+
+def test_linear_schedule_and_epoch_unit():
+    linear = ChannelDropBackConfig(schedule="linear", layer_rate_init=0.0, layer_rate=0.4, schedule_total_steps=10)
+    assert [round(linear.rate_at(s), 6) for s in (0, 5, 10, 20)] == [0.0, 0.2, 0.4, 0.4]
+    by_epoch = ChannelDropBackConfig(schedule="linear", layer_rate=0.4, schedule_total_steps=10,
+                                     schedule_unit="epochs", schedule_steps_per_epoch=5)
+    assert [round(by_epoch.rate_at(s), 6) for s in (0, 4, 5, 9)] == [0.0, 0.0, 0.2, 0.2]
+
+
+def test_schedule_drives_selection_rate():
+    model = mlp()
+    config = ChannelDropBackConfig(schedule="step", layer_rate_init=0.0, layer_rate=1.0, schedule_total_steps=10)
+    selections = _selections(ChannelDropBack(model, config), model, 10)
+    assert [bool(s) for s in selections] == [False] * 3 + [bool(s) for s in selections[3:6]] + [True] * 4
+
+
+# ---------------------------------------------------------------------------- validation
+@pytest.mark.parametrize("kwargs,message", [
+    ({"layer_rate": 1.5}, "layer_rate=1.5 is out of range"),
+    ({"layer_rate_init": -0.1}, "layer_rate_init=-0.1"),
+    ({"step_rate": 2}, "step_rate=2"),
+    ({"channel_rate": 1.0}, r"channel_rate=1.0 is out of range; it must be a number in \[0, 1\)"),
+    ({"channel_rate": "0.3"}, "channel_rate='0.3'"),
+    ({"layer_selection": "all"}, "layer_selection='all' is not valid; choose one of 'single', 'bernoulli'"),
+    ({"mode": "frozen"}, "mode='frozen' is not valid; choose one of 'grad', 'exact'"),
+    ({"axis": 2}, "axis=2 is not valid; choose one of 'rows', 'cols'"),
+    ({"channel_sampling": "topk"}, "channel_sampling='topk'"),
+    ({"all_dropped": "redraw"}, "all_dropped='redraw'"),
+    ({"schedule": "cosine"}, "schedule='cosine'"),
+    ({"schedule_unit": "minutes"}, "schedule_unit='minutes'"),
+    ({"rescale": "yes"}, "rescale='yes'"),
+    ({"skip_first": -1}, "skip_first=-1"),
+    ({"seed": 1.5}, "seed=1.5"),
+    ({"include": []}, "include=\\[\\] is not valid"),
+    ({"schedule_total_steps": 0}, "schedule_total_steps=0"),
+    ({"schedule": "step", "schedule_unit": "epochs", "schedule_total_steps": 10}, "needs schedule_steps_per_epoch"),
+])
+def test_invalid_config_values_raise_naming_the_value(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ChannelDropBackConfig(**kwargs)
+
+
+def test_unknown_config_keys_are_named():
+    with pytest.raises(ValueError, match="unknown ChannelDropBackConfig field.*'drop_rate'"):
+        ChannelDropBackConfig.from_dict({"drop_rate": 0.3})
+    assert ChannelDropBackConfig.from_dict(ChannelDropBackConfig(seed=4).to_dict()).seed == 4
+
+
+def test_patterns_and_model_errors_at_construction():
+    model = tiny_vit()
+    with pytest.raises(ValueError, match=r"include pattern '\*query\*' matches no eligible layer"):
+        # transformers 5 renamed ViT's query to q_proj: a stale pattern must not silently select nothing
+        ChannelDropBack(model, ChannelDropBackConfig(include=["*q_proj*", "*query*"]))
+    with pytest.raises(ValueError, match="exclude pattern 'nothing' matches no eligible layer"):
+        ChannelDropBack(model, ChannelDropBackConfig(exclude=["nothing"]))
+    with pytest.raises(ValueError, match="leave no eligible layer"):
+        ChannelDropBack(model, ChannelDropBackConfig(exclude=["*"]))
+    with pytest.raises(ValueError, match="leave no eligible layer"):
+        ChannelDropBack(model, ChannelDropBackConfig(skip_first=1000))
+    with pytest.raises(ValueError, match="has no eligible layer"):
+        ChannelDropBack(nn.Sequential(nn.LayerNorm(4)))
+    with pytest.raises(ValueError, match="needs schedule_total_steps"):
+        ChannelDropBack(model, ChannelDropBackConfig(schedule="linear"))
+    with pytest.raises(ValueError, match="none of the eligible layers is in the optimizer"):
+        ChannelDropBack(model).attach(torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device sync detection needs CUDA")
+def test_step_path_never_synchronises_on_cuda():
+    model = tiny_vit().cuda()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    for mode in ("grad", "exact"):
+        cdb = ChannelDropBack(model, ChannelDropBackConfig(mode=mode, layer_selection="bernoulli"))
+        handle = cdb.attach(optimizer)
+        image_loss(model.cpu().cuda()).backward()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            optimizer.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        handle.remove()
+        optimizer.zero_grad()
