@@ -1,0 +1,555 @@
+"""Image classification data: load any supported source into ``image``/``label`` splits, and transform it.
+
+Follows transformers' ``examples/pytorch/image-classification/run_image_classification.py``: a Hub or
+local dataset (``--dataset_name``) or image folders (``--train_dir``/``--validation_dir``), a seeded
+validation split carved from train when there is none, ``max_*_samples`` truncation, and
+RandomResizedCrop/flip for training vs the checkpoint's own resize/crop for evaluation. Every bad input
+is reported as one ValueError/FileNotFoundError before any training work starts.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image as PILImage
+from torchvision.transforms import v2
+
+from . import builtin
+
+IMAGE_COLUMN_CANDIDATES = ("image", "img", "images", "picture")
+LABEL_COLUMN_CANDIDATES = ("label", "labels", "class", "target")
+VALIDATION_SPLIT_NAMES = ("validation", "valid", "val")
+# File types datasets can load as a table of examples when given as --dataset_name.
+_DATA_FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json", ".arrow": "arrow"}
+# Listing every bad file of a huge folder helps nobody; the count says how many more there are.
+_MAX_LISTED_BAD_FILES = 5
+
+
+# ----------------------------------------------------------------------------------------------- load
+
+
+def load_image_datasets(data_args, seed: int, *, cache_dir: str | None = None,
+                        token: str | bool | None = None) -> datasets.DatasetDict:
+    """``train`` and ``validation`` splits with exactly an ``image`` (Image) and a ``label`` (ClassLabel) column.
+
+    ``data_args`` is a :class:`~cdb_hf.arguments.DataArguments`. ``seed`` drives the validation split (when
+    the source has none) and the ``max_*_samples`` shuffles, so the same seed gives the same examples.
+    """
+    _check_arguments(data_args)
+    raw = _load_source(data_args, cache_dir=cache_dir, token=token)
+    source = data_args.dataset_name or data_args.train_dir
+
+    if "train" not in raw:
+        raise ValueError(f"Dataset {source!r} has no 'train' split; it has: {sorted(raw)}.")
+    validation_name = next((name for name in VALIDATION_SPLIT_NAMES if name in raw), None)
+    splits = {"train": raw["train"]}
+    if validation_name is not None:
+        splits["validation"] = raw[validation_name]
+    for split_name, split in splits.items():
+        if len(split) == 0:
+            raise ValueError(f"The {split_name!r} split of {source!r} is empty.")
+
+    image_column = _find_image_column(splits["train"], data_args.image_column_name, source)
+    label_column = _find_label_column(splits["train"], data_args.label_column_name, source)
+    splits = {name: _select_and_rename(split, image_column, label_column, name, source)
+              for name, split in splits.items()}
+    splits = _unify_labels(splits, source)
+
+    if "validation" not in splits:
+        splits["train"], splits["validation"] = _carve_validation(splits["train"], data_args.train_val_split, seed)
+    limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples}
+    for name, limit in limits.items():
+        if limit is not None and limit < len(splits[name]):
+            splits[name] = splits[name].shuffle(seed=seed).select(range(limit))
+
+    for name, split in splits.items():
+        _check_first_image_decodes(split, name, source)
+    return datasets.DatasetDict(splits)
+
+
+def _check_arguments(data_args) -> None:
+    if data_args.dataset_name is None and data_args.train_dir is None and data_args.validation_dir is not None:
+        raise ValueError(f"--validation_dir {data_args.validation_dir!r} needs --train_dir as well.")
+    if data_args.dataset_name is None and data_args.train_dir is None:
+        raise ValueError("No data given: pass --dataset_name (a Hub id, a local dataset folder, or one of "
+                         f"{', '.join(builtin.list_builtin_sources('dataset'))}) or --train_dir (an image folder).")
+    if data_args.dataset_name is not None and (data_args.train_dir or data_args.validation_dir):
+        raise ValueError(f"Give either --dataset_name ({data_args.dataset_name!r}) or --train_dir/--validation_dir "
+                         f"({data_args.train_dir!r}/{data_args.validation_dir!r}), not both.")
+    split = data_args.train_val_split
+    if split is None or not 0.0 < float(split) < 1.0:
+        raise ValueError(f"--train_val_split must be a fraction strictly between 0 and 1, got {split!r}.")
+    for flag in ("max_train_samples", "max_eval_samples"):
+        value = getattr(data_args, flag)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"--{flag} must be a positive integer (or unset), got {value!r}.")
+
+
+def _load_source(data_args, cache_dir: str | None, token: str | bool | None) -> datasets.DatasetDict:
+    """Whatever the source is, a DatasetDict with its native splits and columns."""
+    if data_args.train_dir is not None:
+        return _load_image_folders(data_args.train_dir, data_args.validation_dir, cache_dir)
+    name = data_args.dataset_name
+    if builtin.is_builtin(name):
+        return builtin.load_builtin_dataset(name)
+    path = Path(os.path.expanduser(name))
+    if path.exists():
+        return _load_local_dataset(path, data_args.dataset_config_name, cache_dir)
+    if _looks_like_local_path(name):
+        raise FileNotFoundError(f"--dataset_name {name!r}: no such file or directory (and it is not a Hub id of "
+                                "the form 'name' or 'owner/name').")
+    try:
+        loaded = datasets.load_dataset(name, data_args.dataset_config_name, cache_dir=cache_dir, token=token)
+    except (OSError, ConnectionError) as error:  # DatasetNotFoundError and OfflineModeIsEnabled included
+        raise ValueError(builtin.describe_hub_failure("dataset", name, error, datasets.config.HF_HUB_OFFLINE)) from error
+    except Exception as error:
+        if type(error).__module__.startswith(("huggingface_hub", "requests", "httpx")):
+            raise ValueError(builtin.describe_hub_failure("dataset", name, error, datasets.config.HF_HUB_OFFLINE)) \
+                from error
+        raise
+    return _as_dataset_dict(loaded)
+
+
+def _looks_like_local_path(name: str) -> bool:
+    # Hub ids are 'name' or 'owner/name'; anything else that does not exist was meant as a local path.
+    return (name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+            or Path(name).suffix.lower() in _DATA_FILE_BUILDERS)
+
+
+def _as_dataset_dict(loaded) -> datasets.DatasetDict:
+    if isinstance(loaded, datasets.DatasetDict):
+        return loaded
+    if isinstance(loaded, datasets.Dataset):
+        return datasets.DatasetDict({"train": loaded})
+    raise ValueError(f"Expected a Dataset or DatasetDict, got {type(loaded).__name__} (streaming is not supported).")
+
+
+def _load_local_dataset(path: Path, config_name: str | None, cache_dir: str | None) -> datasets.DatasetDict:
+    """A ``save_to_disk`` folder, a folder of data files (images, parquet, csv, ...), or a single data file."""
+    if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+        try:
+            return _as_dataset_dict(datasets.load_from_disk(str(path)))
+        except Exception as error:  # datasets fails with IndexError/KeyError on e.g. empty or partial folders
+            raise ValueError(f"Could not read the save_to_disk folder {str(path)!r}: "
+                             f"{type(error).__name__}: {error}") from error
+    if path.is_file():
+        builder = _DATA_FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise ValueError(f"--dataset_name {str(path)!r} is a file of an unsupported type; valid: a folder, or a "
+                             f"file ending in {', '.join(_DATA_FILE_BUILDERS)}.")
+        return _as_dataset_dict(datasets.load_dataset(builder, data_files=str(path), cache_dir=cache_dir))
+    _verify_images(sorted(_image_files(path)), str(path))
+    try:
+        loaded = datasets.load_dataset(str(path), config_name, cache_dir=cache_dir)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"Could not read a dataset from folder {str(path)!r}: {error}") from error
+    return _as_dataset_dict(loaded)
+
+
+def _image_files(folder: Path):
+    extensions = {ext.lower() for ext in _image_extensions()}
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for file in files:
+            if not file.startswith(".") and os.path.splitext(file)[1].lower() in extensions:
+                yield Path(root) / file
+
+
+def _image_extensions() -> Sequence[str]:
+    # The exact list datasets' imagefolder builder picks up, so that we verify what it will load.
+    try:
+        from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+        return ImageFolder.EXTENSIONS
+    except (ImportError, AttributeError):
+        return (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def _verify_images(files: Sequence[Path], where: str) -> None:
+    """Raise one ValueError naming unreadable image files, so a corrupt file fails now, not mid-training.
+
+    ``PIL.Image.verify`` checks headers and (for PNG) chunk checksums without decoding the pixels: cheap.
+    """
+    bad = []
+    for file in files:
+        try:
+            with PILImage.open(file) as image:
+                image.verify()
+        except Exception as error:  # PIL raises many types for broken files
+            bad.append(f"{file} ({type(error).__name__}: {error})")
+    if bad:
+        listed = "; ".join(bad[:_MAX_LISTED_BAD_FILES])
+        more = f" and {len(bad) - _MAX_LISTED_BAD_FILES} more" if len(bad) > _MAX_LISTED_BAD_FILES else ""
+        raise ValueError(f"{len(bad)} file(s) in {where!r} are not readable images: {listed}{more}. "
+                         "Remove or replace them.")
+
+
+def _check_is_dir(folder: str, flag: str) -> Path:
+    path = Path(os.path.expanduser(folder))
+    if not path.exists():
+        raise FileNotFoundError(f"--{flag} {folder!r} does not exist.")
+    if not path.is_dir():
+        raise ValueError(f"--{flag} {folder!r} is not a directory; expected one sub-folder of images per class.")
+    return path
+
+
+def _class_folders(folder: str, flag: str) -> dict[str, list[Path]]:
+    """``{class name: image files}`` of an image folder (one sub-folder per class)."""
+    path = _check_is_dir(folder, flag)
+    classes = {}
+    for sub in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = sorted(_image_files(sub))
+        if files:
+            classes[sub.name] = files
+    if not classes:
+        loose = [p.name for p in path.iterdir() if p.is_file()][:5]
+        raise ValueError(f"--{flag} {folder!r} has no class sub-folders with images (extensions like .png/.jpg); "
+                         f"expected e.g. {folder}/<class name>/<image>.png. Found files: {loose}.")
+    return classes
+
+
+def _load_image_folders(train_dir: str, validation_dir: str | None, cache_dir: str | None) -> datasets.DatasetDict:
+    _check_is_dir(train_dir, "train_dir")
+    if validation_dir is not None:
+        _check_is_dir(validation_dir, "validation_dir")
+    folders = {"train": (train_dir, _class_folders(train_dir, "train_dir"))}
+    if validation_dir is not None:
+        folders["validation"] = (validation_dir, _class_folders(validation_dir, "validation_dir"))
+        unknown = sorted(set(folders["validation"][1]) - set(folders["train"][1]))
+        if unknown:
+            raise ValueError(f"--validation_dir {validation_dir!r} has classes that --train_dir {train_dir!r} lacks: "
+                             f"{unknown}. Train classes: {sorted(folders['train'][1])}.")
+    for folder, classes in folders.values():
+        _verify_images([file for files in classes.values() for file in files], folder)
+    data_files = {split: os.path.join(os.path.expanduser(folder), "**") for split, (folder, _) in folders.items()}
+    return datasets.load_dataset("imagefolder", data_files=data_files, cache_dir=cache_dir)
+
+
+# -------------------------------------------------------------------------------------------- columns
+
+
+def _find_image_column(dataset: datasets.Dataset, requested: str | None, source: str) -> str:
+    columns = list(dataset.column_names)
+    if requested is not None:
+        if requested not in columns:
+            raise ValueError(f"--image_column_name {requested!r} is not a column of {source!r}; columns: {columns}.")
+        return requested
+    for name, feature in dataset.features.items():
+        if isinstance(feature, datasets.Image):
+            return name
+    for name in IMAGE_COLUMN_CANDIDATES:
+        if name in columns:
+            return name
+    raise ValueError(f"Dataset {source!r} has no image column (no datasets.Image feature, none of "
+                     f"{list(IMAGE_COLUMN_CANDIDATES)}); columns: {columns}. Pass --image_column_name.")
+
+
+def _find_label_column(dataset: datasets.Dataset, requested: str | None, source: str) -> str:
+    columns = list(dataset.column_names)
+    if requested is not None:
+        if requested not in columns:
+            raise ValueError(f"--label_column_name {requested!r} is not a column of {source!r}; columns: {columns}.")
+        return requested
+    for name, feature in dataset.features.items():
+        if isinstance(feature, datasets.ClassLabel):
+            return name
+    for name in LABEL_COLUMN_CANDIDATES:
+        if name in columns:
+            return name
+    raise ValueError(f"Dataset {source!r} has no label column (no ClassLabel feature, none of "
+                     f"{list(LABEL_COLUMN_CANDIDATES)}); columns: {columns}. Pass --label_column_name.")
+
+
+def _select_and_rename(split: datasets.Dataset, image_column: str, label_column: str, split_name: str,
+                       source: str) -> datasets.Dataset:
+    """Keep the two columns, named ``image`` and ``label``; make sure the image column decodes to PIL."""
+    for column in (image_column, label_column):
+        if column not in split.column_names:
+            raise ValueError(f"The {split_name!r} split of {source!r} has no column {column!r} (the train split has); "
+                             f"columns: {split.column_names}.")
+    if image_column == label_column:
+        raise ValueError(f"Image and label column are both {image_column!r} in {source!r}.")
+    split = split.select_columns([image_column, label_column])
+    split = split.rename_columns({image_column: "image", label_column: "label"})
+    feature = split.features["image"]
+    if not (isinstance(feature, datasets.Image) and feature.decode):
+        try:  # file paths or {"bytes", "path"} structs become a decoding Image feature
+            split = split.cast_column("image", datasets.Image())
+        except Exception as error:
+            raise ValueError(f"Column {image_column!r} of {source!r} holds {feature}, which is not an image "
+                             "(expected a datasets.Image feature, file paths, or encoded image bytes).") from error
+    return split
+
+
+def _label_kind(feature) -> str:
+    if isinstance(feature, datasets.ClassLabel):
+        return "classlabel"
+    if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
+        return "string"
+    if isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint")):
+        return "int"
+    return "invalid"
+
+
+def _unify_labels(splits: dict[str, datasets.Dataset], source: str) -> dict[str, datasets.Dataset]:
+    """One ClassLabel shared by all splits (string/int labels become sorted class names)."""
+    features = {name: split.features["label"] for name, split in splits.items()}
+    kinds = {name: _label_kind(feature) for name, feature in features.items()}
+    for name, kind in kinds.items():
+        if kind == "invalid":
+            raise ValueError(f"The label column of {source!r} ({name} split) has type {features[name]}; expected a "
+                             "ClassLabel, string or integer column (single-label classification).")
+    if len(set(kinds.values())) > 1:
+        raise ValueError(f"The label column of {source!r} has different types per split: {features}.")
+
+    if kinds["train"] == "classlabel":
+        names = list(features["train"].names)
+        for split_name, feature in features.items():
+            if list(feature.names) != names:
+                raise ValueError(_label_mismatch_message(source, names, list(feature.names), split_name))
+        present = {}
+        for split_name, split in splits.items():
+            present[split_name] = set(np.unique(np.asarray(split.with_format("numpy")["label"])).tolist())
+            outside = sorted(i for i in present[split_name] if not 0 <= i < len(names))
+            if outside:
+                raise ValueError(f"The {split_name!r} split of {source!r} has label ids {outside} outside "
+                                 f"0..{len(names) - 1}; unlabeled examples (-1) cannot be trained on.")
+        for split_name, ids in present.items():
+            never_trained = sorted(ids - present["train"])
+            if never_trained:  # e.g. a class folder that exists only under validation/
+                raise ValueError(f"The {split_name!r} split of {source!r} has classes the train split has no example "
+                                 f"of: {[names[i] for i in never_trained]}.")
+    else:
+        values = {split_name: split.unique("label") for split_name, split in splits.items()}
+        for split_name, unique in values.items():
+            if None in unique:
+                raise ValueError(f"The {split_name!r} split of {source!r} has examples without a label.")
+        train_values = sorted(values["train"])
+        unseen = sorted(set().union(*(set(v) for k, v in values.items() if k != "train")) - set(train_values))
+        if unseen:
+            raise ValueError(_label_mismatch_message(source, [str(v) for v in train_values],
+                                                     [str(v) for v in train_values + unseen], "validation"))
+        names = [str(value) for value in train_values]  # integers sorted as numbers, then named
+        # Casts touch only the label column (a map would rewrite every image); ClassLabel casts names to ids.
+        splits = {split_name: split.cast_column("label", datasets.Value("string"))
+                  .cast_column("label", datasets.ClassLabel(names=names))
+                  for split_name, split in splits.items()}
+    if len(names) < 2:
+        raise ValueError(f"Dataset {source!r} has {len(names)} class(es) ({names}); classification needs at least 2.")
+    return splits
+
+
+def _label_mismatch_message(source: str, train_names: list[str], other_names: list[str], split_name: str) -> str:
+    only_train = sorted(set(train_names) - set(other_names))
+    only_other = sorted(set(other_names) - set(train_names))
+    if not only_train and not only_other:
+        detail = f"the same names in a different order (train: {train_names}, {split_name}: {other_names})"
+    else:
+        detail = f"only in train: {only_train}; only in {split_name}: {only_other}"
+    return f"Train and {split_name} labels of {source!r} differ: {detail}."
+
+
+def _carve_validation(train: datasets.Dataset, fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Seeded validation split; stratified by label when every class has enough examples for it."""
+    if len(train) < 2:
+        raise ValueError(f"The train split has {len(train)} example(s); cannot carve a validation split from it.")
+    try:
+        parts = train.train_test_split(test_size=fraction, seed=seed, stratify_by_column="label")
+    except ValueError:  # a class too small to appear on both sides: fall back to a plain seeded split
+        parts = train.train_test_split(test_size=fraction, seed=seed)
+    return parts["train"], parts["test"]
+
+
+def _check_first_image_decodes(split: datasets.Dataset, split_name: str, source: str) -> None:
+    # Catches a systematically wrong image column (bad paths, non-image bytes) before training starts.
+    try:
+        image = split[0]["image"]
+        image.load()
+    except Exception as error:
+        raise ValueError(f"The first image of the {split_name!r} split of {source!r} cannot be decoded: "
+                         f"{type(error).__name__}: {error}") from error
+
+
+# ----------------------------------------------------------------------------------------- transforms
+
+
+class ToRGB:
+    """PIL image (any mode) or HWC/HW array -> RGB PIL image; palette transparency goes through RGBA.
+
+    16-bit and float grayscale are rescaled to 8 bits first: PIL's own conversion would clip them to white.
+    """
+
+    def __call__(self, image: Any) -> PILImage.Image:
+        if not isinstance(image, PILImage.Image):
+            image = PILImage.fromarray(np.asarray(image))
+        if image.mode == "RGB":
+            return image
+        if image.mode.startswith("I") or image.mode == "F":
+            image = PILImage.fromarray(_to_uint8(np.asarray(image), image.mode))
+        if image.mode == "P" and "transparency" in image.info:
+            image = image.convert("RGBA")
+        return image.convert("RGB")
+
+
+def _to_uint8(pixels: np.ndarray, mode: str) -> np.ndarray:
+    pixels = pixels.astype(np.float64)
+    if mode == "F" and pixels.max(initial=0.0) <= 1.0:  # float images are usually in [0, 1]
+        pixels = pixels * 255.0
+    elif mode.startswith("I;16") or pixels.max(initial=0.0) > 255:  # 16-bit range
+        pixels = pixels / 257.0
+    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+
+
+class _ProcessorEval:
+    """The checkpoint's own image processor on one RGB image: its resize, crop and normalization exactly."""
+
+    def __init__(self, image_processor):
+        self.image_processor = image_processor
+        self.to_rgb = ToRGB()
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        pixel_values = self.image_processor(images=self.to_rgb(image), return_tensors="pt")["pixel_values"]
+        return pixel_values[0]
+
+
+def _get(container: Any, key: str) -> Any:
+    # transformers 5 stores sizes as SizeDict objects, older processors (and the PIL backend) as plain dicts.
+    if container is None:
+        return None
+    if isinstance(container, dict):
+        return container.get(key)
+    return getattr(container, key, None)
+
+
+def _hw(size: Any) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    if isinstance(size, int):
+        return (size, size)
+    height, width = _get(size, "height"), _get(size, "width")
+    if height and width:
+        return (int(height), int(width))
+    shortest = _get(size, "shortest_edge")
+    if shortest:
+        return (int(shortest), int(shortest))
+    return None
+
+
+def _three(values: Any) -> list[float]:
+    if isinstance(values, (int, float)):
+        return [float(values)] * 3
+    return [float(v) for v in values]
+
+
+def _training_geometry(image_processor) -> dict[str, Any]:
+    """Crop size, interpolation, mean, std and value scale the checkpoint expects, from its processor."""
+    data_config = getattr(image_processor, "data_config", None)
+    if isinstance(data_config, dict):  # TimmWrapperImageProcessor: timm's resolved data config
+        from timm.data.transforms import str_to_interp_mode
+
+        interpolation = data_config.get("interpolation", "bilinear")
+        return {
+            "size": tuple(int(v) for v in data_config["input_size"][-2:]),
+            "interpolation": str_to_interp_mode("bilinear" if interpolation == "random" else interpolation),
+            "mean": _three(data_config["mean"]), "std": _three(data_config["std"]), "scale": 1.0 / 255.0,
+        }
+
+    from transformers.image_utils import PILImageResampling, pil_torch_interpolation_mapping
+
+    size = None
+    if getattr(image_processor, "do_center_crop", False):
+        size = _hw(getattr(image_processor, "crop_size", None))
+    size = size or _hw(getattr(image_processor, "size", None))
+    if size is None:
+        raise ValueError(f"Cannot tell the input size from {type(image_processor).__name__}: it has neither "
+                         "crop_size nor size with height/width or shortest_edge.")
+    resample = getattr(image_processor, "resample", None)
+    if isinstance(resample, v2.InterpolationMode):
+        interpolation = resample
+    elif resample is None:
+        interpolation = v2.InterpolationMode.BILINEAR
+    else:
+        interpolation = pil_torch_interpolation_mapping[PILImageResampling(int(resample))]
+    normalize = getattr(image_processor, "do_normalize", True) is not False
+    mean = getattr(image_processor, "image_mean", None)
+    std = getattr(image_processor, "image_std", None)
+    do_rescale = getattr(image_processor, "do_rescale", True) is not False
+    return {
+        "size": size, "interpolation": interpolation,
+        "mean": _three(mean) if normalize and mean is not None else [0.0] * 3,
+        "std": _three(std) if normalize and std is not None else [1.0] * 3,
+        "scale": float(getattr(image_processor, "rescale_factor", 1.0 / 255.0)) if do_rescale else 1.0,
+    }
+
+
+def build_transforms(image_processor) -> tuple[Callable[[Any], torch.Tensor], Callable[[Any], torch.Tensor]]:
+    """``(train_transform, eval_transform)``: each maps one image (any PIL mode) to a float CHW tensor.
+
+    Train: RandomResizedCrop to the checkpoint's input size (its interpolation), horizontal flip, and its
+    normalization. Eval: the checkpoint's image processor itself (resize, center crop / crop_pct,
+    normalization), so evaluation sees exactly what the checkpoint was made for. Works for transformers'
+    processors (ViT, ConvNeXt, DeiT, BEiT, ...) and timm checkpoints (TimmWrapperImageProcessor).
+    """
+    geometry = _training_geometry(image_processor)
+    # ToDtype(scale=True) yields x/255; folding the processor's own rescale factor into Normalize keeps
+    # the pipeline free of lambdas (picklable for DataLoader workers): (x*a - m)/s == (x - m/a)/(s/a).
+    factor = geometry["scale"] * 255.0
+    train_transform = v2.Compose([
+        ToRGB(),
+        v2.RandomResizedCrop(geometry["size"], interpolation=geometry["interpolation"], antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.PILToTensor(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean=[m / factor for m in geometry["mean"]], std=[s / factor for s in geometry["std"]]),
+    ])
+    return train_transform, _ProcessorEval(image_processor)
+
+
+class _ExampleTransform:
+    """Batch of raw examples -> ``{"pixel_values": [CHW tensors], "labels": [ints]}`` (for ``set_transform``)."""
+
+    def __init__(self, image_transform: Callable[[Any], torch.Tensor]):
+        self.image_transform = image_transform
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        return {"pixel_values": [self.image_transform(image) for image in batch["image"]],
+                "labels": list(batch["label"])}
+
+
+def apply_transforms(dataset_dict: datasets.DatasetDict, image_processor) -> datasets.DatasetDict:
+    """New DatasetDict whose examples are ``{"pixel_values": FloatTensor CHW, "labels": int}``, decoded lazily.
+
+    ``train`` gets the random training transform, every other split the checkpoint's eval transform.
+    The input is not modified. With the Trainer, set ``remove_unused_columns=False``: the model's
+    inputs only exist after the transform.
+    """
+    train_transform, eval_transform = build_transforms(image_processor)
+    return datasets.DatasetDict({
+        name: split.with_transform(_ExampleTransform(train_transform if name == "train" else eval_transform))
+        for name, split in dataset_dict.items()
+    })
+
+
+def collate_fn(examples: list[dict]) -> dict[str, torch.Tensor]:
+    """Stack transformed examples into ``{"pixel_values": (B, C, H, W) float, "labels": (B,) long}``."""
+    return {
+        "pixel_values": torch.stack([example["pixel_values"] for example in examples]),
+        "labels": torch.tensor([int(example["labels"]) for example in examples], dtype=torch.long),
+    }
+
+
+def num_examples_per_class(dataset: datasets.Dataset) -> dict[str, int]:
+    """``{class name: count}`` of a normalized split, for logs and model cards."""
+    names = dataset.features["label"].names
+    counts = np.bincount(np.asarray(dataset.with_format("numpy")["label"]), minlength=len(names))
+    return {name: int(count) for name, count in zip(names, counts)}
+
+
+__all__ = ["load_image_datasets", "build_transforms", "apply_transforms", "collate_fn", "num_examples_per_class",
+           "ToRGB"]

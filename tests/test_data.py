@@ -1,0 +1,456 @@
+"""cdb_hf.data: every source, column detection, seeded splits, every bad input, and the transforms."""
+
+from __future__ import annotations
+
+import shutil
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from conftest import IMAGE_FOLDER_CLASSES, make_image, write_image_folder
+from PIL import Image
+from transformers import ConvNextImageProcessor, DeiTImageProcessor, ViTImageProcessor
+
+from cdb_hf import data as data_module
+from cdb_hf.arguments import DataArguments
+from cdb_hf.data import (
+    ToRGB,
+    apply_transforms,
+    build_transforms,
+    collate_fn,
+    load_image_datasets,
+    num_examples_per_class,
+)
+
+
+def folder_args(root, **overrides) -> DataArguments:
+    return DataArguments(train_dir=str(root / "train"), validation_dir=str(root / "validation"), **overrides)
+
+
+def image_dataset(num_per_class: int, class_names, seed: int = 0, image_column: str = "image",
+                  label_column: str = "label", label_values=None) -> datasets.Dataset:
+    """In-memory dataset with an Image column and labels (ClassLabel unless ``label_values`` is given)."""
+    rng = np.random.default_rng(seed)
+    colours = [tuple(int(c) for c in rng.integers(0, 255, 3)) for _ in class_names]
+    images, labels = [], []
+    for index, colour in enumerate(colours):
+        for _ in range(num_per_class):
+            images.append(make_image(colour, "RGB", rng, size=8))
+            labels.append(index if label_values is None else label_values[index])
+    label_feature = (datasets.ClassLabel(names=list(class_names)) if label_values is None
+                     else datasets.Value("string" if isinstance(label_values[0], str) else "int64"))
+    features = datasets.Features({image_column: datasets.Image(), label_column: label_feature})
+    return datasets.Dataset.from_dict({image_column: images, label_column: labels}, features=features)
+
+
+def save(dataset_dict: dict, path) -> str:
+    datasets.DatasetDict(dataset_dict).save_to_disk(str(path))
+    return str(path)
+
+
+# ------------------------------------------------------------------------------------------- sources
+
+
+def test_image_folders_give_image_and_classlabel_columns(image_folder):
+    loaded = load_image_datasets(folder_args(image_folder), seed=0)
+    assert set(loaded) == {"train", "validation"}
+    assert (loaded.num_rows["train"], loaded.num_rows["validation"]) == (15, 6)
+    for split in loaded.values():
+        assert split.column_names == ["image", "label"]
+        assert isinstance(split.features["image"], datasets.Image)
+        assert split.features["label"].names == sorted(IMAGE_FOLDER_CLASSES)
+    assert num_examples_per_class(loaded["train"]) == {"blue": 5, "green": 5, "red": 5}
+    # Labels really come from the folder names: the "red" example is reddish.
+    red = loaded["train"].features["label"].str2int("red")
+    example = next(ex for ex in loaded["train"] if ex["label"] == red)
+    r, g, b = np.asarray(example["image"].convert("RGB"), dtype=float).mean(axis=(0, 1))
+    assert r > g + 100 and r > b + 100
+
+
+def test_dataset_name_may_be_a_local_image_folder_with_split_folders(image_folder):
+    loaded = load_image_datasets(DataArguments(dataset_name=str(image_folder)), seed=0)
+    assert (loaded.num_rows["train"], loaded.num_rows["validation"]) == (15, 6)
+    assert loaded["train"].features["label"].names == sorted(IMAGE_FOLDER_CLASSES)
+
+
+def test_save_to_disk_folder_with_other_column_names_is_detected_and_renamed(tmp_path):
+    names = ["cat", "dog", "emu"]
+    train = image_dataset(4, names, image_column="picture_data", label_column="category")
+    train = train.add_column("extra", list(range(len(train))))
+    validation = image_dataset(2, names, seed=1, image_column="picture_data", label_column="category")
+    path = save({"train": train, "validation": validation}, tmp_path / "saved")
+    loaded = load_image_datasets(DataArguments(dataset_name=path), seed=0)
+    assert loaded["train"].column_names == ["image", "label"]
+    assert loaded["train"].features["label"].names == names
+    assert loaded["train"]["label"] == train["category"]
+
+
+def test_a_single_saved_dataset_and_a_parquet_file_are_sources_too(tmp_path):
+    dataset = image_dataset(10, ["a", "b"])
+    dataset.save_to_disk(str(tmp_path / "single"))
+    dataset.to_parquet(str(tmp_path / "data.parquet"))
+    for name in (str(tmp_path / "single"), str(tmp_path / "data.parquet")):
+        loaded = load_image_datasets(DataArguments(dataset_name=name), seed=0)
+        assert loaded.num_rows["train"] + loaded.num_rows["validation"] == 20
+        assert isinstance(loaded["train"][0]["image"], Image.Image)
+
+
+def test_string_labels_become_sorted_classlabels_shared_by_both_splits(tmp_path):
+    train = image_dataset(3, ["x", "y", "z"], label_values=["zebra", "ant", "moose"], label_column="labels",
+                          image_column="img")
+    validation = image_dataset(1, ["x", "y"], label_values=["moose", "ant"], label_column="labels", image_column="img")
+    loaded = load_image_datasets(DataArguments(dataset_name=save({"train": train, "validation": validation},
+                                                                 tmp_path / "s")), seed=0)
+    names = loaded["train"].features["label"].names
+    assert names == ["ant", "moose", "zebra"]
+    assert loaded["validation"].features["label"].names == names
+    assert [names[i] for i in loaded["train"]["label"]] == train["labels"]
+    assert [names[i] for i in loaded["validation"]["label"]] == ["moose", "ant"]
+
+
+def test_integer_labels_are_sorted_numerically(tmp_path):
+    train = image_dataset(3, ["a", "b", "c"], label_values=[10, 3, 7])
+    loaded = load_image_datasets(DataArguments(dataset_name=save({"train": train}, tmp_path / "s")), seed=0)
+    assert loaded["train"].features["label"].names == ["3", "7", "10"]
+    both = datasets.concatenate_datasets([loaded["train"], loaded["validation"]])
+    assert sorted(both["label"]) == [0] * 3 + [1] * 3 + [2] * 3
+
+
+def test_file_path_strings_are_cast_to_images(image_folder, tmp_path):
+    files = sorted((image_folder / "train").rglob("*.png"))
+    table = datasets.Dataset.from_dict({"img": [str(f) for f in files], "label": [f.parent.name for f in files]})
+    loaded = load_image_datasets(DataArguments(dataset_name=save({"train": table}, tmp_path / "s")), seed=0)
+    assert isinstance(loaded["train"].features["image"], datasets.Image)
+    assert isinstance(loaded["train"][0]["image"], Image.Image)
+
+
+def test_image_paths_that_do_not_decode_fail_before_training(tmp_path):
+    table = datasets.Dataset.from_dict({"image": [str(tmp_path / "gone_1.png"), str(tmp_path / "gone_2.png")] * 2,
+                                        "label": ["a", "b"] * 2})
+    with pytest.raises(ValueError, match=r"first image of the 'train' split .* cannot be decoded"):
+        load_image_datasets(DataArguments(dataset_name=save({"train": table, "validation": table}, tmp_path / "s")),
+                            seed=0)
+
+
+def test_explicit_column_names_win_and_are_checked(tmp_path):
+    train = image_dataset(3, ["a", "b"]).add_column("other_label", ["u", "v"] * 3)
+    path = save({"train": train}, tmp_path / "s")
+    loaded = load_image_datasets(DataArguments(dataset_name=path, label_column_name="other_label"), seed=0)
+    assert loaded["train"].features["label"].names == ["u", "v"]
+    with pytest.raises(ValueError, match=r"'nope' is not a column.*\['image', 'label', 'other_label'\]"):
+        load_image_datasets(DataArguments(dataset_name=path, image_column_name="nope"), seed=0)
+
+
+# ---------------------------------------------------------------------------------- splits, truncation
+
+
+def test_missing_validation_split_is_carved_seeded_and_stratified(tmp_path):
+    path = save({"train": image_dataset(20, ["a", "b", "c"])}, tmp_path / "s")
+    args = DataArguments(dataset_name=path, train_val_split=0.25)
+    first, again = load_image_datasets(args, seed=3), load_image_datasets(args, seed=3)
+    other = load_image_datasets(args, seed=4)
+    assert (first.num_rows["train"], first.num_rows["validation"]) == (45, 15)
+    assert num_examples_per_class(first["validation"]) == {"a": 5, "b": 5, "c": 5}
+
+    def pixels(split):
+        return [np.asarray(image).tobytes() for image in split["image"]]
+
+    assert pixels(first["validation"]) == pixels(again["validation"])
+    assert pixels(first["validation"]) != pixels(other["validation"])
+    assert not set(pixels(first["validation"])) & set(pixels(first["train"]))
+
+
+def test_tiny_classes_fall_back_to_an_unstratified_split(tmp_path):
+    train = image_dataset(9, ["a", "b"]).select(range(10))  # a: 9 examples, b: 1
+    loaded = load_image_datasets(DataArguments(dataset_name=save({"train": train}, tmp_path / "s")), seed=0)
+    assert loaded.num_rows["train"] + loaded.num_rows["validation"] == 10
+
+
+def test_max_samples_truncate_after_a_seeded_shuffle(image_folder):
+    args = folder_args(image_folder, max_train_samples=4, max_eval_samples=2)
+    first, again = load_image_datasets(args, seed=0), load_image_datasets(args, seed=0)
+    assert (first.num_rows["train"], first.num_rows["validation"]) == (4, 2)
+    assert first["train"]["label"] == again["train"]["label"]
+    assert [np.asarray(i).tobytes() for i in first["train"]["image"]] == \
+        [np.asarray(i).tobytes() for i in again["train"]["image"]]
+    # A shuffle, not the first rows (imagefolder lists the classes in order: the first 5 are all "blue").
+    many = [load_image_datasets(folder_args(image_folder, max_train_samples=5), seed=s)["train"]["label"]
+            for s in range(3)]
+    assert any(len(set(labels)) > 1 for labels in many)
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ({}, "No data given"),
+    ({"dataset_name": "builtin:digits", "train_dir": "x"}, "not both"),
+    ({"validation_dir": "x"}, "needs --train_dir"),
+    ({"dataset_name": "builtin:digits", "train_val_split": 1.5}, "train_val_split"),
+    ({"dataset_name": "builtin:digits", "train_val_split": 0.0}, "train_val_split"),
+    ({"dataset_name": "builtin:digits", "max_train_samples": 0}, "max_train_samples"),
+    ({"dataset_name": "builtin:digits", "max_eval_samples": -3}, "max_eval_samples"),
+    ({"dataset_name": "builtin:nope"}, r"builtin:nope.*builtin:mnist5k, builtin:digits"),
+])
+def test_bad_arguments_raise_one_clear_value_error(arguments, message):
+    with pytest.raises(ValueError, match=message):
+        load_image_datasets(DataArguments(**arguments), seed=0)
+
+
+def test_hub_ids_fail_offline_with_a_message_that_says_so():
+    with pytest.raises(ValueError) as error:
+        load_image_datasets(DataArguments(dataset_name="someone/no-such-dataset"), seed=0)
+    text = str(error.value)
+    assert "'someone/no-such-dataset'" in text and "unreachable" in text and "HF_HUB_OFFLINE" in text
+    assert "--train_dir" in text and "builtin:mnist5k" in text
+
+
+def test_missing_paths_raise_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_image_datasets(DataArguments(train_dir=str(tmp_path / "missing")), seed=0)
+    with pytest.raises(FileNotFoundError, match="validation_dir"):
+        load_image_datasets(DataArguments(train_dir=str(tmp_path), validation_dir=str(tmp_path / "gone")), seed=0)
+    with pytest.raises(FileNotFoundError, match="no such file or directory"):
+        load_image_datasets(DataArguments(dataset_name=str(tmp_path / "nothing_here")), seed=0)
+
+
+def test_train_dir_without_class_folders_is_refused(tmp_path):
+    make_image((1, 2, 3), "RGB", np.random.default_rng(0)).save(tmp_path / "loose.png")
+    with pytest.raises(ValueError, match=r"no class sub-folders.*loose\.png"):
+        load_image_datasets(DataArguments(train_dir=str(tmp_path)), seed=0)
+
+
+@pytest.mark.parametrize("content", [b"this is not a PNG", b"\x89PNG\r\n\x1a\n" + b"\0" * 20])
+def test_corrupt_images_are_named_before_anything_loads(tmp_path, content):
+    root = write_image_folder(tmp_path / "data", train_modes=("RGB", "RGB"), validation_modes=("RGB",))
+    bad = root / "train" / "green" / "broken.png"
+    bad.write_bytes(content)
+    with pytest.raises(ValueError, match=r"1 file\(s\) in .*not readable images: .*broken\.png"):
+        load_image_datasets(folder_args(root), seed=0)
+    shutil.move(bad, root / "broken.png")  # also checked when the folder is given as --dataset_name
+    bad = root / "validation" / "red" / "broken.png"
+    shutil.move(root / "broken.png", bad)
+    with pytest.raises(ValueError, match="broken.png"):
+        load_image_datasets(DataArguments(dataset_name=str(root)), seed=0)
+
+
+def test_truncated_image_is_caught(tmp_path):
+    root = write_image_folder(tmp_path / "data", train_modes=("RGB", "RGB"), validation_modes=("RGB",))
+    victim = next((root / "train" / "red").glob("*.png"))
+    victim.write_bytes(victim.read_bytes()[:-40])
+    with pytest.raises(ValueError, match=victim.name):
+        load_image_datasets(folder_args(root), seed=0)
+
+
+def test_validation_classes_unknown_to_train_are_listed(tmp_path):
+    root = write_image_folder(tmp_path / "data", train_modes=("RGB",), validation_modes=("RGB",))
+    extra = root / "validation" / "purple"
+    extra.mkdir()
+    make_image((120, 0, 120), "RGB", np.random.default_rng(0)).save(extra / "p.png")
+    with pytest.raises(ValueError, match=r"classes that --train_dir .* lacks: \['purple'\]"):
+        load_image_datasets(folder_args(root), seed=0)
+
+
+def test_split_folders_with_a_validation_only_class_are_refused(tmp_path):
+    root = write_image_folder(tmp_path / "data", train_modes=("RGB",), validation_modes=("RGB",))
+    extra = root / "validation" / "purple"
+    extra.mkdir()
+    make_image((120, 0, 120), "RGB", np.random.default_rng(0)).save(extra / "p.png")
+    with pytest.raises(ValueError, match=r"classes the train split has no example of: \['purple'\]"):
+        load_image_datasets(DataArguments(dataset_name=str(root)), seed=0)
+
+
+def test_classlabel_mismatch_between_splits_lists_the_differing_names(tmp_path):
+    path = save({"train": image_dataset(2, ["cat", "dog"]), "validation": image_dataset(2, ["cat", "cow"])},
+                tmp_path / "s")
+    with pytest.raises(ValueError, match=r"only in train: \['dog'\]; only in validation: \['cow'\]"):
+        load_image_datasets(DataArguments(dataset_name=path), seed=0)
+    path = save({"train": image_dataset(2, ["cat", "dog"]), "validation": image_dataset(2, ["dog", "cat"])},
+                tmp_path / "order")
+    with pytest.raises(ValueError, match="different order"):
+        load_image_datasets(DataArguments(dataset_name=path), seed=0)
+
+
+def test_string_label_unseen_in_train_is_refused(tmp_path):
+    train = image_dataset(2, ["a", "b"], label_values=["ant", "bee"])
+    validation = image_dataset(1, ["a", "b"], label_values=["ant", "wasp"])
+    with pytest.raises(ValueError, match=r"only in validation: \['wasp'\]"):
+        load_image_datasets(DataArguments(dataset_name=save({"train": train, "validation": validation},
+                                                            tmp_path / "s")), seed=0)
+
+
+def test_dataset_without_image_column_lists_its_columns(tmp_path):
+    table = datasets.Dataset.from_dict({"text": ["a", "b"], "label": [0, 1]})
+    with pytest.raises(ValueError, match=r"no image column.*\['text', 'label'\]"):
+        load_image_datasets(DataArguments(dataset_name=save({"train": table}, tmp_path / "s")), seed=0)
+
+
+def test_image_column_that_is_not_an_image_is_refused(tmp_path):
+    table = datasets.Dataset.from_dict({"image": [1.5, 2.5], "label": [0, 1]})
+    with pytest.raises(ValueError, match="not an image"):
+        load_image_datasets(DataArguments(dataset_name=save({"train": table}, tmp_path / "s")), seed=0)
+
+
+def test_label_column_of_wrong_type_is_refused(tmp_path):
+    table = image_dataset(2, ["a", "b"]).cast_column("label", datasets.Value("float32"))
+    with pytest.raises(ValueError, match=r"has type .*float32.*expected a ClassLabel, string or integer"):
+        load_image_datasets(DataArguments(dataset_name=save({"train": table}, tmp_path / "s")), seed=0)
+
+
+def test_missing_train_split_and_empty_split_are_refused(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"no 'train' split; it has: \['test'\]"):
+        load_image_datasets(DataArguments(dataset_name=save({"test": image_dataset(2, ["a", "b"])},
+                                                            tmp_path / "t")), seed=0)
+    # datasets itself cannot save and reload an empty split, so hand one over directly.
+    empty = datasets.DatasetDict({"train": image_dataset(2, ["a", "b"]), "validation": image_dataset(2, ["a", "b"])
+                                  .select([])})
+    monkeypatch.setattr(data_module, "_load_source", lambda *args, **kwargs: empty)
+    with pytest.raises(ValueError, match="'validation' split .* is empty"):
+        load_image_datasets(DataArguments(dataset_name="owner/anything"), seed=0)
+
+
+def test_empty_class_folders_are_refused(tmp_path):
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no class sub-folders with images"):
+        load_image_datasets(DataArguments(train_dir=str(tmp_path / "train")), seed=0)
+
+
+def test_single_class_and_unlabeled_examples_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="needs at least 2"):
+        load_image_datasets(DataArguments(dataset_name=save({"train": image_dataset(4, ["only"])},
+                                                            tmp_path / "one")), seed=0)
+    unlabeled = image_dataset(2, ["a", "b"]).cast_column("label", datasets.Value("int64"))
+    unlabeled = unlabeled.map(lambda ex: {"label": -1}).cast_column("label", datasets.ClassLabel(names=["a", "b"]))
+    with pytest.raises(ValueError, match=r"label ids \[-1\] outside 0..1; unlabeled examples \(-1\)"):
+        load_image_datasets(DataArguments(dataset_name=save({"train": image_dataset(2, ["a", "b"]),
+                                                             "validation": unlabeled}, tmp_path / "u")), seed=0)
+
+
+# -------------------------------------------------------------------------------------------- transforms
+
+
+@pytest.mark.parametrize("mode", ["RGB", "P", "RGBA", "L", "LA", "CMYK", "1"])
+def test_to_rgb_handles_every_common_mode(mode):
+    image = make_image((200, 30, 30), "RGB", np.random.default_rng(0)).convert(mode)
+    converted = ToRGB()(image)
+    assert converted.mode == "RGB" and converted.size == image.size
+    transparent_palette = Image.new("P", (4, 4))
+    transparent_palette.info["transparency"] = 0
+    assert ToRGB()(transparent_palette).mode == "RGB"
+    assert ToRGB()(np.zeros((5, 6), dtype=np.uint8)).size == (6, 5)
+
+
+@pytest.mark.parametrize("mode, pixels, expected", [
+    ("I;16", np.full((3, 4), 65535, dtype=np.uint16), 255),
+    ("I;16", np.full((3, 4), 32896, dtype=np.uint16), 128),
+    ("I", np.full((3, 4), 100, dtype=np.int32), 100),
+    ("F", np.full((3, 4), 0.5, dtype=np.float32), 128),
+])
+def test_to_rgb_rescales_high_bit_depth_grayscale(mode, pixels, expected):
+    image = Image.fromarray(pixels)
+    assert image.mode == mode
+    converted = np.asarray(ToRGB()(image))
+    assert converted.shape == (3, 4, 3) and (converted == expected).all()
+
+
+def constant_image(colour=(200, 100, 50), size=(40, 30)) -> Image.Image:
+    return Image.new("RGB", size, colour)
+
+
+def expected_normalized(colour, mean, std, scale=1 / 255) -> torch.Tensor:
+    return torch.tensor([(c * scale - m) / s for c, m, s in zip(colour, mean, std)])
+
+
+def test_transforms_follow_a_vit_processor_size_mean_and_std():
+    mean, std = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
+    processor = ViTImageProcessor(size={"height": 24, "width": 20}, image_mean=mean, image_std=std)
+    train, evaluate = build_transforms(processor)
+    for transform in (train, evaluate):
+        out = transform(constant_image())
+        assert out.shape == (3, 24, 20) and out.dtype == torch.float32
+        # A constant image stays constant under any crop/flip/resize: only the normalization shows.
+        torch.testing.assert_close(out.mean(dim=(1, 2)), expected_normalized((200, 100, 50), mean, std),
+                                   atol=1e-4, rtol=0)
+
+
+def test_eval_transform_is_the_processors_own_resize_and_crop():
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (50, 70, 3), dtype=np.uint8))
+    processor = ConvNextImageProcessor(size={"shortest_edge": 32}, crop_pct=0.5)
+    train, evaluate = build_transforms(processor)
+    torch.testing.assert_close(evaluate(image), processor(image, return_tensors="pt")["pixel_values"][0])
+    assert train(image).shape == (3, 32, 32)
+    # Grayscale input is converted first, where the processor alone would see a single channel.
+    assert evaluate(image.convert("L")).shape == (3, 32, 32)
+
+
+def test_center_crop_processors_train_at_the_crop_size():
+    processor = DeiTImageProcessor(size={"height": 40, "width": 40}, crop_size={"height": 28, "width": 28})
+    train, evaluate = build_transforms(processor)
+    assert train(constant_image()).shape == evaluate(constant_image()).shape == (3, 28, 28)
+
+
+def test_unnormalized_processors_give_rescaled_values():
+    train, evaluate = build_transforms(ViTImageProcessor(size={"height": 8, "width": 8}, do_normalize=False))
+    for transform in (train, evaluate):
+        torch.testing.assert_close(transform(constant_image()).mean(dim=(1, 2)),
+                                   torch.tensor([200 / 255, 100 / 255, 50 / 255]), atol=1e-4, rtol=0)
+    train, _ = build_transforms(ViTImageProcessor(size={"height": 8, "width": 8}, do_normalize=False,
+                                                  do_rescale=False))
+    torch.testing.assert_close(train(constant_image()).mean(dim=(1, 2)), torch.tensor([200.0, 100.0, 50.0]))
+
+
+def test_timm_processor_transforms_use_its_data_config(tiny_timm_dir):
+    from timm.data.transforms import str_to_interp_mode
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(tiny_timm_dir)
+    config = processor.data_config
+    train, evaluate = build_transforms(processor)
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (45, 60, 3), dtype=np.uint8))
+    torch.testing.assert_close(evaluate(image), processor.val_transforms(image))
+    assert train(image).shape == (3, *config["input_size"][1:])
+    crop = next(t for t in train.transforms if type(t).__name__ == "RandomResizedCrop")
+    assert crop.interpolation == str_to_interp_mode(config["interpolation"])
+    torch.testing.assert_close(train(constant_image()).mean(dim=(1, 2)),
+                               expected_normalized((200, 100, 50), config["mean"], config["std"]),
+                               atol=1e-4, rtol=0)
+
+
+def test_train_transform_is_random_and_eval_is_deterministic():
+    processor = ViTImageProcessor(size={"height": 16, "width": 16})
+    train, evaluate = build_transforms(processor)
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    torch.manual_seed(0)
+    assert not torch.equal(train(image), train(image))
+    assert torch.equal(evaluate(image), evaluate(image))
+
+
+def test_apply_transforms_and_collate_give_model_inputs(image_folder):
+    loaded = load_image_datasets(folder_args(image_folder), seed=0)
+    processor = ViTImageProcessor(size={"height": 16, "width": 16})
+    transformed = apply_transforms(loaded, processor)
+    assert set(transformed) == {"train", "validation"}
+    assert isinstance(loaded["train"][0]["image"], Image.Image)  # the input is left untouched
+    examples = [transformed["train"][i] for i in range(len(transformed["train"]))]  # RGB, P, RGBA and L files
+    assert all(set(example) == {"pixel_values", "labels"} for example in examples)
+    assert all(example["pixel_values"].shape == (3, 16, 16) for example in examples)
+    batch = collate_fn(examples)
+    assert batch["pixel_values"].shape == (15, 3, 16, 16) and batch["pixel_values"].dtype == torch.float32
+    assert batch["labels"].dtype == torch.long and batch["labels"].tolist() == loaded["train"]["label"]
+    evaluation = [transformed["validation"][i]["pixel_values"] for i in range(2)]
+    assert torch.equal(evaluation[0], transformed["validation"][0]["pixel_values"])
+    loader = torch.utils.data.DataLoader(transformed["validation"], batch_size=4, collate_fn=collate_fn)
+    assert [b["labels"].shape[0] for b in loader] == [4, 2]
+
+
+def test_transforms_pickle_for_dataloader_workers(tiny_vit_dir, tiny_convnext_dir, tiny_timm_dir):
+    import pickle
+
+    from transformers import AutoImageProcessor
+
+    image = constant_image()
+    for folder in (tiny_vit_dir, tiny_convnext_dir, tiny_timm_dir):
+        train, evaluate = pickle.loads(pickle.dumps(build_transforms(AutoImageProcessor.from_pretrained(folder))))
+        assert train(image).shape == evaluate(image).shape == (3, 32, 32)
