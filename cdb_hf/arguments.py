@@ -77,6 +77,11 @@ class RunArguments:
         default=0,
         metadata={"help": "If > 0, run an A/B comparison: baseline vs CDB for this many paired seeds."},
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Write into an output_dir that already holds a different run (transformers 5 "
+                          "dropped this TrainingArguments flag; without it such a directory is refused)."},
+    )
 
 
 def _cdb_arguments_class() -> type:

@@ -10,6 +10,7 @@ is reported as one ValueError/FileNotFoundError before any training work starts.
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -553,3 +554,38 @@ def num_examples_per_class(dataset: datasets.Dataset) -> dict[str, int]:
 
 __all__ = ["load_image_datasets", "build_transforms", "apply_transforms", "collate_fn", "num_examples_per_class",
            "ToRGB"]
+
+
+# ----------------------------------------------------------------------------------------------- seeding
+
+
+class PerExampleSeeded(torch.utils.data.Dataset):
+    """Runs each example's random augmentation under its own seed, a pure function of (seed, epoch, index).
+
+    Augmentations draw from the global RNGs when an example is fetched, and which fetch sees which RNG
+    state depends on the dataloader's prefetching, its workers and the batches a resumed run skips: a
+    resumed run would crop differently from the uninterrupted one. Seeding each example removes all
+    three dependencies; the global RNG states are left as they were.
+    """
+
+    def __init__(self, dataset: Any, seed: int) -> None:
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        seed = int(np.random.SeedSequence([self.seed, self.epoch, int(index)]).generate_state(1)[0])
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(python_state)
+                np.random.set_state(numpy_state)

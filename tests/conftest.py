@@ -22,6 +22,9 @@ os.environ.update({
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "HF_HOME": _HF_HOME,
     "TOKENIZERS_PARALLELISM": "false",
+    # Tiny tensors run fastest on one thread, and OpenMP spin-waits badly when processes share 2 cores;
+    # subprocesses (torchrun ranks, the fresh-process checks) inherit it.
+    "OMP_NUM_THREADS": "1",
 })
 for _variable in ("HF_DATASETS_CACHE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_MODULES_CACHE",
                   "TRANSFORMERS_CACHE", "HF_TOKEN"):
@@ -38,6 +41,17 @@ IMAGE_FOLDER_TRAIN_MODES = ("RGB", "RGB", "P", "RGBA", "L")
 IMAGE_FOLDER_VALIDATION_MODES = ("RGB", "RGB")
 IMAGE_SIZE = 32
 TINY_LABELS = sorted(IMAGE_FOLDER_CLASSES)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """One intra-op thread for the whole suite (see OMP_NUM_THREADS above)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,0 +1,237 @@
+"""ChannelDropBack as a transformers ``TrainerCallback``: the Trainer face of :mod:`cdb_hf.core`.
+
+Usage with any ``Trainer`` (ours or yours)::
+
+    trainer = Trainer(model=model, args=args, ...,
+                      callbacks=[ChannelDropBackCallback(ChannelDropBackConfig(channel_rate=0.3))])
+
+Order against gradient clipping. In one optimizer step the Trainer (1) runs every micro-batch's
+backward, (2) clips the full gradient to ``max_grad_norm`` and logs the norm measured *before*
+clipping (``grad_norm``), (3) calls ``optimizer.step()``. CDB's hooks sit on the optimizer's step,
+so they run inside (3): after clipping and after AMP unscaling. CDB therefore masks (and, with
+``rescale``, scales up by 1/keep) an already clipped gradient; the logged ``grad_norm`` is the
+unmasked one, and the selected layer's effective norm may exceed ``max_grad_norm`` after rescaling.
+The accelerate loop uses the same order.
+
+Resume. The selection of optimizer step ``s`` is a pure function of ``(seed, s)``, and the callback
+sets ``cdb.step = state.global_step`` before every step, so a resumed run draws exactly the rows the
+uninterrupted run would have drawn; nothing beyond the Trainer's own ``trainer_state.json`` has to be
+restored (the callback is also an ``ExportableState`` for visibility, but does not depend on
+``restore_callback_states_from_checkpoint``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import warnings
+from typing import Any
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import CallbackHandler, ExportableState
+from transformers.utils import logging
+
+from .core import ChannelDropBack, ChannelDropBackConfig
+
+__all__ = ["ChannelDropBackCallback", "LOG_PREFIX", "check_supported_setup"]
+
+logger = logging.get_logger(__name__)
+
+#: Prefix of the statistics the callback adds to the Trainer's training logs.
+LOG_PREFIX = "cdb/"
+
+_TRUE_STRINGS = ("1", "true", "yes")
+
+
+def check_supported_setup(args: TrainingArguments) -> None:
+    """Raise ValueError if ``args`` asks for DeepSpeed or FSDP, which CDB cannot serve correctly.
+
+    DeepSpeed runs the optimizer step inside ``backward()`` (before any callback or optimizer hook,
+    with ``param.grad`` usually ``None`` under ZeRO), and FSDP shards gradients along the very rows
+    CDB selects; both would make CDB silently do nothing or the wrong thing.
+    """
+    if getattr(args, "deepspeed", None) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in _TRUE_STRINGS:
+        raise ValueError("ChannelDropBack does not support DeepSpeed: DeepSpeed runs the optimizer step inside "
+                         "backward(), before any callback can mask the gradients; train without --deepspeed "
+                         "(plain DDP via torchrun/accelerate launch is supported)")
+    if getattr(args, "fsdp", None) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in _TRUE_STRINGS:
+        raise ValueError(f"ChannelDropBack does not support FSDP (fsdp={getattr(args, 'fsdp', None)!r}): FSDP "
+                         "shards the gradient rows CDB selects; train without --fsdp (plain DDP via "
+                         "torchrun/accelerate launch is supported)")
+
+
+class ChannelDropBackCallback(TrainerCallback, ExportableState):
+    """Apply ChannelDropBack inside any transformers ``Trainer``.
+
+    When training begins it builds :class:`~cdb_hf.core.ChannelDropBack` from the Trainer's model and
+    attaches it to the Trainer's optimizer, so every optimizer step (once per gradient-accumulation
+    window) updates only the selected rows. It adds ``cdb/applied`` (fraction of steps that applied
+    CDB), ``cdb/layers`` (mean selected layers per step), ``cdb/keep_fraction`` (mean kept fraction
+    of the selected layers) and ``cdb/layer_rate`` (scheduled rate) to every training log, so they
+    reach ``state.log_history`` and every ``report_to`` integration.
+
+    Args:
+        config: the CDB knobs (a :class:`ChannelDropBackConfig` or its ``to_dict()``); the paper's
+            defaults when omitted. A ``schedule_total_steps`` left ``None`` is filled from the
+            Trainer's ``max_steps`` (and ``schedule_steps_per_epoch`` from the dataloader).
+    """
+
+    def __init__(self, config: ChannelDropBackConfig | dict[str, Any] | None = None) -> None:
+        if isinstance(config, dict):
+            config = ChannelDropBackConfig.from_dict(config)
+        self.config = config if config is not None else ChannelDropBackConfig()
+        self.cdb: ChannelDropBack | None = None
+        #: CDB's step at the last export (informational; trainer_state.json's global_step is what resumes).
+        self.cdb_step: int = 0
+        self._handle = None
+        self._reaches_trackers = False
+        self._reset_window()
+
+    # ------------------------------------------------------------------ checkpoint visibility
+    def state(self) -> dict[str, Any]:
+        """JSON-serialisable state written into each checkpoint's ``trainer_state.json``."""
+        step = self.cdb.step if self.cdb is not None else self.cdb_step
+        return {"args": {"config": self.config.to_dict()}, "attributes": {"cdb_step": int(step)}}
+
+    # ------------------------------------------------------------------ lifecycle
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        check_supported_setup(args)  # fail at Trainer(...) already, before any work
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       model=None, optimizer=None, train_dataloader=None, **kwargs):
+        check_supported_setup(args)
+        if model is None or optimizer is None:
+            raise ValueError("ChannelDropBackCallback needs the Trainer's model and optimizer at on_train_begin; "
+                             f"got model={type(model).__name__}, optimizer={type(optimizer).__name__}")
+        _refuse_sharded_model(model)
+        if self._handle is not None:  # a second train() on the same Trainer: start from a clean optimizer
+            self._handle.remove()
+        self.cdb = ChannelDropBack(model, self._run_config(state, args, train_dataloader))
+        self._handle = self.cdb.attach(optimizer)
+        self.cdb.step = state.global_step
+        self._reset_window()
+        self._reaches_trackers = self._run_before_log_consumers()
+        logger.info(f"ChannelDropBack on {len(self.cdb.layers)} layers, starting at optimizer step "
+                    f"{state.global_step}: {self.cdb.config}")
+
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self.cdb is None:
+            raise RuntimeError("ChannelDropBackCallback was added after training began; add it before train()")
+        # The selection depends only on (seed, step): pinning the step to the Trainer's counter makes
+        # resumed runs and every rank draw the same rows, whatever happened before.
+        self.cdb.step = state.global_step
+
+    def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                          optimizer=None, **kwargs):
+        if self.cdb.step == state.global_step + 1:
+            self._record(self.cdb.last_stats)
+        elif not getattr(optimizer, "step_was_skipped", False):  # an AMP overflow skip is legitimate
+            raise RuntimeError("ChannelDropBack's optimizer hooks did not run during this optimizer step: the "
+                               "Trainer's optimizer was replaced after training began, or the step ran outside "
+                               "torch.optim (e.g. DeepSpeed). Refusing to continue without CDB.")
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
+        if logs is None or "loss" not in logs or self._window["steps"] == 0:
+            return  # evaluation and end-of-training summaries carry no CDB statistics
+        stats = self._window_stats()
+        self._reset_window()
+        logs.update(stats)
+        # Trainer.log appended a copy of `logs` to log_history just before calling on_log.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step \
+                and state.log_history[-1].get("loss") == logs["loss"]:
+            state.log_history[-1].update(stats)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        if self.cdb is not None:
+            self.cdb_step = self.cdb.step
+
+    # ------------------------------------------------------------------ helpers
+    def _run_config(self, state: TrainerState, args: TrainingArguments, train_dataloader) -> ChannelDropBackConfig:
+        """The user's config with the schedule's length filled from this run, when left open."""
+        config = self.config
+        if config.schedule == "constant":
+            return config
+        overrides: dict[str, Any] = {}
+        if config.schedule_total_steps is None:
+            overrides["schedule_total_steps"] = max(int(state.max_steps), 1)
+        if config.schedule_unit == "epochs" and config.schedule_steps_per_epoch is None:
+            overrides["schedule_steps_per_epoch"] = _update_steps_per_epoch(state, args, train_dataloader)
+        return dataclasses.replace(config, **overrides) if overrides else config
+
+    def _reset_window(self) -> None:
+        self._window = {"steps": 0, "applied": 0, "layers": 0.0, "keep_sum": 0.0, "layer_rate": 0.0}
+
+    def _record(self, stats: dict[str, float]) -> None:
+        window = self._window
+        window["steps"] += 1
+        window["layers"] += stats["layers"]
+        window["layer_rate"] = stats["layer_rate"]
+        if stats["applied"]:
+            window["applied"] += 1
+            window["keep_sum"] += stats["keep_fraction"]
+
+    def _window_stats(self) -> dict[str, float]:
+        """Means over the optimizer steps since the previous training log."""
+        window = self._window
+        return {
+            LOG_PREFIX + "applied": window["applied"] / window["steps"],
+            LOG_PREFIX + "layers": window["layers"] / window["steps"],
+            LOG_PREFIX + "keep_fraction": window["keep_sum"] / window["applied"] if window["applied"] else 1.0,
+            LOG_PREFIX + "layer_rate": window["layer_rate"],
+        }
+
+    def _run_before_log_consumers(self) -> bool:
+        """Move this callback to the front of the Trainer's callback list.
+
+        ``Trainer.log`` hands the same ``logs`` dict to every callback in order, and the ``report_to``
+        integrations are registered before user callbacks: statistics added by a callback that runs
+        later reach neither the trackers nor the printed logs. The callbacks receive no reference to
+        the Trainer, so the handler is found as the caller of this event (``CallbackHandler.call_event``).
+        Moving the current element to the front keeps that ongoing iteration correct.
+        """
+        handler = _calling_callback_handler(self)
+        if handler is None:
+            warnings.warn("ChannelDropBackCallback could not find the Trainer's CallbackHandler: cdb/* statistics "
+                          "will reach state.log_history but maybe not the report_to integrations")
+            return False
+        if handler.callbacks[0] is not self:
+            handler.callbacks.remove(self)
+            handler.callbacks.insert(0, self)
+        return True
+
+
+def _calling_callback_handler(callback: TrainerCallback, max_depth: int = 8) -> CallbackHandler | None:
+    frame = sys._getframe(2)
+    for _ in range(max_depth):
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, CallbackHandler) and any(cb is callback for cb in owner.callbacks):
+            return owner
+        frame = frame.f_back
+    return None
+
+
+def _update_steps_per_epoch(state: TrainerState, args: TrainingArguments, train_dataloader) -> int:
+    """Optimizer steps per epoch, computed the way the Trainer computes them."""
+    accumulation = max(int(args.gradient_accumulation_steps), 1)
+    try:
+        batches = len(train_dataloader)
+    except TypeError:  # an IterableDataset has no length: fall back on max_steps / epochs
+        epochs = max(math.ceil(float(state.num_train_epochs or 1)), 1)
+        return max(int(state.max_steps) // epochs, 1)
+    return max(batches // accumulation + int(batches % accumulation > 0), 1)
+
+
+def _refuse_sharded_model(model) -> None:
+    """FSDP wrappers (FSDP1 classes, FSDP2 fully_shard) shard the rows CDB would select."""
+    for module in model.modules():
+        name = type(module).__name__
+        if name == "FullyShardedDataParallel" or (name.startswith("FSDP") and hasattr(module, "reshard")):
+            raise ValueError(f"ChannelDropBack does not support FSDP-sharded models (found {name}); train "
+                             "without FSDP (plain DDP is supported)")

@@ -1,0 +1,200 @@
+"""What a finished run leaves behind, and how it reaches the Hub (shared by the Trainer and accelerate paths).
+
+The output directory is a plain transformers checkpoint (safetensors weights, config, image processor)
+plus cdb_hf's records (``cdb_config.json``, metrics JSON, ``trainer_state.json``) and transformers'
+standard model card, so anyone can load it with ``AutoModelForImageClassification`` and no cdb_hf.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from huggingface_hub import HfApi, ModelCard
+from huggingface_hub import constants as hub_constants
+from transformers import TrainingArguments
+from transformers.modelcard import TrainingSummary, extract_hyperparameters_from_trainer, parse_log_history
+from transformers.utils import logging
+
+from .core import ChannelDropBackConfig
+
+__all__ = ["CDB_CONFIG_NAME", "UPLOAD_IGNORE_PATTERNS", "check_can_push", "push_outputs", "save_outputs",
+           "write_model_card"]
+
+logger = logging.get_logger(__name__)
+
+CDB_CONFIG_NAME = "cdb_config.json"
+#: Intermediate checkpoints hold optimizer state and pickled TrainingArguments (which may hold a token).
+UPLOAD_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "training_args.bin", "_*"]
+_PAPER = "https://arxiv.org/abs/2411.10891"
+
+
+def save_outputs(output_dir: str | os.PathLike, model, image_processor, cdb_config: ChannelDropBackConfig | None,
+                 metrics: dict[str, float], *, trainer_state: Any = None) -> list[str]:
+    """Write the final model and every record of the run into ``output_dir``; return the file names written.
+
+    ``cdb_config.json`` is written only when CDB was on (a baseline has no CDB config). Metrics go to
+    ``all_results.json`` and, split by prefix, ``train_results.json`` / ``eval_results.json``, the
+    names ``Trainer.save_metrics`` uses. ``trainer_state`` is a ``TrainerState`` or a plain dict.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output_dir)  # safetensors: transformers 5 writes nothing else
+    if image_processor is not None:
+        image_processor.save_pretrained(output_dir)
+    written = []
+    if cdb_config is not None:
+        _write_json(output_dir / CDB_CONFIG_NAME, cdb_config.to_dict())
+        written.append(CDB_CONFIG_NAME)
+    metrics = {key: _plain(value) for key, value in metrics.items()}
+    for split in ("train", "eval"):
+        split_metrics = {k: v for k, v in metrics.items() if k.startswith(f"{split}_") or k == "epoch"}
+        if any(k != "epoch" for k in split_metrics):
+            _write_json(output_dir / f"{split}_results.json", split_metrics)
+            written.append(f"{split}_results.json")
+    _write_json(output_dir / "all_results.json", metrics)
+    written.append("all_results.json")
+    if trainer_state is not None:
+        if hasattr(trainer_state, "save_to_json"):
+            trainer_state.save_to_json(str(output_dir / "trainer_state.json"))
+        else:
+            _write_json(output_dir / "trainer_state.json", trainer_state)
+        written.append("trainer_state.json")
+    return written
+
+
+def write_model_card(output_dir: str | os.PathLike, model_args, data_args, cdb_config: ChannelDropBackConfig | None,
+                     metrics: dict[str, float], *, training_args: TrainingArguments | None = None,
+                     log_history: list[dict[str, Any]] | None = None, model=None,
+                     model_name: str | None = None) -> str:
+    """Write ``README.md`` (transformers' standard Trainer model card plus a ChannelDropBack section).
+
+    The card records the base model, the dataset, the CDB hyperparameters (or that this is a
+    baseline), the final metrics, and that the result is a standard architecture needing no extra
+    code. Returns the card's text.
+    """
+    output_dir = Path(output_dir)
+    base_model = model_args.model_name_or_path
+    dataset = data_args.dataset_name or data_args.train_dir
+    base_is_hub_id = _looks_like_hub_id(base_model)
+    dataset_is_hub_id = _looks_like_hub_id(dataset)
+    if model_name is None:
+        hub_id = getattr(training_args, "hub_model_id", None) if training_args is not None else None
+        model_name = (hub_id or output_dir.resolve().name).split("/")[-1]
+
+    eval_lines, eval_results = None, None
+    if log_history:
+        _, eval_lines, eval_results = parse_log_history(log_history)
+    if not eval_results:  # the accelerate loop has no Trainer log history: use the final metrics
+        eval_results = {_title(k.removeprefix("eval_")): v for k, v in metrics.items()
+                        if k.startswith("eval_") and k not in ("eval_runtime", "eval_samples_per_second",
+                                                               "eval_steps_per_second")} or None
+    hyperparameters = (extract_hyperparameters_from_trainer(SimpleNamespace(args=training_args))
+                       if training_args is not None else None)
+    summary = TrainingSummary(
+        model_name=model_name,
+        tags=["image-classification", "channeldropback", "cdb_hf", "generated_from_trainer"],
+        finetuned_from=base_model,
+        tasks="image-classification",
+        dataset=dataset,
+        dataset_tags=dataset if dataset_is_hub_id else None,
+        dataset_args=data_args.dataset_config_name if dataset_is_hub_id else None,
+        eval_results=eval_results,
+        eval_lines=eval_lines or None,
+        hyperparameters=hyperparameters,
+    )
+    text = summary.to_model_card()
+    if not base_is_hub_id:
+        # A local directory is not a Hub repo: no broken link, and no base_model metadata the Hub would reject.
+        text = text.replace(f"[{base_model}](https://huggingface.co/{base_model})", f"`{base_model}`")
+        text = re.sub(r"^base_model: .*\n", "", text, count=1, flags=re.MULTILINE)
+    text = text.replace("\n## Model description\n\nMore information needed\n",
+                        "\n## Model description\n\n" + _description(model, base_model, cdb_config, metrics))
+    card = ModelCard(text)  # parses and checks the YAML metadata block
+    output_dir.mkdir(parents=True, exist_ok=True)
+    card.save(output_dir / "README.md")
+    return str(card)
+
+
+def check_can_push(training_args: TrainingArguments) -> None:
+    """Raise before any work if ``--push_to_hub`` cannot possibly succeed (offline mode)."""
+    if getattr(training_args, "push_to_hub", False) and hub_constants.HF_HUB_OFFLINE:
+        raise ValueError("--push_to_hub needs the Hugging Face Hub, but HF_HUB_OFFLINE is set; unset it or drop "
+                         "--push_to_hub (the outputs are saved in --output_dir either way)")
+
+
+def push_outputs(output_dir: str | os.PathLike, training_args: TrainingArguments, *,
+                 commit_message: str = "Fine-tuned with cdb_hf (ChannelDropBack)") -> str:
+    """Create the Hub repository (if needed) and upload ``output_dir`` without intermediate checkpoints.
+
+    The repository is ``--hub_model_id`` or the output directory's name; the token comes from
+    ``--hub_token`` or the cached login and is never logged. Returns the repository id.
+    """
+    repo_id = training_args.hub_model_id or Path(output_dir).resolve().name
+    api = HfApi(token=training_args.hub_token)
+    repo_url = api.create_repo(repo_id, private=training_args.hub_private_repo, exist_ok=True)
+    repo_id = getattr(repo_url, "repo_id", None) or repo_id
+    revision = getattr(training_args, "hub_revision", None)
+    if revision:
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    logger.info(f"Uploading {output_dir} to the Hub repository {repo_id}")
+    api.upload_folder(repo_id=repo_id, folder_path=str(output_dir), commit_message=commit_message,
+                      ignore_patterns=UPLOAD_IGNORE_PATTERNS, revision=revision)
+    return repo_id
+
+
+# ---------------------------------------------------------------------- helpers
+def _description(model, base_model: str | None, cdb_config: ChannelDropBackConfig | None,
+                 metrics: dict[str, float]) -> str:
+    architecture = type(model).__name__ if model is not None else "AutoModelForImageClassification"
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    lines = [
+        f"A standard `{architecture}`{f' (`{model_type}`)' if model_type else ''} checkpoint: it loads with "
+        "`AutoModelForImageClassification.from_pretrained(...)` and needs no extra code and no cdb_hf. "
+        "ChannelDropBack only changes which weights each optimizer step updates; the architecture and the "
+        "forward pass are unchanged, so the deployed network is exactly the trained one.",
+        "",
+        f"Base model: `{base_model}`.",
+        "",
+        "### ChannelDropBack",
+        "",
+    ]
+    if cdb_config is None:
+        lines.append("Trained **without** ChannelDropBack (baseline run of cdb_hf).")
+    else:
+        lines.append(f"Fine-tuned with [ChannelDropBack]({_PAPER}) (Hershkovitch Neiterman & Ben-Artzi, ICPR 2024) "
+                     "through cdb_hf, with these hyperparameters (also in `cdb_config.json`):")
+        lines.append("")
+        lines.extend(f"- {key}: {value}" for key, value in cdb_config.to_dict().items())
+    final = {k: v for k, v in metrics.items() if not k.endswith(("_runtime", "_per_second", "total_flos"))}
+    if final:
+        lines += ["", "### Final metrics", "", "| metric | value |", "|:--|--:|"]
+        lines.extend(f"| {key} | {_round(value)} |" for key, value in final.items())
+    return "\n".join(lines) + "\n"
+
+
+def _looks_like_hub_id(name: str | None) -> bool:
+    if not name or name.startswith("builtin:") or os.path.exists(name):
+        return False
+    return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None
+
+
+def _title(key: str) -> str:
+    return " ".join(part.capitalize() for part in key.split("_"))
+
+
+def _round(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _plain(value: Any) -> Any:
+    """Tensors and numpy scalars to Python numbers, so the metrics are JSON."""
+    return value.item() if hasattr(value, "item") else value
+
+
+def _write_json(path: Path, values: Any) -> None:
+    path.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n", encoding="utf-8")
