@@ -1,20 +1,25 @@
 """cdb_hf: ChannelDropBack for Hugging Face fine-tuning.
 
 The core (:class:`ChannelDropBack`, :class:`ChannelDropBackConfig`) is torch-only; the transformers
-callback is imported lazily so that ``import cdb_hf`` stays light.
+faces are imported lazily so that ``import cdb_hf`` stays light.
 """
 
+import importlib
 from typing import Any
 
 from .core import ChannelDropBack, ChannelDropBackConfig
 
 __version__ = "0.1.0"
-__all__ = ["ChannelDropBack", "ChannelDropBackConfig", "ChannelDropBackCallback", "__version__"]
+
+_LAZY = {
+    "ChannelDropBackCallback": "cdb_hf.callback",
+    "ResumeSafeTrainer": "cdb_hf.trainer_path",
+    "PerExampleSeeded": "cdb_hf.data",
+}
+__all__ = ["ChannelDropBack", "ChannelDropBackConfig", *_LAZY, "__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "ChannelDropBackCallback":
-        from .callback import ChannelDropBackCallback
-
-        return ChannelDropBackCallback
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'cdb_hf' has no attribute {name!r}")

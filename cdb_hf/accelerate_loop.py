@@ -323,7 +323,6 @@ def save_checkpoint(accelerator: Accelerator, args: TrainingArguments, completed
     return folder
 
 
-# ---------------------------------------------------------------------------- data
 # ---------------------------------------------------------------------------- logging
 class LogWindow:
     """Means over the optimizer steps since the last log: loss, and CDB's statistics as the callback logs them."""

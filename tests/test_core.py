@@ -524,3 +524,12 @@ def test_step_path_never_synchronises_on_cuda():
             torch.cuda.set_sync_debug_mode("default")
         handle.remove()
         optimizer.zero_grad()
+
+
+def test_core_is_torch_only():
+    """`import cdb_hf` (and the core) must not pull in transformers: the core is usable anywhere."""
+    import subprocess
+    import sys
+
+    code = "import sys, cdb_hf; from cdb_hf import core; assert 'transformers' not in sys.modules, 'transformers'"
+    subprocess.run([sys.executable, "-c", code], check=True)
