@@ -17,11 +17,18 @@ only needs the step counter. All decisions that steer Python control flow (which
 rows) are drawn on the host from a CPU generator; only *which* rows is drawn on the parameter's
 device. The number of dropped rows is therefore known on the host and the step path never reads a
 device value back (no ``.item()``, no boolean indexing).
+
+FSDP2 (``torch.distributed.fsdp.fully_shard``) parameters are DTensors sharded ``Shard(0)`` on a 1-D
+mesh; their gradients and optimizer state are sharded the same way. CDB draws every selection over
+the global shape, as for a plain tensor, and applies it to each rank's local shard (see
+:class:`_DroppedRows`), so all ranks agree by construction and no collective is needed.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import math
+import sys
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
@@ -232,6 +239,7 @@ class _Selected:
     size: int
     dropped: torch.Tensor  # int64 indices on the parameter's device, length known on the host
     scale: float
+    shard: tuple[int, int] | None  # (start, length) of this rank's slices when ``dim`` is sharded
 
 
 class _HookHandle:
@@ -268,6 +276,7 @@ class ChannelDropBack:
         self.layers: dict[str, nn.Parameter] = self._eligible_layers(model)
         self._names = list(self.layers)
         self._params = list(self.layers.values())
+        self._shards = [_local_shard(name, param, self.dim) for name, param in self.layers.items()]
         self.step = 0
         self._host_generator = torch.Generator(device="cpu")
         self._device_generators: dict[torch.device, tuple[torch.Generator, int]] = {}
@@ -290,9 +299,6 @@ class ChannelDropBack:
                 continue
             if weight.dim() <= self.dim or weight.shape[self.dim] < 2:
                 continue  # e.g. a depthwise conv along dim 1: a single channel cannot be dropped
-            if type(weight.data).__name__ == "DTensor":
-                raise ValueError(f"parameter {names[id(weight)]!r} is a DTensor (FSDP2 / tensor parallel); "
-                                 "ChannelDropBack supports plain and DDP-replicated parameters only")
             typed[names[id(weight)]] = weight
         if not typed:
             raise ValueError(f"{type(model).__name__} has no eligible layer: ChannelDropBack needs Linear or Conv "
@@ -351,36 +357,34 @@ class ChannelDropBack:
             grad = sel.param.grad
             if grad is None:
                 continue
+            rows = _DroppedRows(sel)
             if self.config.mode == "exact":
-                self._snapshot(sel, optimizer)
-            # index_fill_ rather than a multiply: 0 * inf would turn an fp16 overflow into NaN.
-            grad.index_fill_(sel.dim, sel.dropped, 0)
+                self._snapshot(sel, rows, optimizer)
+            rows.zero_(grad)
             if sel.scale != 1.0:
-                grad.mul_(sel.scale)
+                _local(grad).mul_(sel.scale)
 
     @torch.no_grad()
     def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Restore the dropped rows in exact mode and advance the step counter (call after ``step()``)."""
         optimizer = _unwrap_optimizer(optimizer) if optimizer is not None else self._optimizer
-        for sel, weight_rows, state_rows in self._snapshots:
-            sel.param.index_copy_(sel.dim, sel.dropped, weight_rows)
+        for sel, rows, weight_rows, state_rows in self._snapshots:
+            rows.restore_(sel.param, weight_rows)
             state = optimizer.state.get(sel.param, {}) if optimizer is not None else {}
             for key, value in state.items():
                 if not _is_per_element(value, sel.param):
                     continue
                 if key in state_rows:
-                    value.index_copy_(sel.dim, sel.dropped, state_rows[key])
+                    rows.restore_(value, state_rows[key])
                 else:  # state created by this very step: "not happened" is its initial value, zero
-                    value.index_fill_(sel.dim, sel.dropped, 0)
+                    rows.zero_(value)
         self._snapshots = []
         self.step += 1
 
-    def _snapshot(self, sel: _Selected, optimizer: torch.optim.Optimizer | None) -> None:
-        weight_rows = sel.param.index_select(sel.dim, sel.dropped)
+    def _snapshot(self, sel: _Selected, rows: _DroppedRows, optimizer: torch.optim.Optimizer | None) -> None:
         state = optimizer.state.get(sel.param, {}) if optimizer is not None else {}
-        state_rows = {key: value.index_select(sel.dim, sel.dropped)
-                      for key, value in state.items() if _is_per_element(value, sel.param)}
-        self._snapshots.append((sel, weight_rows, state_rows))
+        state_rows = {key: rows.save(value) for key, value in state.items() if _is_per_element(value, sel.param)}
+        self._snapshots.append((sel, rows, rows.save(sel.param), state_rows))
 
     # ------------------------------------------------------------------ selection
     def _draw(self, step: int) -> list[_Selected]:
@@ -422,7 +426,7 @@ class ChannelDropBack:
                 indices = torch.empty(0, dtype=torch.long, device=param.device)
             keep = (size - dropped) / size
             scale = 1.0 / keep if config.rescale else 1.0
-            selected.append(_Selected(self._names[index], param, self.dim, size, indices, scale))
+            selected.append(_Selected(self._names[index], param, self.dim, size, indices, scale, self._shards[index]))
             keep_fractions.append(keep)
         self.last_stats = {"applied": 1.0, "layers": float(len(selected)),
                            "keep_fraction": sum(keep_fractions) / len(keep_fractions), "layer_rate": rate}
@@ -466,6 +470,103 @@ class ChannelDropBack:
     def __repr__(self) -> str:
         return (f"ChannelDropBack(layers={len(self.layers)}, step={self.step}, "
                 f"config={self.config})")
+
+
+class _DroppedRows:
+    """One selection's dropped slices, applied to this process's part of a tensor.
+
+    A plain tensor, a replicated DTensor or one sharded along another dim holds every slice of the
+    masked dim, so the dropped indices apply to it as they are. A DTensor sharded along the masked
+    dim holds only the slices ``[start, start + length)``, and how many dropped indices fall there is
+    device data: reading it back would stall the step. That case therefore uses a bool mask over the
+    local slices (static shape) with ``masked_fill_``/``where``, and exact mode saves the whole local
+    shard of the selected layer (weight and per-element optimizer state) for the length of one
+    ``optimizer.step()`` instead of only the dropped rows.
+    """
+
+    def __init__(self, sel: _Selected) -> None:
+        self.dim, self.indices = sel.dim, sel.dropped
+        self.local_mask: torch.Tensor | None = None
+        if sel.shard is not None:
+            start, length = sel.shard
+            dropped = torch.zeros(sel.size, dtype=torch.bool, device=sel.dropped.device)
+            dropped.index_fill_(0, sel.dropped, True)
+            shape = [1] * sel.param.dim()
+            shape[sel.dim] = length
+            self.local_mask = dropped[start:start + length].view(shape)  # broadcasts over the other dims
+
+    def zero_(self, tensor: torch.Tensor) -> None:
+        """Zero the dropped slices (``fill`` rather than a multiply: 0 * inf would give NaN in fp16)."""
+        local = _local(tensor)
+        if self.local_mask is None:
+            local.index_fill_(self.dim, self.indices, 0)
+        else:
+            local.masked_fill_(self.local_mask, 0)
+
+    def save(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A copy of what :meth:`restore_` needs to put the dropped slices back."""
+        local = _local(tensor)
+        return local.index_select(self.dim, self.indices) if self.local_mask is None else local.clone()
+
+    def restore_(self, tensor: torch.Tensor, saved: torch.Tensor) -> None:
+        """Put the dropped slices saved by :meth:`save` back into ``tensor``."""
+        local = _local(tensor)
+        if self.local_mask is None:
+            local.index_copy_(self.dim, self.indices, saved)
+        else:
+            local.copy_(torch.where(self.local_mask, saved, local))
+
+
+def _dtensor_module() -> Any:
+    """``torch.distributed.tensor`` if something has loaded it (no DTensor can exist otherwise).
+
+    Looking it up instead of importing it keeps ``import cdb_hf`` about a second faster.
+    """
+    return sys.modules.get("torch.distributed.tensor")
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The part of ``tensor`` this process holds: the local shard of a DTensor, else the tensor."""
+    dtensor = _dtensor_module()
+    return tensor.to_local() if dtensor is not None and isinstance(tensor, dtensor.DTensor) else tensor
+
+
+def _local_shard(name: str, param: torch.Tensor, dim: int) -> tuple[int, int] | None:
+    """``(start, length)`` of this rank's slices along ``dim`` when ``param`` is sharded on it, else None.
+
+    Accepts FSDP2's layout (``Shard(0)`` on a 1-D mesh) and replicated DTensors, and refuses every other
+    DTensor layout (tensor parallel, HSDP's 2-D mesh, ...) by name, before any training step.
+    """
+    dtensor = _dtensor_module()
+    if dtensor is None or not isinstance(param, dtensor.DTensor):
+        return None
+    mesh, placements = param.device_mesh, tuple(param.placements)
+    supported = mesh.ndim == 1 and (type(placements[0]) is dtensor.Replicate
+                                    or (type(placements[0]) is dtensor.Shard and placements[0].dim == 0))
+    if not supported:
+        raise ValueError(f"parameter {name!r} is a DTensor with placements {placements} on a {mesh.ndim}-D "
+                         "device mesh; ChannelDropBack supports DTensors sharded Shard(0) or Replicate() on a "
+                         "1-D mesh (FSDP2's fully_shard default); leave this layer out with exclude=[...]")
+    if type(placements[0]) is dtensor.Replicate or dim != 0:
+        return None  # every slice of the masked dim is local
+    size, coordinate = param.shape[0], mesh.get_coordinate()
+    start, length = _chunk_range(size, mesh.size(), coordinate[0]) if coordinate is not None else (size, 0)
+    if _local(param).shape[0] != length:
+        raise ValueError(f"parameter {name!r}: the local shard has {_local(param).shape[0]} of {size} rows "
+                         f"where DTensor's Shard(0) rule gives {length}; ChannelDropBack cannot map its "
+                         "selection onto this layout")
+    return start, length
+
+
+def _chunk_range(size: int, ranks: int, rank: int) -> tuple[int, int]:
+    """``(start, length)`` of rank ``rank``'s slices under DTensor's ``Shard`` rule.
+
+    The rule is torch.chunk's: ``ceil(size / ranks)`` slices per rank, so the last parts may be shorter
+    or empty.
+    """
+    chunk = math.ceil(size / ranks)
+    start = min(rank * chunk, size)
+    return start, min(chunk, size - start)
 
 
 def _is_per_element(value: Any, param: torch.Tensor) -> bool:
