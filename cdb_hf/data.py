@@ -236,35 +236,29 @@ def _load_image_folders(train_dir: str, validation_dir: str | None, cache_dir: s
 
 
 def _find_image_column(dataset: datasets.Dataset, requested: str | None, source: str) -> str:
-    columns = list(dataset.column_names)
-    if requested is not None:
-        if requested not in columns:
-            raise ValueError(f"--image_column_name {requested!r} is not a column of {source!r}; columns: {columns}.")
-        return requested
-    for name, feature in dataset.features.items():
-        if isinstance(feature, datasets.Image):
-            return name
-    for name in IMAGE_COLUMN_CANDIDATES:
-        if name in columns:
-            return name
-    raise ValueError(f"Dataset {source!r} has no image column (no datasets.Image feature, none of "
-                     f"{list(IMAGE_COLUMN_CANDIDATES)}); columns: {columns}. Pass --image_column_name.")
+    return _find_column(dataset, requested, source, "image", datasets.Image, IMAGE_COLUMN_CANDIDATES)
 
 
 def _find_label_column(dataset: datasets.Dataset, requested: str | None, source: str) -> str:
+    return _find_column(dataset, requested, source, "label", datasets.ClassLabel, LABEL_COLUMN_CANDIDATES)
+
+
+def _find_column(dataset: datasets.Dataset, requested: str | None, source: str, kind: str, feature_type: type,
+                 candidates: Sequence[str]) -> str:
+    """The requested column, else the first of ``feature_type``, else the first conventional name."""
     columns = list(dataset.column_names)
     if requested is not None:
         if requested not in columns:
-            raise ValueError(f"--label_column_name {requested!r} is not a column of {source!r}; columns: {columns}.")
+            raise ValueError(f"--{kind}_column_name {requested!r} is not a column of {source!r}; columns: {columns}.")
         return requested
     for name, feature in dataset.features.items():
-        if isinstance(feature, datasets.ClassLabel):
+        if isinstance(feature, feature_type):
             return name
-    for name in LABEL_COLUMN_CANDIDATES:
+    for name in candidates:
         if name in columns:
             return name
-    raise ValueError(f"Dataset {source!r} has no label column (no ClassLabel feature, none of "
-                     f"{list(LABEL_COLUMN_CANDIDATES)}); columns: {columns}. Pass --label_column_name.")
+    raise ValueError(f"Dataset {source!r} has no {kind} column (no datasets.{feature_type.__name__} feature, none "
+                     f"of {list(candidates)}); columns: {columns}. Pass --{kind}_column_name.")
 
 
 def _select_and_rename(split: datasets.Dataset, image_column: str, label_column: str, split_name: str,
