@@ -1,13 +1,14 @@
 """What does ChannelDropBack cost per training iteration?
 
 Times one iteration (forward, backward, optimizer step) of a small ViT and a small ConvNeXt without
-CDB, with CDB in grad mode and in exact mode, for SGD (foreach) and AdamW (foreach). Variants are
-interleaved round by round so that machine noise hits them alike; each cell is the median over all
-rounds, and the ratios are against the baseline measured in the same run. Because end-to-end ratios
+CDB, with CDB in grad mode and in exact mode, for SGD (foreach) and AdamW (foreach). The variants
+share one model and optimizer (CDB is attached for its own iterations only) and are interleaved
+iteration by iteration, so that machine noise hits them alike; each cell is the median over all
+iterations, and the ratios are against the baseline measured in the same run. Because end-to-end ratios
 on a busy CPU carry a few tenths of a percent of noise, the script also times the CDB hooks alone
 (before_step + after_step on the same gradients) and reports them as a share of the iteration.
 
-    python bench/overhead.py                 # CPU, about 2 minutes
+    python bench/overhead.py                 # CPU, about 3 minutes
     python bench/overhead.py --device cuda   # GPU: timed with CUDA events
     python bench/overhead.py --quick         # a 20-second smoke run
 """
@@ -77,41 +78,39 @@ def bench_pair(model_name: str, optimizer_name: str, args) -> dict:
     device = args.device
     size = "base" if device.startswith("cuda") and not args.small else "small"
     image_size = 224 if size == "base" else 32
-    runs = {}
-    for variant in VARIANTS:
-        model = build_model(model_name, size).to(device)
-        optimizer = make_optimizer(optimizer_name, model.parameters(), device)
-        cdb = None
-        if variant != "none":
-            cdb = ChannelDropBack(model, ChannelDropBackConfig(mode=variant, layer_selection="single"))
-            cdb.attach(optimizer)
-        runs[variant] = (model, optimizer, cdb)
+    # One model and one optimizer for all variants: CDB is attached for the timed iteration only, so
+    # the variants share every tensor, allocation and cache line and differ in CDB alone.
+    model = build_model(model_name, size).to(device)
+    optimizer = make_optimizer(optimizer_name, model.parameters(), device)
+    cdbs = {mode: ChannelDropBack(model, ChannelDropBackConfig(mode=mode, layer_selection="single"))
+            for mode in ("grad", "exact")}
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randn(args.batch_size, 3, image_size, image_size, generator=generator).to(device)
     labels = torch.randint(0, 10, (args.batch_size,), generator=generator).to(device)
 
     def iteration(variant: str) -> float:
-        model, optimizer, _ = runs[variant]
+        handle = cdbs[variant].attach(optimizer) if variant != "none" else None
         with Timer(device) as timer:
             loss = torch.nn.functional.cross_entropy(model(pixel_values=pixels).logits, labels)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        if handle is not None:
+            handle.remove()
         return timer.seconds
 
     for variant in VARIANTS:  # warm-up: allocator, optimizer state, kernels
         for _ in range(args.warmup):
             iteration(variant)
+    # Round-robin at the iteration level (alternating direction) so drifts in machine load hit all alike.
     times = {variant: [] for variant in VARIANTS}
-    for round_index in range(args.rounds):
-        order = VARIANTS if round_index % 2 == 0 else VARIANTS[::-1]
-        for variant in order:
-            times[variant].extend(iteration(variant) for _ in range(args.iters))
+    for index in range(args.rounds * args.iters):
+        for variant in (VARIANTS if index % 2 == 0 else VARIANTS[::-1]):
+            times[variant].append(iteration(variant))
 
     # The hooks alone, on real gradients, for the same models.
     hook_times = {}
-    for variant in ("grad", "exact"):
-        model, optimizer, cdb = runs[variant]
+    for variant, cdb in cdbs.items():
         loss = torch.nn.functional.cross_entropy(model(pixel_values=pixels).logits, labels)
         loss.backward()
         samples = []
