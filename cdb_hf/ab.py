@@ -1,0 +1,429 @@
+"""Does ChannelDropBack help *your* problem? A paired, seeded A/B comparison: baseline vs CDB.
+
+CDB's published gains are a few tenths of a point, the same size as seed-to-seed noise, so a single
+run proves nothing. For every seed ``s`` this runner trains two arms that share everything the seed
+controls (validation split, training subset, new-head initialisation, data order, augmentation):
+
+* ``baseline``: the same arguments with ``cdb = False``;
+* ``cdb``: ``cdb = True`` and ``cdb_seed = s``.
+
+CDB never touches the global RNG, so the two arms of a pair differ only by CDB. The report gives
+per-seed results, mean ± std of each arm, and the mean paired difference (CDB - baseline) with a
+t-distribution confidence interval. A run that fails is recorded with its error and reported; the
+statistics use complete pairs only and say how many pairs were lost::
+
+    python run_finetune.py recipes/efficientnet-lite0_mnist5k_ab.yaml   # or: python -m cdb_hf.demo --ab_seeds 5
+
+Outputs in ``output_dir``: ``seed{s}/baseline`` and ``seed{s}/cdb`` (each a complete run),
+``results.json``, ``results.csv``, ``report.md`` and ``ab_plot.png``.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import json
+import math
+import os
+import platform
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from transformers import TrainingArguments
+from transformers.utils import logging
+
+__all__ = ["ARMS", "ArmRun", "METRICS", "arm_arguments", "load_eval_curve", "paired_difference", "plot_ab",
+           "render_report", "run_ab", "summarize", "write_results"]
+
+logger = logging.get_logger(__name__)
+
+ARMS = ("baseline", "cdb")
+#: The metrics compared, in report order; ``eval_accuracy`` is the primary one.
+METRICS = ("eval_accuracy", "eval_loss", "train_runtime")
+_HIGHER_IS_BETTER = {"eval_accuracy": True, "eval_loss": False, "train_runtime": False}
+_ERROR_TAIL_LINES = 6
+
+TrainFn = Callable[[Any, Any, Any, Any, TrainingArguments], dict[str, float]]
+
+
+@dataclasses.dataclass
+class ArmRun:
+    """One training run of one arm for one seed: its final metrics, validation curve, or its error."""
+
+    seed: int
+    arm: str
+    output_dir: str
+    status: str = "ok"  # "ok" | "failed"
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    curve: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    error: str | None = None
+    wall_time_s: float = 0.0
+
+
+# ------------------------------------------------------------------------------------------- statistics
+
+
+def paired_difference(baseline: Sequence[float], treatment: Sequence[float],
+                      confidence: float = 0.95) -> dict[str, float]:
+    """Mean of ``treatment - baseline`` over pairs, with a Student-t confidence interval and p-value.
+
+    Pairing removes the variance both arms share (split, subset, initialisation, data order), which is
+    why a paired interval can be much narrower than the two arms' standard deviations suggest. With
+    one pair the interval is undefined (NaN); with identical differences it collapses to the mean.
+    """
+    from scipy import stats
+
+    if len(baseline) != len(treatment):
+        raise ValueError(f"paired samples need equal lengths, got {len(baseline)} and {len(treatment)}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence={confidence!r} must be strictly between 0 and 1")
+    diffs = np.asarray(treatment, dtype=np.float64) - np.asarray(baseline, dtype=np.float64)
+    n = int(diffs.size)
+    result = {"n": n, "confidence": confidence, "mean": math.nan, "std": math.nan, "sem": math.nan,
+              "t_critical": math.nan, "ci_low": math.nan, "ci_high": math.nan, "p_value": math.nan}
+    if n == 0:
+        return result
+    result["mean"] = float(diffs.mean())
+    if n < 2:
+        return result
+    std = float(diffs.std(ddof=1))
+    sem = std / math.sqrt(n)
+    t_critical = float(stats.t.ppf(0.5 + confidence / 2.0, df=n - 1))
+    result.update(std=std, sem=sem, t_critical=t_critical,
+                  ci_low=result["mean"] - t_critical * sem, ci_high=result["mean"] + t_critical * sem)
+    if sem > 0:
+        t_value = result["mean"] / sem
+        result["p_value"] = float(2.0 * stats.t.sf(abs(t_value), df=n - 1))
+    return result
+
+
+def _mean_std(values: Sequence[float]) -> dict[str, float]:
+    array = np.asarray(values, dtype=np.float64)
+    return {"n": int(array.size),
+            "mean": float(array.mean()) if array.size else math.nan,
+            "std": float(array.std(ddof=1)) if array.size > 1 else math.nan}
+
+
+def summarize(runs: Sequence[ArmRun], metrics: Sequence[str] = METRICS, confidence: float = 0.95) -> dict[str, Any]:
+    """Per-arm mean ± std and the paired difference for each metric, over complete pairs only.
+
+    A pair is complete when both arms finished and reported the metric; every other seed is listed
+    under ``incomplete_seeds`` so that a lost run can never silently flatter one arm.
+    """
+    by_seed: dict[int, dict[str, ArmRun]] = {}
+    for run in runs:
+        by_seed.setdefault(run.seed, {})[run.arm] = run
+    seeds = sorted(by_seed)
+    failed = [{"seed": r.seed, "arm": r.arm, "error": r.error} for r in runs if r.status != "ok"]
+    complete = [s for s in seeds if all(by_seed[s].get(arm) is not None and by_seed[s][arm].status == "ok"
+                                        for arm in ARMS)]
+    summary: dict[str, Any] = {
+        "seeds": seeds, "complete_seeds": complete,
+        "incomplete_seeds": [s for s in seeds if s not in complete],
+        "failed_runs": failed, "metrics": {},
+    }
+    for metric in metrics:
+        pairs = [s for s in complete if all(_finite(by_seed[s][arm].metrics.get(metric)) for arm in ARMS)]
+        values = {arm: [float(by_seed[s][arm].metrics[metric]) for s in pairs] for arm in ARMS}
+        summary["metrics"][metric] = {
+            "seeds": pairs,
+            **{arm: _mean_std(values[arm]) for arm in ARMS},
+            "difference": paired_difference(values["baseline"], values["cdb"], confidence),
+            "higher_is_better": _HIGHER_IS_BETTER.get(metric, True),
+        }
+    return summary
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# ------------------------------------------------------------------------------------------- running
+
+
+def arm_arguments(arm: str, seed: int, cdb_args, run_args, training_args: TrainingArguments,
+                  root: str | os.PathLike) -> tuple[Any, Any, TrainingArguments]:
+    """``(cdb_args, run_args, training_args)`` of one arm: shared seed, own output folder, CDB on or off."""
+    if arm not in ARMS:
+        raise ValueError(f"arm={arm!r} is not valid; choose one of {ARMS}")
+    arm_cdb = dataclasses.replace(cdb_args, cdb=arm == "cdb", cdb_seed=seed if arm == "cdb" else cdb_args.cdb_seed)
+    arm_run = dataclasses.replace(run_args, ab_seeds=0)
+    arm_training = copy.deepcopy(training_args)
+    arm_training.seed = seed
+    arm_training.output_dir = str(Path(root) / f"seed{seed}" / arm)
+    base_name = training_args.run_name or Path(root).name
+    arm_training.run_name = f"{base_name}-seed{seed}-{arm}"
+    arm_training.push_to_hub = False  # an A/B study pushes nothing; the user pushes the arm they keep
+    return arm_cdb, arm_run, arm_training
+
+
+def _default_train_fn(trainer: str) -> TrainFn:
+    if trainer == "accelerate":
+        from .accelerate_loop import train
+    else:
+        from .trainer_path import train
+    return train
+
+
+def run_ab(model_args, data_args, cdb_args, run_args, training_args: TrainingArguments, *,
+           train_fn: TrainFn | None = None, confidence: float = 0.95, print_report: bool = True) -> dict[str, Any]:
+    """Train baseline and CDB for ``run_args.ab_seeds`` paired seeds; write and print the report.
+
+    Seeds are ``training_args.seed, +1, ...``. The CDB arm takes the ``cdb_*`` values as given, even
+    when the recipe is a baseline (``cdb: false``). ``train_fn`` defaults to the path chosen by
+    ``run_args.trainer``. Returns the summary (as written to ``results.json``) plus ``"runs"`` (one dict
+    per :class:`ArmRun`) and ``"report"`` (the Markdown text).
+    """
+    n_seeds = run_args.ab_seeds
+    if isinstance(n_seeds, bool) or not isinstance(n_seeds, int) or n_seeds < 1:
+        raise ValueError(f"ab_seeds={n_seeds!r} is not valid; an A/B comparison needs an integer >= 1")
+    # The CDB arm must be valid even when the user's recipe switched CDB off: check before any work.
+    dataclasses.replace(cdb_args, cdb=True).to_config()
+    root = Path(training_args.output_dir)
+    seeds = [training_args.seed + offset for offset in range(n_seeds)]
+    train_fn = train_fn or _default_train_fn(run_args.trainer)
+    if n_seeds == 1:
+        logger.warning("ab_seeds=1: one pair gives no confidence interval; use 3 or more seeds.")
+
+    runs: list[ArmRun] = []
+    started = time.time()
+    for seed in seeds:
+        for arm in ARMS:
+            arm_cdb, arm_run, arm_training = arm_arguments(arm, seed, cdb_args, run_args, training_args, root)
+            run = ArmRun(seed=seed, arm=arm, output_dir=arm_training.output_dir)
+            logger.info(f"A/B: seed {seed}, arm {arm} -> {run.output_dir}")
+            tic = time.time()
+            try:
+                metrics = train_fn(model_args, data_args, arm_cdb, arm_run, arm_training)
+                run.metrics = {k: float(v) for k, v in (metrics or {}).items() if _finite(v)}
+                run.curve = load_eval_curve(run.output_dir)
+            except Exception as error:  # a failed run is a result to report, not a reason to lose the others
+                run.status = "failed"
+                tail = traceback.format_exception(type(error), error, error.__traceback__)
+                run.error = f"{type(error).__name__}: {error}"
+                logger.error(f"A/B: seed {seed}, arm {arm} failed: {run.error}\n"
+                             + "".join(tail[-_ERROR_TAIL_LINES:]))
+            run.wall_time_s = time.time() - tic
+            runs.append(run)
+
+    summary = summarize(runs, confidence=confidence)
+    summary["setup"] = _setup(model_args, data_args, cdb_args, run_args, training_args, seeds,
+                              time.time() - started)
+    report = write_results(root, runs, summary)
+    if print_report:
+        print(report)
+    return {**summary, "runs": [dataclasses.asdict(run) for run in runs], "report": report}
+
+
+def load_eval_curve(output_dir: str | os.PathLike) -> list[dict[str, float]]:
+    """Validation points ``[{"step", "eval_accuracy", "eval_loss"}]`` from a run's ``trainer_state.json``.
+
+    Reads the Trainer's ``eval_accuracy`` keys and the accelerate loop's ``eval/accuracy`` keys alike;
+    an absent or unreadable file gives an empty curve (the final metrics still count).
+    """
+    path = Path(output_dir) / "trainer_state.json"
+    try:
+        history = json.loads(path.read_text()).get("log_history", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    curve = []
+    for entry in history:
+        point = {}
+        for name in ("accuracy", "loss"):
+            for key in (f"eval_{name}", f"eval/{name}"):
+                if _finite(entry.get(key)):
+                    point[f"eval_{name}"] = float(entry[key])
+        if point and _finite(entry.get("step")):
+            curve.append({"step": float(entry["step"]), **point})
+    # The Trainer path evaluates once more after training, at the same step: keep one point per step.
+    unique = {point["step"]: point for point in curve}
+    return [unique[step] for step in sorted(unique)]
+
+
+def _setup(model_args, data_args, cdb_args, run_args, training_args, seeds, wall_time_s) -> dict[str, Any]:
+    import torch
+
+    cdb_config = dataclasses.replace(cdb_args, cdb=True).to_config().to_dict()
+    return {
+        "model_name_or_path": model_args.model_name_or_path,
+        "dataset_name": data_args.dataset_name or data_args.train_dir,
+        "max_train_samples": data_args.max_train_samples,
+        "max_eval_samples": data_args.max_eval_samples,
+        "trainer": run_args.trainer,
+        "seeds": seeds,
+        "cdb_config": cdb_config,
+        "training": {key: _plain(getattr(training_args, key)) for key in (
+            "optim", "optim_args", "learning_rate", "weight_decay", "lr_scheduler_type", "num_train_epochs",
+            "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "eval_strategy")},
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        "wall_time_s": round(wall_time_s, 1),
+    }
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    return str(getattr(value, "value", value))
+
+
+# ------------------------------------------------------------------------------------------- reporting
+
+
+def write_results(root: str | os.PathLike, runs: Sequence[ArmRun], summary: dict[str, Any]) -> str:
+    """Write ``results.json``, ``results.csv``, ``report.md`` and ``ab_plot.png`` into ``root``; return the report."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    payload = {"summary": summary, "runs": [dataclasses.asdict(run) for run in runs]}
+    (root / "results.json").write_text(json.dumps(_json_safe(payload), indent=2) + "\n")
+    with open(root / "results.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["seed", "arm", "status", *METRICS, "wall_time_s", "output_dir", "error"])
+        for run in runs:
+            writer.writerow([run.seed, run.arm, run.status, *(_csv(run.metrics.get(m)) for m in METRICS),
+                             f"{run.wall_time_s:.1f}", run.output_dir, run.error or ""])
+    report = render_report(runs, summary)
+    (root / "report.md").write_text(report + "\n")
+    try:
+        plot_ab(runs, summary, root / "ab_plot.png")
+    except ImportError as error:  # matplotlib is an optional (demo) dependency
+        logger.warning(f"No plot: {error}. pip install matplotlib (or cdb_hf[demo]).")
+    return report
+
+
+def _csv(value: Any) -> str:
+    return "" if value is None else f"{value:.6g}"
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf are not JSON: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _fmt(value: float, metric: str, signed: bool = False) -> str:
+    if not _finite(value):
+        return "n/a"
+    scale, digits = (100.0, 2) if metric == "eval_accuracy" else (1.0, 4) if metric == "eval_loss" else (1.0, 1)
+    return f"{scale * value:{'+' if signed else ''}.{digits}f}"
+
+
+_LABELS = {"eval_accuracy": "accuracy (%)", "eval_loss": "eval loss", "train_runtime": "train time (s)"}
+
+
+def render_report(runs: Sequence[ArmRun], summary: dict[str, Any]) -> str:
+    """A Markdown report: per-seed table, mean ± std per arm, paired differences with their CI."""
+    by_key = {(r.seed, r.arm): r for r in runs}
+    lines = ["## A/B: baseline vs ChannelDropBack (paired seeds)", "",
+             "| seed | " + " | ".join(f"{_LABELS[m]} base | {_LABELS[m]} CDB" for m in METRICS)
+             + " | Δ accuracy (pt) |",
+             "|---:|" + "---:|" * (2 * len(METRICS) + 1)]
+    for seed in summary["seeds"]:
+        cells = []
+        for metric in METRICS:
+            for arm in ARMS:
+                run = by_key.get((seed, arm))
+                cells.append("FAILED" if run is None or run.status != "ok" else _fmt(run.metrics.get(metric), metric))
+        base, cdb = by_key.get((seed, "baseline")), by_key.get((seed, "cdb"))
+        delta = (cdb.metrics.get("eval_accuracy", math.nan) - base.metrics.get("eval_accuracy", math.nan)
+                 if base and cdb and base.status == cdb.status == "ok" else math.nan)
+        lines.append(f"| {seed} | " + " | ".join(cells) + f" | {_fmt(delta, 'eval_accuracy', signed=True)} |")
+
+    confidence = None
+    lines += ["", "| metric | baseline mean ± std | CDB mean ± std | CDB - baseline (mean) | CI | p | pairs |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for metric, stats in summary["metrics"].items():
+        diff = stats["difference"]
+        confidence = diff["confidence"]
+        arm_cells = [f"{_fmt(stats[arm]['mean'], metric)} ± {_fmt(stats[arm]['std'], metric)}" for arm in ARMS]
+        interval = (f"[{_fmt(diff['ci_low'], metric, True)}, {_fmt(diff['ci_high'], metric, True)}]"
+                    if _finite(diff["ci_low"]) else "n/a")
+        p_value = f"{diff['p_value']:.3f}" if _finite(diff["p_value"]) else "n/a"
+        lines.append(f"| {_LABELS.get(metric, metric)} | {arm_cells[0]} | {arm_cells[1]} | "
+                     f"{_fmt(diff['mean'], metric, True)} | {interval} | {p_value} | {diff['n']} |")
+    if confidence is not None:
+        lines += ["", f"CI: {100 * confidence:.0f}% Student-t interval of the mean paired difference "
+                      "(accuracy differences in percentage points)."]
+
+    accuracy = summary["metrics"].get("eval_accuracy", {}).get("difference", {})
+    if _finite(accuracy.get("ci_low")):
+        if accuracy["ci_low"] > 0:
+            verdict = "CDB's accuracy is higher than the baseline's, and the interval excludes zero."
+        elif accuracy["ci_high"] < 0:
+            verdict = "CDB's accuracy is lower than the baseline's, and the interval excludes zero."
+        else:
+            verdict = "The interval includes zero: no detectable accuracy difference at this number of seeds."
+        lines += ["", f"Verdict: {verdict}"]
+    lost = summary["incomplete_seeds"]
+    if summary["failed_runs"]:
+        lines += ["", f"{len(summary['failed_runs'])} run(s) FAILED; {len(lost)} pair(s) left out of the "
+                      f"statistics (seeds {lost}):"]
+        lines += [f"- seed {f['seed']}, {f['arm']}: {f['error']}" for f in summary["failed_runs"]]
+    return "\n".join(lines)
+
+
+def plot_ab(runs: Sequence[ArmRun], summary: dict[str, Any], path: str | os.PathLike) -> None:
+    """Two panels: final accuracy per seed (pairs joined), and every run's validation accuracy curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    colours = {"baseline": "tab:blue", "cdb": "tab:orange"}
+    names = {"baseline": "baseline", "cdb": "CDB"}
+    by_key = {(r.seed, r.arm): r for r in runs if r.status == "ok"}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+
+    for seed in summary["seeds"]:
+        pair = [by_key.get((seed, arm)) for arm in ARMS]
+        values = [100 * r.metrics["eval_accuracy"] if r and "eval_accuracy" in r.metrics else None for r in pair]
+        if all(v is not None for v in values):
+            left.plot([0, 1], values, color="0.7", linewidth=1, zorder=1)
+        for x, (arm, value) in enumerate(zip(ARMS, values)):
+            if value is not None:
+                left.scatter([x], [value], color=colours[arm], zorder=2)
+    stats = summary["metrics"].get("eval_accuracy", {})
+    for x, arm in enumerate(ARMS):
+        mean = stats.get(arm, {}).get("mean", math.nan)
+        if _finite(mean):
+            left.hlines(100 * mean, x - 0.15, x + 0.15, color=colours[arm], linewidth=3)
+    diff = stats.get("difference", {})
+    title = "final validation accuracy per seed"
+    if _finite(diff.get("ci_low")):
+        title += (f"\nΔ = {100 * diff['mean']:+.2f} pt, {100 * diff['confidence']:.0f}% CI "
+                  f"[{100 * diff['ci_low']:+.2f}, {100 * diff['ci_high']:+.2f}]")
+    left.set_title(title, fontsize=10)
+    left.set_xticks([0, 1], [names[arm] for arm in ARMS])
+    left.set_xlim(-0.5, 1.5)
+    left.set_ylabel("accuracy (%)")
+
+    drawn = set()
+    for run in runs:
+        points = [p for p in run.curve if "eval_accuracy" in p]
+        if run.status != "ok" or not points:
+            continue
+        label = names[run.arm] if run.arm not in drawn else None
+        drawn.add(run.arm)
+        right.plot([p["step"] for p in points], [100 * p["eval_accuracy"] for p in points],
+                   color=colours[run.arm], alpha=0.7, linewidth=1.2, marker=".", label=label)
+    if drawn:
+        right.legend()
+    else:
+        right.text(0.5, 0.5, "no validation curves recorded", ha="center", va="center", transform=right.transAxes)
+    right.set_title("validation accuracy during training (one line per run)", fontsize=10)
+    right.set_xlabel("optimizer step")
+    right.set_ylabel("accuracy (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,66 @@
+"""`make demo` (python -m cdb_hf.demo): a reduced-budget smoke run, its outputs, and its input checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from cdb_hf import builtin
+from cdb_hf.demo import _clear_previous_demo, main, prepare_base_checkpoint
+
+QUICK = ["--image_size", "32", "--max_steps", "2", "--max_train_samples", "16", "--max_eval_samples", "16",
+         "--eval_strategy", "steps", "--eval_steps", "1"]
+
+
+def test_base_checkpoint_is_the_builtin_weights_at_a_smaller_size():
+    path = prepare_base_checkpoint(32)
+    assert prepare_base_checkpoint(32) == path  # exported once
+    assert json.loads((path / "config.json").read_text())["pretrained_cfg"]["input_size"] == [3, 32, 32]
+    source = builtin.builtin_model_dir("builtin:efficientnet_lite0")
+    original, derived = load_file(source / "model.safetensors"), load_file(path / "model.safetensors")
+    assert original.keys() == derived.keys() and all(original[k].equal(derived[k]) for k in original)
+    with pytest.raises(ValueError, match="image_size"):
+        prepare_base_checkpoint(8)
+
+
+def test_demo_smoke_run(tmp_path, capsys):
+    output_dir = tmp_path / "demo"
+    assert main(["--output_dir", str(output_dir), *QUICK]) == 0
+    printed = capsys.readouterr().out
+    for row in ("validation accuracy (%)", "validation loss", "training time (s)"):
+        assert row in printed
+    results = json.loads((output_dir / "results.json").read_text())
+    assert results["summary"]["complete_seeds"] == [0] and results["summary"]["failed_runs"] == []
+    table_line = next(line for line in printed.splitlines() if line.startswith("validation accuracy"))
+    accuracy = results["summary"]["metrics"]["eval_accuracy"]
+    assert f"{100 * accuracy['baseline']['mean']:.2f}" in table_line
+    assert f"{100 * accuracy['cdb']['mean']:.2f}" in table_line
+    for arm in ("baseline", "cdb"):
+        run_dir = output_dir / "seed0" / arm
+        assert (run_dir / "model.safetensors").is_file()
+        config = json.loads((run_dir / "config.json").read_text())
+        assert config["pretrained_cfg"]["input_size"] == [3, 32, 32]  # the model remembers its resolution
+    assert (output_dir / "seed0" / "cdb" / "cdb_config.json").is_file()
+    assert not (output_dir / "seed0" / "baseline" / "cdb_config.json").exists()
+    curve = next(r["curve"] for r in results["runs"] if r["arm"] == "cdb")
+    assert [point["step"] for point in curve] == [1.0, 2.0]
+    assert (output_dir / "ab_plot.png").read_bytes()[:4] == b"\x89PNG"
+
+    # Bad input is refused before the previous results are touched ...
+    assert main(["--output_dir", str(output_dir), *QUICK, "--cdb_channel_rate", "1.5"]) == 2
+    assert "channel_rate" in capsys.readouterr().err
+    assert (output_dir / "results.json").is_file()
+    # ... and an earlier demo's results are what a rerun replaces.
+    _clear_previous_demo(output_dir)
+    assert not output_dir.exists()
+
+
+def test_demo_refuses_a_folder_it_did_not_write(tmp_path, capsys):
+    output_dir = tmp_path / "mine"
+    output_dir.mkdir()
+    (output_dir / "notes.txt").write_text("keep me")
+    assert main(["--output_dir", str(output_dir), *QUICK]) == 2
+    assert "not an earlier demo's results" in capsys.readouterr().err
+    assert (output_dir / "notes.txt").read_text() == "keep me"
