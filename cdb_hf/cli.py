@@ -183,7 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         if run_args.ab_seeds > 0:
             from .ab import run_ab
 
-            run_ab(*args)
+            failed = run_ab(*args)["failed_runs"]
+            if failed:  # the report lists them; a script driving the A/B run must see it too
+                print(f"{PROG}: {len(failed)} A/B run(s) failed; see the report", file=sys.stderr)
+                return 1
         elif run_args.trainer == "accelerate":
             from .accelerate_loop import train
 

@@ -203,3 +203,17 @@ def test_paired_arms_differ_only_by_cdb(tiny_vit_dir, image_folder, tmp_path):
     assert base.keys() == cdb.keys() and all(base[key].equal(cdb[key]) for key in base)
     pristine = load_file(tiny_vit_dir / "model.safetensors")
     assert any(not base[key].equal(pristine[key]) for key in base if key in pristine)  # it did train
+
+
+def test_cli_exit_code_is_1_when_an_ab_run_failed(tmp_path, monkeypatch, capsys):
+    import cdb_hf.ab
+
+    def run_ab_with_a_failure(*args):
+        return run_ab(*args, train_fn=lambda m, d, c, r, t: (_ for _ in ()).throw(RuntimeError("boom"))
+                      if c.cdb else {"eval_accuracy": 0.5, "eval_loss": 1.0})
+
+    monkeypatch.setattr(cdb_hf.ab, "run_ab", run_ab_with_a_failure)
+    argv = ["--model_name_or_path", "any", "--train_dir", str(tmp_path), "--output_dir", str(tmp_path / "ab"),
+            "--ab_seeds", "2"]
+    assert cli.main(argv) == 1
+    assert "2 A/B run(s) failed" in capsys.readouterr().err
