@@ -4,7 +4,7 @@ transformers' examples/pytorch/image-classification/run_image_classification.py 
 Same model, data, batch size and steps as our CLI; nothing of cdb_hf except the built-in dataset's
 loader (the data itself). Images are decoded from the dataset on every access and transformed with a
 torchvision ``Compose`` on PIL images through ``set_transform``; the DataLoader keeps the Trainer's
-defaults. Prints one JSON line with the Trainer's training metrics.
+defaults unless ``--dataloader_num_workers`` is given. The model keeps PyTorch's default memory format. Prints one JSON line with the Trainer's training metrics.
 
     python bench/plain_trainer_baseline.py --model_name_or_path DIR --max_steps 30
 """
@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--max_steps", type=int, default=30)
     parser.add_argument("--learning_rate", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dataloader_num_workers", type=int, default=0)  # the TrainingArguments flag and default
     args = parser.parse_args()
 
     dataset = load_builtin_dataset(args.dataset_name)
@@ -66,7 +67,7 @@ def main() -> None:
             output_dir=output_dir, per_device_train_batch_size=args.per_device_train_batch_size,
             max_steps=args.max_steps, learning_rate=args.learning_rate, optim="adamw_torch", seed=args.seed,
             remove_unused_columns=False, save_strategy="no", eval_strategy="no", report_to="none",
-            logging_steps=10_000, disable_tqdm=True)
+            logging_steps=10_000, disable_tqdm=True, dataloader_num_workers=args.dataloader_num_workers)
         trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset,
                           processing_class=image_processor, data_collator=collate_fn)
         result = trainer.train()

@@ -55,7 +55,8 @@ from .arguments import CDBArguments, DataArguments, ModelArguments, RunArguments
 from .core import ChannelDropBack, ChannelDropBackConfig
 from .data import PerExampleSeeded, apply_transforms, collate_fn, load_image_datasets
 from .hub import push_outputs, save_outputs, write_model_card
-from .models import load_model_and_processor
+from .models import check_image_size, load_model_and_processor
+from .perf import apply_memory_format
 
 __all__ = ["LOOP_CHECKPOINT_MARKER", "SUPPORTED_OPTIMIZERS", "LoopProgress", "evaluate",
            "refuse_unsupported_distribution", "resolve_loop_checkpoint", "train"]
@@ -107,12 +108,14 @@ def train(model_args: ModelArguments, data_args: DataArguments, cdb_args: CDBArg
     set_seed(args.seed)  # a new classification head is drawn from the global RNG
 
     # ------------------------------------------------------------ 3. data and model
+    check_image_size(model_args)  # reads only the config: fail before a large dataset loads
     with accelerator.main_process_first():  # the main process fills the datasets cache first
         raw_datasets = load_image_datasets(data_args, seed=args.seed)
     labels = raw_datasets["train"].features["label"].names
     model, image_processor = load_model_and_processor(model_args, labels)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
+    apply_memory_format(model, run_args.channels_last)  # before the optimizer, so its state shares the layout
     processed = apply_transforms(raw_datasets, image_processor)
     train_dataset = PerExampleSeeded(processed["train"], seed=_data_seed(args))
     train_dataloader = DataLoader(

@@ -28,7 +28,7 @@ from .callback import check_supported_setup
 from .core import ChannelDropBackConfig
 from .hub import check_can_push
 
-__all__ = ["PROG", "build_parser", "check_output_dir", "load_recipe", "main", "mark_training_started",
+__all__ = ["PROG", "build_parser", "check_dataloader_arguments", "check_output_dir", "load_recipe", "main", "mark_training_started",
            "parse_args", "resolve_resume_checkpoint", "validate_args"]
 
 logger = logging.get_logger(__name__)
@@ -125,9 +125,23 @@ def validate_args(model_args, data_args, cdb_args, run_args,
         raise ValueError("no training data: pass --dataset_name (Hub id, local dataset folder or builtin:...) "
                          "or --train_dir (an image folder)")
     cdb_config = cdb_args.to_config()  # the core validates every rate and mode
+    check_dataloader_arguments(training_args)
     check_can_push(training_args)
     check_output_dir(training_args, run_args)
     return cdb_config
+
+
+def check_dataloader_arguments(training_args: TrainingArguments) -> None:
+    """Refuse persistent dataloader workers, which would silently repeat epoch 0's augmentation.
+
+    Each worker holds its own copy of :class:`~cdb_hf.data.PerExampleSeeded`; the epoch that seeds the crops is set on
+    the main process's copy before each epoch, which fresh workers pick up and persistent ones never see.
+    """
+    if training_args.dataloader_persistent_workers and training_args.dataloader_num_workers > 0:
+        raise ValueError("--dataloader_persistent_workers true is not supported: persistent workers keep the "
+                         "first epoch's augmentation seeds, so every epoch would crop and flip alike; drop the flag "
+                         f"(--dataloader_num_workers {training_args.dataloader_num_workers} alone starts fresh "
+                         "workers each epoch)")
 
 
 def resolve_resume_checkpoint(training_args: TrainingArguments) -> str | None:

@@ -48,10 +48,11 @@ def load_image_datasets(data_args, seed: int, *, cache_dir: str | None = None,
 
     if "train" not in raw:
         raise ValueError(f"Dataset {source!r} has no 'train' split; it has: {sorted(raw)}.")
-    validation_name = next((name for name in VALIDATION_SPLIT_NAMES if name in raw), None)
+    eval_name = _eval_split_name(raw, getattr(data_args, "eval_split_name", None), source)
+    # Keyed by the source's own split names until the end, so that every message names the real split.
     splits = {"train": raw["train"]}
-    if validation_name is not None:
-        splits["validation"] = raw[validation_name]
+    if eval_name is not None:
+        splits[eval_name] = raw[eval_name]
     for split_name, split in splits.items():
         if len(split) == 0:
             raise ValueError(f"The {split_name!r} split of {source!r} is empty.")
@@ -62,7 +63,9 @@ def load_image_datasets(data_args, seed: int, *, cache_dir: str | None = None,
               for name, split in splits.items()}
     splits = _unify_labels(splits, source)
 
-    if "validation" not in splits:
+    if eval_name is not None:
+        splits["validation"] = splits.pop(eval_name)
+    else:
         splits["train"], splits["validation"] = _carve_validation(splits["train"], data_args.train_val_split, seed)
     limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples}
     for name, limit in limits.items():
@@ -74,6 +77,18 @@ def load_image_datasets(data_args, seed: int, *, cache_dir: str | None = None,
     return datasets.DatasetDict(splits)
 
 
+def _eval_split_name(raw: datasets.DatasetDict, requested: str | None, source: str) -> str | None:
+    """The source split to evaluate on: the requested one, else a validation split, else None (carve one)."""
+    if requested is None:
+        return next((name for name in VALIDATION_SPLIT_NAMES if name in raw), None)
+    if requested not in raw:
+        raise ValueError(f"--eval_split_name {requested!r} is not a split of {source!r}; its splits: {sorted(raw)}.")
+    if requested == "train":
+        raise ValueError(f"--eval_split_name 'train' would evaluate on the training data of {source!r}; choose "
+                         f"another of its splits {sorted(raw)}, or leave it unset to carve a validation split.")
+    return requested
+
+
 def _check_arguments(data_args) -> None:
     if data_args.dataset_name is None and data_args.train_dir is None and data_args.validation_dir is not None:
         raise ValueError(f"--validation_dir {data_args.validation_dir!r} needs --train_dir as well.")
@@ -83,6 +98,9 @@ def _check_arguments(data_args) -> None:
     if data_args.dataset_name is not None and (data_args.train_dir or data_args.validation_dir):
         raise ValueError(f"Give either --dataset_name ({data_args.dataset_name!r}) or --train_dir/--validation_dir "
                          f"({data_args.train_dir!r}/{data_args.validation_dir!r}), not both.")
+    eval_split_name = getattr(data_args, "eval_split_name", None)
+    if eval_split_name is not None and (not isinstance(eval_split_name, str) or not eval_split_name.strip()):
+        raise ValueError(f"--eval_split_name must be a split name such as 'test' (or unset), got {eval_split_name!r}.")
     split = data_args.train_val_split
     if split is None or not 0.0 < float(split) < 1.0:
         raise ValueError(f"--train_val_split must be a fraction strictly between 0 and 1, got {split!r}.")
@@ -314,7 +332,7 @@ def _unify_labels(splits: dict[str, datasets.Dataset], source: str) -> dict[str,
             outside = sorted(i for i in present[split_name] if not 0 <= i < len(names))
             if outside:
                 raise ValueError(f"The {split_name!r} split of {source!r} has label ids {outside} outside "
-                                 f"0..{len(names) - 1}; unlabeled examples (-1) cannot be trained on.")
+                                 f"0..{len(names) - 1}; unlabeled examples (-1) can be neither trained nor evaluated on.")
         for split_name, ids in present.items():
             never_trained = sorted(ids - present["train"])
             if never_trained:  # e.g. a class folder that exists only under validation/

@@ -43,7 +43,9 @@ def save_outputs(output_dir: str | os.PathLike, model, image_processor, cdb_conf
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output_dir)  # safetensors: transformers 5 writes nothing else
+    # safetensors (transformers 5 writes nothing else). save_pretrained packs every tensor contiguously, so a
+    # model trained in channels_last (RunArguments.channels_last) saves as a plain checkpoint, unchanged in memory.
+    model.save_pretrained(output_dir)
     if image_processor is not None:
         image_processor.save_pretrained(output_dir)
     written = []

@@ -3,13 +3,18 @@
 Everything goes through ``AutoConfig`` / ``AutoModelForImageClassification`` / ``AutoImageProcessor``
 (so ViT, ConvNeXt, ResNet, Swin, DeiT, BEiT, timm checkpoints via TimmWrapper, ... all work). A new
 classification head is created when the checkpoint's label count differs from the dataset's.
+``image_size`` fine-tunes at another resolution: the image processor is set to it, and models whose
+learned position embeddings are tied to the checkpoint's patch grid get them resized, so that the saved
+model is a plain checkpoint at the new resolution.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
+import torch
 from huggingface_hub import is_offline_mode
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
@@ -18,6 +23,17 @@ from transformers.utils import logging
 from . import builtin
 
 logger = logging.get_logger(__name__)
+
+# Learned absolute position embeddings sized by the checkpoint's patch grid, and a forward pass that
+# refuses any other input size: --image_size resizes the embeddings.
+POSITION_EMBEDDING_MODEL_TYPES = frozenset({"vit", "deit", "vit_msn"})
+# Run at any input size as loaded (convolutions, windowed attention, or position embeddings and
+# biases interpolated at every forward pass): --image_size changes only the image processor.
+ANY_SIZE_MODEL_TYPES = frozenset({"beit", "bit", "convnext", "convnextv2", "data2vec-vision", "dinov2",
+                                  "efficientnet", "focalnet", "mobilenet_v1", "mobilenet_v2", "regnet",
+                                  "resnet", "swin", "swinv2"})
+# Non-overlapping patches: an image size that is not a multiple of the patch size would lose its border.
+_PATCH_GRID_MODEL_TYPES = POSITION_EMBEDDING_MODEL_TYPES | {"beit", "data2vec-vision", "dinov2"}
 
 
 def load_model_and_processor(model_args, labels: list[str]) -> tuple[PreTrainedModel, object]:
@@ -49,9 +65,14 @@ def load_model_and_processor(model_args, labels: list[str]) -> tuple[PreTrainedM
     # Integer class ids with cross-entropy, whatever the checkpoint was trained for (some are multi-label).
     config.problem_type = "single_label_classification"
 
+    image_size = getattr(model_args, "image_size", None)
+    if image_size is not None:
+        _check_image_size(config, image_size)
     # The processor first: it is cheap, and a missing one should fail before the weights are read.
     image_processor = _call_hub("image processor", model_args.image_processor_name or model_args.model_name_or_path,
                                 AutoImageProcessor.from_pretrained, processor_path, **hub_kwargs)
+    if image_size is not None:
+        image_processor = processor_at_size(image_processor, image_size)
     new_head = checkpoint_num_labels != len(labels)
     if new_head:
         logger.info(f"Checkpoint has {checkpoint_num_labels} labels, the dataset {len(labels)}: "
@@ -59,7 +80,173 @@ def load_model_and_processor(model_args, labels: list[str]) -> tuple[PreTrainedM
     model = _call_hub("model", model_args.model_name_or_path, AutoModelForImageClassification.from_pretrained,
                       model_path, config=config, weights_only=True,
                       ignore_mismatched_sizes=new_head or bool(model_args.ignore_mismatched_sizes), **hub_kwargs)
+    if image_size is not None:
+        resize_model_input(model, image_size)
     return model, image_processor
+
+
+def check_image_size(model_args) -> None:
+    """Refuse an ``image_size`` the checkpoint cannot be fine-tuned at, reading only its config.
+
+    :func:`load_model_and_processor` runs the same check; calling this first lets a training path fail
+    before it loads a large dataset. Does nothing when ``image_size`` is unset.
+    """
+    if getattr(model_args, "image_size", None) is None or not model_args.model_name_or_path:
+        return
+    name = model_args.config_name or model_args.model_name_or_path
+    config = _call_hub("model", name, AutoConfig.from_pretrained, resolve_model_path(name, "model_name_or_path"),
+                       cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token,
+                       trust_remote_code=bool(model_args.trust_remote_code))
+    _check_image_size(config, model_args.image_size)
+
+
+def processor_at_size(image_processor, image_size: int):
+    """A copy of ``image_processor`` whose output is ``image_size`` x ``image_size`` px.
+
+    A center crop stays a center crop with the same resize-to-crop ratio (DeiT: 256 -> 224 becomes
+    439 -> 384 at 384 px); ConvNeXt's ``shortest_edge`` + ``crop_pct`` and timm's ``input_size`` +
+    ``crop_pct`` keep their crop fraction. Saving the copy saves the new size.
+    """
+    data_config = getattr(image_processor, "data_config", None)
+    if isinstance(data_config, dict):  # TimmWrapperImageProcessor: timm's data config is the whole story
+        channels = data_config.get("input_size", (3,))[0]
+        return type(image_processor)(pretrained_cfg={**data_config, "input_size": (channels, image_size, image_size)},
+                                     architecture=getattr(image_processor, "architecture", None))
+
+    size, overrides = getattr(image_processor, "size", None), {}
+    height, width, shortest_edge = _size_field(size, "height"), _size_field(size, "width"), \
+        _size_field(size, "shortest_edge")
+    crop_size = getattr(image_processor, "crop_size", None)
+    crop_height, crop_width = _size_field(crop_size, "height"), _size_field(crop_size, "width")
+    if getattr(image_processor, "do_center_crop", False) and crop_height and crop_width:
+        overrides["crop_size"] = {"height": image_size, "width": image_size}
+        if height and width:
+            overrides["size"] = {"height": round(height * image_size / crop_height),
+                                 "width": round(width * image_size / crop_width)}
+        elif shortest_edge:
+            overrides["size"] = {"shortest_edge": round(shortest_edge * image_size / min(crop_height, crop_width))}
+    elif height and width:
+        overrides["size"] = {"height": image_size, "width": image_size}
+    elif shortest_edge:
+        overrides["size"] = {"shortest_edge": image_size}
+    if "size" not in overrides:
+        raise ValueError(f"--image_size {image_size}: cannot set the size of {type(image_processor).__name__} (size "
+                         f"{_plain_size(size)}, crop_size {_plain_size(crop_size)}); supported are processors sized by "
+                         "height/width or shortest_edge, with or without a center crop.")
+    return type(image_processor).from_dict({**image_processor.to_dict(), **overrides})
+
+
+def resize_model_input(model: PreTrainedModel, image_size: int) -> None:
+    """Make ``model`` a plain model for ``image_size`` px input, in place (its config included).
+
+    Learned absolute position embeddings are resized by bicubic interpolation of their patch grid
+    (class and distillation tokens kept as they are), exactly as the model's own
+    ``interpolate_pos_encoding`` would at run time, so the saved model needs no interpolation flag to
+    load or run. timm models with a resizable input (ViTs and others with ``set_input_size``) are
+    resized by timm itself. Models that run at any size are left as they are.
+    """
+    model_type = model.config.model_type
+    if model_type == "timm_wrapper":
+        _resize_timm_model(model, image_size)
+    elif model_type in POSITION_EMBEDDING_MODEL_TYPES:
+        _resize_position_embeddings(model, image_size)
+
+
+def _check_image_size(config, image_size: int) -> None:
+    """Refuse, before the weights are read, an image size this checkpoint cannot be fine-tuned at."""
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"--image_size {image_size!r} is not valid: give a positive number of pixels (e.g. 384), "
+                         "or leave it unset for the checkpoint's own resolution.")
+    model_type = config.model_type
+    if model_type in _PATCH_GRID_MODEL_TYPES:
+        patch = _pair(config.patch_size)
+        if image_size % patch[0] or image_size % patch[1]:
+            raise ValueError(f"--image_size {image_size} is not a multiple of this {model_type} checkpoint's patch "
+                             f"size {config.patch_size}; valid sizes are multiples of it (e.g. "
+                             f"{max(1, round(image_size / patch[0])) * patch[0]}).")
+    if model_type == "swin" and getattr(config, "use_absolute_embeddings", False):
+        raise ValueError(f"--image_size {image_size} is not supported for Swin checkpoints with absolute position "
+                         "embeddings (use_absolute_embeddings=true); leave --image_size unset.")
+    known = POSITION_EMBEDDING_MODEL_TYPES | ANY_SIZE_MODEL_TYPES | {"timm_wrapper"}
+    size_aware = hasattr(config, "image_size") or hasattr(config, "patch_size")
+    if model_type not in known and size_aware:
+        raise ValueError(f"--image_size {image_size} is not supported for {model_type!r} checkpoints: it is not known "
+                         f"whether they run at another resolution. Supported: {', '.join(sorted(known))} (and "
+                         "checkpoints whose config has no image_size); or leave --image_size unset.")
+
+
+@torch.no_grad()
+def _resize_position_embeddings(model: PreTrainedModel, image_size: int) -> None:
+    resized = 0
+    for module in model.modules():
+        patches, position = getattr(module, "patch_embeddings", None), getattr(module, "position_embeddings", None)
+        if not isinstance(position, torch.nn.Parameter) or not hasattr(patches, "num_patches"):
+            continue
+        patch = _pair(patches.patch_size)
+        old_grid = tuple(size // step for size, step in zip(_pair(patches.image_size), patch))
+        new_grid = (image_size // patch[0], image_size // patch[1])
+        num_prefix_tokens = position.shape[1] - old_grid[0] * old_grid[1]  # CLS (+ distillation for DeiT)
+        if num_prefix_tokens < 0:
+            raise ValueError(f"Cannot resize {type(module).__name__}: {position.shape[1]} position embeddings for a "
+                             f"{old_grid[0]}x{old_grid[1]} patch grid.")
+        if new_grid != old_grid:
+            dim = position.shape[-1]
+            grid = position[:, num_prefix_tokens:].reshape(1, *old_grid, dim).permute(0, 3, 1, 2)
+            grid = torch.nn.functional.interpolate(grid.float(), size=new_grid, mode="bicubic", align_corners=False)
+            grid = grid.to(position.dtype).permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim)
+            module.position_embeddings = torch.nn.Parameter(torch.cat([position[:, :num_prefix_tokens], grid], dim=1),
+                                                            requires_grad=position.requires_grad)
+        patches.image_size = (image_size, image_size)
+        patches.num_patches = new_grid[0] * new_grid[1]
+        if hasattr(module, "image_size"):  # the embeddings keep their own copy for the input-size check
+            module.image_size = (image_size, image_size)
+        resized += 1
+    if resized == 0:
+        raise ValueError(f"--image_size {image_size}: found no position embeddings to resize in "
+                         f"{type(model).__name__}.")
+    model.config.image_size = image_size
+
+
+def _resize_timm_model(model: PreTrainedModel, image_size: int) -> None:
+    timm_model = model.timm_model
+    pretrained_cfg = dict(getattr(model.config, "pretrained_cfg", None) or {})
+    if hasattr(timm_model, "set_input_size"):
+        patch = getattr(getattr(timm_model, "patch_embed", None), "patch_size", None)
+        if patch is not None and (image_size % _pair(patch)[0] or image_size % _pair(patch)[1]):
+            raise ValueError(f"--image_size {image_size} is not a multiple of this timm model's patch size {patch}; "
+                             "valid sizes are multiples of it.")
+        timm_model.set_input_size(img_size=(image_size, image_size))  # resamples pos_embed (bicubic)
+        # timm.create_model(img_size=...) is how the saved checkpoint is rebuilt at the new size.
+        model.config.model_args = {**(model.config.model_args or {}), "img_size": image_size}
+    elif pretrained_cfg.get("fixed_input_size"):
+        raise ValueError(f"--image_size {image_size} is not supported for the timm model "
+                         f"{model.config.architecture!r}: it needs a fixed input size and cannot be resized "
+                         "(no set_input_size); leave --image_size unset.")
+    if pretrained_cfg:  # the saved config.json is also the saved image processor of a timm checkpoint
+        channels = (pretrained_cfg.get("input_size") or [3])[0]
+        model.config.pretrained_cfg = {**pretrained_cfg, "input_size": [channels, image_size, image_size]}
+
+
+def _pair(value) -> tuple[int, int]:
+    if isinstance(value, Iterable):
+        first, second = value
+        return int(first), int(second)
+    return int(value), int(value)
+
+
+def _size_field(size, key: str) -> int | None:
+    # transformers 5 stores sizes as SizeDict objects, older processors as plain dicts.
+    if size is None:
+        return None
+    value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+    return int(value) if value else None
+
+
+def _plain_size(size) -> dict | None:
+    if size is None or isinstance(size, dict):
+        return size
+    return {key: value for key, value in vars(size).items() if value is not None} if hasattr(size, "__dict__") \
+        else size
 
 
 def resolve_model_path(name: str, flag: str = "model_name_or_path") -> str:

@@ -24,7 +24,8 @@ from .core import ChannelDropBack, ChannelDropBackConfig
 from .data import PerExampleSeeded, apply_transforms, collate_fn, load_image_datasets
 from .hub import push_outputs, save_outputs, write_model_card
 from .metrics import build_compute_metrics
-from .models import load_model_and_processor
+from .models import check_image_size, load_model_and_processor
+from .perf import apply_memory_format
 
 __all__ = ["ResumeSafeTrainer", "check_cdb_against_model", "load_checkpoint_weights", "train"]
 
@@ -97,6 +98,7 @@ def train(model_args, data_args, cdb_args, run_args, training_args: TrainingArgu
     # this script always trains and then evaluates.
     do_train = do_eval = True
 
+    check_image_size(model_args)  # reads only the config: fail before a large dataset loads
     set_seed(training_args.seed)  # a new classification head is drawn from the global RNG
     dataset = load_image_datasets(data_args, seed=training_args.seed, cache_dir=model_args.cache_dir,
                                   token=model_args.token)
@@ -104,6 +106,7 @@ def train(model_args, data_args, cdb_args, run_args, training_args: TrainingArgu
     model, image_processor = load_model_and_processor(model_args, labels)
     if cdb_config is not None:
         check_cdb_against_model(model, cdb_config)
+    apply_memory_format(model, run_args.channels_last)  # before the Trainer builds the optimizer
     dataset = apply_transforms(dataset, image_processor)
 
     trainer_args = copy.copy(training_args)

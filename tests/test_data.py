@@ -167,6 +167,45 @@ def test_tiny_classes_fall_back_to_an_unstratified_split(tmp_path):
     assert loaded.num_rows["train"] + loaded.num_rows["validation"] == 10
 
 
+def test_eval_split_name_evaluates_on_the_named_split(tmp_path):
+    """A train/test dataset (CIFAR-style): 'test' is used as is; unset, the evaluation split is carved from train."""
+    test = image_dataset(3, ["a", "b"], seed=1)
+    path = save({"train": image_dataset(10, ["a", "b"]), "test": test}, tmp_path / "s")
+    named = load_image_datasets(DataArguments(dataset_name=path, eval_split_name="test", max_eval_samples=5), seed=0)
+    assert (named.num_rows["train"], named.num_rows["validation"]) == (20, 5)  # all of train, test truncated
+    test_pixels = {np.asarray(image).tobytes() for image in test["image"]}
+    assert {np.asarray(image).tobytes() for image in named["validation"]["image"]} <= test_pixels
+    assert named["validation"].features["label"].names == ["a", "b"]
+
+    carved = load_image_datasets(DataArguments(dataset_name=path, train_val_split=0.25), seed=0)
+    assert (carved.num_rows["train"], carved.num_rows["validation"]) == (15, 5)
+    assert not {np.asarray(image).tobytes() for image in carved["validation"]["image"]} & test_pixels
+
+
+def test_eval_split_name_also_picks_among_several_splits(image_folder):
+    loaded = load_image_datasets(folder_args(image_folder, eval_split_name="validation"), seed=0)
+    assert (loaded.num_rows["train"], loaded.num_rows["validation"]) == (15, 6)
+
+
+def test_unknown_or_training_eval_split_name_is_refused_listing_the_splits(tmp_path):
+    path = save({"train": image_dataset(2, ["a", "b"]), "test": image_dataset(1, ["a", "b"])}, tmp_path / "s")
+    with pytest.raises(ValueError, match=r"--eval_split_name 'validation' is not a split of .*its splits: "
+                                         r"\['test', 'train'\]"):
+        load_image_datasets(DataArguments(dataset_name=path, eval_split_name="validation"), seed=0)
+    with pytest.raises(ValueError, match="'train' would evaluate on the training data"):
+        load_image_datasets(DataArguments(dataset_name=path, eval_split_name="train"), seed=0)
+    with pytest.raises(ValueError, match="eval_split_name must be a split name"):
+        load_image_datasets(DataArguments(dataset_name=path, eval_split_name=" "), seed=0)
+
+
+def test_an_unlabeled_test_split_is_refused_by_its_name(tmp_path):
+    """ImageNet-1k's Hub test split has label -1 everywhere: naming it must fail, not score nonsense."""
+    test = image_dataset(1, ["a", "b"]).map(lambda example: {"label": -1})
+    path = save({"train": image_dataset(2, ["a", "b"]), "test": test}, tmp_path / "s")
+    with pytest.raises(ValueError, match=r"'test' split .* label ids \[-1\].*unlabeled"):
+        load_image_datasets(DataArguments(dataset_name=path, eval_split_name="test"), seed=0)
+
+
 def test_max_samples_truncate_after_a_seeded_shuffle(image_folder):
     args = folder_args(image_folder, max_train_samples=4, max_eval_samples=2)
     first, again = load_image_datasets(args, seed=0), load_image_datasets(args, seed=0)

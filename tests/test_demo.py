@@ -7,8 +7,8 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from cdb_hf import builtin
-from cdb_hf.demo import _clear_previous_demo, main, prepare_base_checkpoint
+from cdb_hf import builtin, cli
+from cdb_hf.demo import BASE_MODEL, _clear_previous_demo, build_argv, main, prepare_base_checkpoint
 
 QUICK = ["--image_size", "32", "--max_steps", "2", "--max_train_samples", "16", "--max_eval_samples", "16",
          "--eval_strategy", "steps", "--eval_steps", "1"]
@@ -23,6 +23,12 @@ def test_base_checkpoint_is_the_builtin_weights_at_a_smaller_size():
     assert original.keys() == derived.keys() and all(original[k].equal(derived[k]) for k in original)
     with pytest.raises(ValueError, match="image_size"):
         prepare_base_checkpoint(8)
+
+
+def test_demo_fine_tunes_the_builtin_checkpoint_at_32_px_unless_told_otherwise(tmp_path):
+    model_args = cli.parse_args(build_argv(BASE_MODEL, tmp_path, []))[0]
+    assert (model_args.model_name_or_path, model_args.image_size) == ("builtin:efficientnet_lite0", 32)
+    assert cli.parse_args(build_argv(BASE_MODEL, tmp_path, ["--image_size", "64"]))[0].image_size == 64
 
 
 def test_demo_smoke_run(tmp_path, capsys):
@@ -42,6 +48,7 @@ def test_demo_smoke_run(tmp_path, capsys):
         assert (run_dir / "model.safetensors").is_file()
         config = json.loads((run_dir / "config.json").read_text())
         assert config["pretrained_cfg"]["input_size"] == [3, 32, 32]  # the model remembers its resolution
+        assert config["model_args"].get("img_size") is None  # a CNN: only the preprocessing changed
     assert (output_dir / "seed0" / "cdb" / "cdb_config.json").is_file()
     assert not (output_dir / "seed0" / "baseline" / "cdb_config.json").exists()
     curve = next(r["curve"] for r in results["runs"] if r["arm"] == "cdb")

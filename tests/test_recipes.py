@@ -28,15 +28,16 @@ PAPER = {
     "resnet50_svhn": ("95.37", "95.31"), "resnet50_cifar10": ("97.45", "97.38"),
     "resnet50_cifar100": ("84.90", "84.20"),
 }
-# The 384 px rows need a fine-tuning resolution flag (position-embedding interpolation) that the
-# arguments do not offer yet; their recipes are checked when present.
+# The 384 px rows fine-tune the 224 px checkpoints at image_size 384 (position embeddings resized).
 PAPER_384 = {"vit-b16-384_imagenet": ("83.90", "83.32"), "vit-l16-384_imagenet": ("85.05", "85.05")}
-PAPER_RECIPES = [*PAPER, *(stem for stem in PAPER_384 if (RECIPES_DIR / f"{stem}.yaml").is_file()),
-                 "convnext-tiny_cifar100"]
+PAPER_RECIPES = [*PAPER, *PAPER_384, "convnext-tiny_cifar100"]
 HUB_IDS = {"vit-b16": "google/vit-base-patch16-224-in21k", "vit-l16": "google/vit-large-patch16-224-in21k",
            "resnet50": "microsoft/resnet-50", "convnext-tiny": "facebook/convnext-tiny-224"}
 DATASET_IDS = {"cifar10": "uoft-cs/cifar10", "cifar100": "uoft-cs/cifar100", "svhn": "ufldl-stanford/svhn",
                "imagenet": "ILSVRC/imagenet-1k"}
+# The paper reports test accuracy. CIFAR and SVHN on the Hub have train/test (SVHN also extra) and no
+# validation split; ImageNet-1k's test split is unlabeled, so its labelled validation set is used.
+EVAL_SPLITS = {"cifar10": "test", "cifar100": "test", "svhn": "test", "imagenet": "validation"}
 
 
 def _raw(path: Path) -> dict:
@@ -89,6 +90,8 @@ def test_paper_recipes_follow_the_official_fine_tuning_code(stem):
     config = cdb_args.to_config()
     assert (config.layer_selection, config.axis, config.mode, config.rescale) == ("bernoulli", "cols", "grad", True)
     assert (config.channel_rate, config.layer_rate_init, config.layer_rate, config.schedule) == (0.3, 0.03, 0.3, "step")
+    assert raw["eval_split_name"] == EVAL_SPLITS[dataset_key] and "train_val_split" not in raw
+    assert raw.get("image_size") == (384 if stem in PAPER_384 else None)
     header = path.read_text().split("\n\n")[0]
     if stem in {**PAPER, **PAPER_384}:
         cdb_number, baseline_number = {**PAPER, **PAPER_384}[stem]
@@ -138,9 +141,28 @@ def test_demo_matches_the_offline_ab_recipe():
     ab_recipes = [p for p in RECIPES if _is_offline(p) and _raw(p).get("ab_seeds", 0) > 1]
     assert len(ab_recipes) == 1
     raw = _raw(ab_recipes[0])
-    ignored = {"ab_seeds", "output_dir", "run_name", "model_name_or_path"}
+    ignored = {"ab_seeds", "output_dir", "run_name", "model_name_or_path", "image_size"}  # the recipe: native 224 px
     assert {k: v for k, v in DEMO_ARGS.items() if k not in ignored} == \
            {k: v for k, v in raw.items() if k not in ignored}
+
+
+@pytest.mark.parametrize("stem", PAPER_384)
+def test_384_recipes_resize_a_224_px_patch16_checkpoint_to_a_24x24_grid(stem, tmp_path):
+    """The ViT-B/16 and ViT-L/16 in21k checkpoints' geometry (224 px, patch 16, ViTImageProcessor 224x224) in
+    a tiny model: the recipe's model arguments give 577 position embeddings and 384 px inputs."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    from cdb_hf.models import load_model_and_processor
+
+    ViTForImageClassification(ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=32, image_size=224, patch_size=16)).save_pretrained(tmp_path)
+    ViTImageProcessor(size={"height": 224, "width": 224}, image_mean=[0.5] * 3, image_std=[0.5] * 3) \
+        .save_pretrained(tmp_path)
+    model_args = cli.parse_args([str(RECIPES_DIR / f"{stem}.yaml")])[0]
+    model_args.model_name_or_path = str(tmp_path)
+    model, processor = load_model_and_processor(model_args, ["a", "b"])
+    assert model.vit.embeddings.position_embeddings.shape[1] == 1 + 24 * 24
+    assert (processor.size.height, processor.size.width) == (384, 384)
 
 
 @pytest.mark.parametrize("path", [p for p in RECIPES if _is_offline(p)], ids=lambda p: p.stem)
