@@ -23,7 +23,6 @@ restored (the callback is also an ``ExportableState`` for visibility, but does n
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import sys
 import warnings
@@ -160,7 +159,7 @@ class ChannelDropBackCallback(TrainerCallback, ExportableState):
         if config.schedule_total_steps is None:
             overrides["schedule_total_steps"] = max(int(state.max_steps), 1)
         if config.schedule_unit == "epochs" and config.schedule_steps_per_epoch is None:
-            overrides["schedule_steps_per_epoch"] = _update_steps_per_epoch(state, args, train_dataloader)
+            overrides["schedule_steps_per_epoch"] = _update_steps_per_epoch(args, train_dataloader)
         return dataclasses.replace(config, **overrides) if overrides else config
 
     def _reset_window(self) -> None:
@@ -217,14 +216,15 @@ def _calling_callback_handler(callback: TrainerCallback, max_depth: int = 8) -> 
     return None
 
 
-def _update_steps_per_epoch(state: TrainerState, args: TrainingArguments, train_dataloader) -> int:
+def _update_steps_per_epoch(args: TrainingArguments, train_dataloader) -> int:
     """Optimizer steps per epoch, computed the way the Trainer computes them."""
     accumulation = max(int(args.gradient_accumulation_steps), 1)
     try:
         batches = len(train_dataloader)
-    except TypeError:  # an IterableDataset has no length: fall back on max_steps / epochs
-        epochs = max(math.ceil(float(state.num_train_epochs or 1)), 1)
-        return max(int(state.max_steps) // epochs, 1)
+    except TypeError as error:  # an IterableDataset has no length, so it has no epoch boundaries either
+        raise ValueError("schedule_unit='epochs' needs the number of optimizer steps per epoch, which a training "
+                         "set without a length cannot give: set schedule_steps_per_epoch "
+                         "(--cdb_schedule_steps_per_epoch) or use schedule_unit='steps'") from error
     return max(batches // accumulation + int(batches % accumulation > 0), 1)
 
 

@@ -182,8 +182,6 @@ class ChannelDropBackConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name}={value!r} is not valid; it must be a positive integer or None")
-        if self.schedule_unit == "epochs" and self.schedule != "constant" and self.schedule_steps_per_epoch is None:
-            raise ValueError("schedule_unit='epochs' needs schedule_steps_per_epoch (optimizer steps per epoch)")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy (for checkpoints, model cards and recipes)."""
@@ -207,6 +205,8 @@ class ChannelDropBackConfig:
                              "steps of the run); the Trainer callback and the accelerate loop fill it in")
         position = step
         if self.schedule_unit == "epochs":
+            if self.schedule_steps_per_epoch is None:
+                raise ValueError("schedule_unit='epochs' needs schedule_steps_per_epoch (optimizer steps per epoch)")
             position = (step // self.schedule_steps_per_epoch) * self.schedule_steps_per_epoch
         progress = min(position / self.schedule_total_steps, 1.0)
         if self.schedule == "step":
@@ -268,10 +268,15 @@ class ChannelDropBack:
 
     def __init__(self, model: nn.Module, config: ChannelDropBackConfig | None = None) -> None:
         self.config = config if config is not None else ChannelDropBackConfig()
+        # The run's length is known only to the trainer, which fills these in before building the core.
         if self.config.schedule != "constant" and self.config.schedule_total_steps is None:
             raise ValueError(f"schedule={self.config.schedule!r} needs schedule_total_steps (the number of "
                              "optimizer steps of the run); the Trainer callback and the accelerate loop fill "
                              "it in")
+        if (self.config.schedule != "constant" and self.config.schedule_unit == "epochs"
+                and self.config.schedule_steps_per_epoch is None):
+            raise ValueError("schedule_unit='epochs' needs schedule_steps_per_epoch (optimizer steps per epoch); "
+                             "the Trainer callback and the accelerate loop fill it in")
         self.dim = _AXES[self.config.axis]
         self.layers: dict[str, nn.Parameter] = self._eligible_layers(model)
         self._names = list(self.layers)
@@ -279,10 +284,10 @@ class ChannelDropBack:
         self._shards = [_local_shard(name, param, self.dim) for name, param in self.layers.items()]
         self.step = 0
         self._host_generator = torch.Generator(device="cpu")
-        self._device_generators: dict[torch.device, tuple[torch.Generator, int]] = {}
+        self._device_generators: dict[torch.device, torch.Generator] = {}
         self._optimizer: torch.optim.Optimizer | None = None
         self._selected: list[_Selected] = []
-        self._snapshots: list[tuple[_Selected, torch.Tensor, dict[str, torch.Tensor]]] = []
+        self._snapshots: list[tuple[_Selected, _DroppedRows, torch.Tensor, dict[str, torch.Tensor]]] = []
         self.last_stats: dict[str, float] = {"applied": 0.0, "layers": 0.0, "keep_fraction": 1.0,
                                              "layer_rate": self.config.rate_at(0)}
 
@@ -341,16 +346,28 @@ class ChannelDropBack:
         return _HookHandle(self, handles)
 
     def _check_optimizer_covers_layers(self, optimizer: torch.optim.Optimizer) -> None:
+        """Leave out eligible layers the optimizer does not update: selecting them would be a silent no-op."""
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
         missing = [n for n, p in self.layers.items() if id(p) not in in_optimizer]
         if len(missing) == len(self.layers):
             raise ValueError("none of the eligible layers is in the optimizer: build ChannelDropBack from the "
                              "same model (after wrapping, the parameters must be the same objects)")
+        if missing:
+            warnings.warn(f"{len(missing)} eligible layer(s) are not in the optimizer and are left out of CDB: "
+                          f"{_preview(missing)}; use include/exclude to silence this", stacklevel=3)
+            keep = [i for i, name in enumerate(self._names) if name not in set(missing)]
+            self._names = [self._names[i] for i in keep]
+            self._params = [self._params[i] for i in keep]
+            self._shards = [self._shards[i] for i in keep]
+            self.layers = dict(zip(self._names, self._params))
 
     @torch.no_grad()
     def before_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Draw this step's selection and mask the selected gradients (call right before ``step()``)."""
         optimizer = _unwrap_optimizer(optimizer) if optimizer is not None else self._optimizer
+        if optimizer is None and self.config.mode == "exact":
+            raise ValueError("mode='exact' restores the optimizer state of dropped rows: pass the optimizer to "
+                             "before_step(optimizer)/after_step(optimizer), or attach(optimizer)")
         self._selected = self._draw(self.step)
         self._snapshots = []
         for sel in self._selected:
@@ -419,7 +436,7 @@ class ChannelDropBack:
         for index, size, dropped in zip(chosen, sizes, drops):
             param = self._params[index]
             if dropped:
-                device_gen = self._device_generator(param.device, step)
+                device_gen = self._device_generator(param.device, step, index)
                 order = torch.randperm(size, generator=device_gen, device=param.device)
                 indices = order[:dropped]
             else:
@@ -432,16 +449,13 @@ class ChannelDropBack:
                            "keep_fraction": sum(keep_fractions) / len(keep_fractions), "layer_rate": rate}
         return selected
 
-    def _device_generator(self, device: torch.device, step: int) -> torch.Generator:
-        """One generator per device, reseeded once per step, so draws do not depend on past steps."""
+    def _device_generator(self, device: torch.device, step: int, layer: int) -> torch.Generator:
+        """The device's generator, reseeded from (seed, step, layer): every layer's rows are an independent
+        draw that depends on nothing but those three numbers, whatever device the layer lives on."""
         key = torch.device(device)
         if key not in self._device_generators:
-            self._device_generators[key] = (torch.Generator(device=key), -1)
-        generator, seeded_for = self._device_generators[key]
-        if seeded_for != step:
-            generator.manual_seed(_mix_seed(self.config.seed, step, 1))
-            self._device_generators[key] = (generator, step)
-        return generator
+            self._device_generators[key] = torch.Generator(device=key)
+        return self._device_generators[key].manual_seed(_mix_seed(self.config.seed, step, 1, layer))
 
     # ------------------------------------------------------------------ introspection & state
     @property

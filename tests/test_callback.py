@@ -242,3 +242,31 @@ def test_refuses_to_continue_when_its_hooks_did_not_run(tmp_path):
 
     with pytest.raises(RuntimeError, match="hooks did not run"):
         run(tiny_model("convnext"), training_args(tmp_path), [callback, DetachCDB()])
+
+
+def test_epoch_schedule_takes_its_length_from_the_trainer(tmp_path):
+    """schedule_unit='epochs': 32 images / batch 4 = 8 steps per epoch; 2 epochs; the official 30/60 % steps."""
+    config = ChannelDropBackConfig(schedule="step", layer_rate_init=0.0, layer_rate=1.0, schedule_unit="epochs")
+    callback = ChannelDropBackCallback(config)
+    rates = []
+
+    class RecordRate(TrainerCallback):
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            rates.append(callback.cdb.last_stats["layer_rate"])
+
+    run(tiny_model("convnext"), training_args(tmp_path, max_steps=-1, num_train_epochs=2), [callback, RecordRate()])
+    assert callback.cdb.config.schedule_steps_per_epoch == 8 and callback.cdb.config.schedule_total_steps == 16
+    # Progress moves at epoch boundaries only: epoch 0 (0 %) then epoch 1 (50 %: layer_rate / 2).
+    assert rates == [0.0] * 8 + [0.5] * 8
+
+
+def test_epoch_schedule_on_a_dataset_without_length_is_refused(tmp_path):
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield from (RandomImages()[i] for i in range(32))
+
+    config = ChannelDropBackConfig(schedule="step", layer_rate=1.0, schedule_unit="epochs")
+    trainer = Trainer(model=tiny_model("convnext"), args=training_args(tmp_path), train_dataset=Stream(),
+                      callbacks=[ChannelDropBackCallback(config)])
+    with pytest.raises(ValueError, match="set schedule_steps_per_epoch"):
+        trainer.train()

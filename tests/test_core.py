@@ -476,7 +476,6 @@ def test_schedule_drives_selection_rate():
     ({"seed": 1.5}, "seed=1.5"),
     ({"include": []}, "include=\\[\\] is not valid"),
     ({"schedule_total_steps": 0}, "schedule_total_steps=0"),
-    ({"schedule": "step", "schedule_unit": "epochs", "schedule_total_steps": 10}, "needs schedule_steps_per_epoch"),
 ])
 def test_invalid_config_values_raise_naming_the_value(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -504,6 +503,8 @@ def test_patterns_and_model_errors_at_construction():
         ChannelDropBack(nn.Sequential(nn.LayerNorm(4)))
     with pytest.raises(ValueError, match="needs schedule_total_steps"):
         ChannelDropBack(model, ChannelDropBackConfig(schedule="linear"))
+    with pytest.raises(ValueError, match="needs schedule_steps_per_epoch"):
+        ChannelDropBack(model, ChannelDropBackConfig(schedule="step", schedule_unit="epochs", schedule_total_steps=9))
     with pytest.raises(ValueError, match="none of the eligible layers is in the optimizer"):
         ChannelDropBack(model).attach(torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1))
 
@@ -533,3 +534,22 @@ def test_core_is_torch_only():
 
     code = "import sys, cdb_hf; from cdb_hf import core; assert 'transformers' not in sys.modules, 'transformers'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_exact_mode_without_an_optimizer_refuses():
+    model = mlp()
+    cdb = ChannelDropBack(model, ChannelDropBackConfig(mode="exact"))
+    mlp_loss(model).backward()
+    with pytest.raises(ValueError, match="mode='exact' restores the optimizer state"):
+        cdb.before_step()
+
+
+def test_layers_outside_the_optimizer_are_left_out_with_a_warning():
+    model = mlp()
+    optimizer = torch.optim.SGD(list(model[2].parameters()) + list(model[4].parameters()), lr=0.1)
+    cdb = ChannelDropBack(model)
+    with pytest.warns(UserWarning, match=r"1 eligible layer\(s\) are not in the optimizer.*'0.weight'"):
+        cdb.attach(optimizer)
+    assert list(cdb.layers) == ["2.weight", "4.weight"]
+    selected = [next(iter(s)) for s in _selections(cdb, model, 30)]
+    assert set(selected) == {"2.weight", "4.weight"}
