@@ -17,7 +17,8 @@ by ``save_strategy``/``save_steps`` (``steps`` + N, or ``epoch``). ``resume_from
 of them, or ``true``/``latest`` for the newest. A resumed run continues the uninterrupted trajectory:
 CDB's selection is a pure function of (seed, optimizer step), the data order of epoch ``e`` a pure
 function of (seed, e), each example's augmentation runs under its own seed (seed, epoch, index), and
-``save_state`` carries the model, optimizer, scheduler, RNG states, CDB and the loop's position.
+``save_state`` carries the model, optimizer, scheduler and RNG states; ``cdb_hf_loop_state.json`` next to them
+carries the loop's position, its log history and CDB's state.
 
 FSDP and DeepSpeed are refused before any work: see :func:`refuse_unsupported_distribution`.
 """
@@ -25,6 +26,7 @@ FSDP and DeepSpeed are refused before any work: see :func:`refuse_unsupported_di
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -58,7 +60,7 @@ from .hub import push_outputs, save_outputs, write_model_card
 from .models import check_image_size, load_model_and_processor
 from .perf import apply_memory_format
 
-__all__ = ["LOOP_CHECKPOINT_MARKER", "SUPPORTED_OPTIMIZERS", "LoopProgress", "evaluate",
+__all__ = ["LOOP_CHECKPOINT_MARKER", "SUPPORTED_OPTIMIZERS", "LoopProgress", "evaluate", "load_loop_state",
            "refuse_unsupported_distribution", "resolve_loop_checkpoint", "train"]
 
 logger = get_logger(__name__)
@@ -70,9 +72,11 @@ SUPPORTED_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "sgd", "adagrad", "r
 #: ``report_to`` names that accelerate's trackers understand.
 SUPPORTED_TRACKERS = tuple(str(t.value) for t in LoggerType if t != LoggerType.ALL)
 
-#: ``save_state`` writes the first registered object (the loop's position) to this file: its presence
-#: tells a loop checkpoint from a Trainer checkpoint.
-LOOP_CHECKPOINT_MARKER = "custom_checkpoint_0.pkl"
+#: The loop's own state in every checkpoint (position, log history, CDB's state), as JSON: its presence tells a
+#: loop checkpoint from a Trainer checkpoint. Not ``register_for_checkpointing``: accelerate writes registered
+#: objects as pickles and ``load_state`` unpickles them with ``weights_only=False``, so resuming from a
+#: checkpoint someone else made could run arbitrary code. JSON carries the same plain values, and nothing else.
+LOOP_CHECKPOINT_MARKER = "cdb_hf_loop_state.json"
 
 
 def train(model_args: ModelArguments, data_args: DataArguments, cdb_args: CDBArguments,
@@ -88,6 +92,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, cdb_args: CDBArg
     cdb_config = cli.validate_args(model_args, data_args, cdb_args, run_args, args)
     check_loop_arguments(args)
     resume_checkpoint = resolve_loop_checkpoint(args)
+    resume_state = load_loop_state(resume_checkpoint, cdb_config) if resume_checkpoint is not None else None
 
     # ------------------------------------------------------------ 2. the Accelerator
     accelerator = Accelerator(
@@ -110,9 +115,12 @@ def train(model_args: ModelArguments, data_args: DataArguments, cdb_args: CDBArg
     # ------------------------------------------------------------ 3. data and model
     check_image_size(model_args)  # reads only the config: fail before a large dataset loads
     with accelerator.main_process_first():  # the main process fills the datasets cache first
-        raw_datasets = load_image_datasets(data_args, seed=args.seed)
+        raw_datasets = load_image_datasets(data_args, seed=args.seed, cache_dir=model_args.cache_dir,
+                                           token=model_args.token)
     labels = raw_datasets["train"].features["label"].names
     model, image_processor = load_model_and_processor(model_args, labels)
+    if cdb_config is not None:
+        cli.check_cdb_against_model(model, cdb_config)  # include/exclude must match layers of this model
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
     apply_memory_format(model, run_args.channels_last)  # before the optimizer, so its state shares the layout
@@ -145,22 +153,19 @@ def train(model_args: ModelArguments, data_args: DataArguments, cdb_args: CDBArg
 
     # ------------------------------------------------------------ 5. ChannelDropBack: build it, attach it
     progress = LoopProgress()
-    accelerator.register_for_checkpointing(progress)  # first: its file marks a loop checkpoint
     cdb, cdb_handle = None, None
     if cdb_config is not None:
         cdb_config = fill_schedule_length(cdb_config, max_steps, steps_per_epoch)
         cdb = ChannelDropBack(accelerator.unwrap_model(model), cdb_config)
         cdb_handle = cdb.attach(optimizer)  # its step hooks mask the selected rows inside optimizer.step()
-        accelerator.register_for_checkpointing(cdb)
 
-    # ------------------------------------------------------------ 6. trackers, resume
-    if accelerator.log_with:
-        accelerator.init_trackers(getattr(args, "project", None) or "cdb_hf",
-                                  config=_hyperparameters(model_args, data_args, cdb_config, args),
-                                  init_kwargs={"wandb": {"name": args.run_name}} if args.run_name else None)
+    # ------------------------------------------------------------ 6. resume
     if resume_checkpoint is not None:
         logger.info(f"Resuming from {resume_checkpoint}")
-        accelerator.load_state(resume_checkpoint)
+        accelerator.load_state(resume_checkpoint)  # tensors only (safetensors / weights_only), no custom objects
+        progress.load_state_dict(resume_state)
+        if cdb is not None:
+            cdb.load_state_dict(resume_state["cdb"])
     completed_steps = progress.completed_steps
     starting_epoch, resume_step = divmod(completed_steps, steps_per_epoch)
     total_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
@@ -169,6 +174,13 @@ def train(model_args: ModelArguments, data_args: DataArguments, cdb_args: CDBArg
                 f"{f'on {len(cdb.layers)} layers' if cdb else 'off'} *****")
 
     # ------------------------------------------------------------ 7. train
+    # Only now may output_dir change: every check has passed and the data and model are loaded.
+    cli.clear_output_dir_for_overwrite(args, run_args, is_main_process=accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    if accelerator.log_with:
+        accelerator.init_trackers(getattr(args, "project", None) or "cdb_hf",
+                                  config=_hyperparameters(model_args, data_args, cdb_config, args),
+                                  init_kwargs={"wandb": {"name": args.run_name}} if args.run_name else None)
     cli.mark_training_started()
     first_step = completed_steps
     log_history = progress.log_history  # continued from the checkpoint when resuming
@@ -221,7 +233,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, cdb_args: CDBArg
                 eval_metrics = evaluate(model, eval_dataloader, accelerator, len(labels))
                 log_event(accelerator, eval_metrics, completed_steps, epoch_position, log_history)
             if _due(args.save_strategy, args.save_steps, completed_steps, max_steps, end_of_epoch):
-                save_checkpoint(accelerator, args, completed_steps)
+                save_checkpoint(accelerator, args, completed_steps, progress, cdb)
             if completed_steps >= max_steps:
                 break
     progress_bar.close()
@@ -271,24 +283,26 @@ def evaluate(model: torch.nn.Module, eval_dataloader: DataLoader, accelerator: A
     was_training = model.training
     model.eval()
     metrics = cdb_metrics.load_metrics(num_labels)
-    loss_sum, count = 0.0, 0
+    # Summed on the device and read once at the end: a host sync per batch would stall the accelerator.
+    sum_dtype = torch.float32 if accelerator.device.type == "mps" else torch.float64  # MPS has no float64
+    loss_sum, count = torch.zeros((), dtype=sum_dtype, device=accelerator.device), 0
     for batch in eval_dataloader:
         outputs = model(**batch)
         labels = batch["labels"]
         logits, labels, losses = accelerator.gather_for_metrics(
             (outputs.logits, labels, outputs.loss.detach().float().repeat(labels.shape[0])))
         cdb_metrics.add_batch(metrics, logits, labels)
-        loss_sum, count = loss_sum + losses.sum().item(), count + losses.numel()
+        loss_sum, count = loss_sum + losses.sum().to(sum_dtype), count + losses.numel()
     model.train(was_training)
-    results = {"eval_loss": loss_sum / count if count else float("nan")}
+    results = {"eval_loss": loss_sum.item() / count if count else float("nan")}
     results.update({f"eval_{name}": value for name, value in cdb_metrics.compute(metrics).items()})
     return results
 
 
 # ---------------------------------------------------------------------------- checkpoints
 class LoopProgress:
-    """The loop's position (completed optimizer steps) and log history, saved in every checkpoint by
-    ``save_state`` so that a resumed run continues both (the model card lists the whole run)."""
+    """The loop's position (completed optimizer steps) and log history, saved in every checkpoint's
+    :data:`LOOP_CHECKPOINT_MARKER` so that a resumed run continues both (the model card lists the whole run)."""
 
     def __init__(self) -> None:
         self.completed_steps = 0
@@ -315,12 +329,43 @@ def resolve_loop_checkpoint(training_args: TrainingArguments) -> str | None:
     return checkpoint
 
 
-def save_checkpoint(accelerator: Accelerator, args: TrainingArguments, completed_steps: int) -> str:
-    """``save_state`` into ``checkpoint-<step>`` (model, optimizer, scheduler, RNG, position, CDB), then
-    delete the oldest checkpoints beyond ``save_total_limit``."""
+def load_loop_state(checkpoint: str, cdb_config: ChannelDropBackConfig | None) -> dict[str, Any]:
+    """Read and check a loop checkpoint's :data:`LOOP_CHECKPOINT_MARKER` before any work starts.
+
+    Raises ValueError for a malformed file, and for a CDB run resumed from a baseline checkpoint (or the
+    reverse): the saved run and this one would not be the same run.
+    """
+    path = os.path.join(checkpoint, LOOP_CHECKPOINT_MARKER)
+    try:
+        with open(path, encoding="utf-8") as file:
+            state = json.load(file)
+        steps_ok = isinstance(state["completed_steps"], int) and state["completed_steps"] >= 0
+        if not (steps_ok and isinstance(state.get("log_history", []), list)):
+            raise ValueError("bad completed_steps or log_history")
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"resume_from_checkpoint: {path!r} is not a valid accelerate-loop state file ({error}); "
+                         "resume from a checkpoint-N folder this loop wrote") from error
+    saved_cdb = state.get("cdb")
+    if (saved_cdb is None) != (cdb_config is None):
+        raise ValueError(f"resume_from_checkpoint: {checkpoint!r} was saved by a run with CDB "
+                         f"{'off' if saved_cdb is None else 'on'}, but this run has CDB "
+                         f"{'off' if cdb_config is None else 'on'}; resume with the same --cdb setting")
+    return state
+
+
+def save_checkpoint(accelerator: Accelerator, args: TrainingArguments, completed_steps: int,
+                    progress: LoopProgress, cdb: ChannelDropBack | None) -> str:
+    """``save_state`` into ``checkpoint-<step>`` (model, optimizer, scheduler, RNG) plus the loop's JSON state
+    (position, log history, CDB), then delete the oldest checkpoints beyond ``save_total_limit``."""
     folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{completed_steps}")
     accelerator.save_state(folder)
     if accelerator.is_main_process:
+        state = {**progress.state_dict(), "cdb": cdb.state_dict() if cdb is not None else None}
+        # Written last, through a temporary file: the marker exists only in a complete checkpoint.
+        temporary = os.path.join(folder, LOOP_CHECKPOINT_MARKER + ".tmp")
+        with open(temporary, "w", encoding="utf-8") as file:
+            json.dump(state, file, indent=1)
+        os.replace(temporary, os.path.join(folder, LOOP_CHECKPOINT_MARKER))
         rotate_checkpoints(args.output_dir, save_total_limit=args.save_total_limit)
     accelerator.wait_for_everyone()
     return folder

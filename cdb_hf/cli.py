@@ -12,8 +12,10 @@ training starts and before anything is written to ``--output_dir``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,11 +27,12 @@ from transformers.utils import logging
 
 from .arguments import CDBArguments, DataArguments, ModelArguments, RunArguments
 from .callback import check_supported_setup
-from .core import ChannelDropBackConfig
+from .core import ChannelDropBack, ChannelDropBackConfig
 from .hub import check_can_push
 
-__all__ = ["PROG", "build_parser", "check_dataloader_arguments", "check_output_dir", "load_recipe", "main", "mark_training_started",
-           "parse_args", "resolve_resume_checkpoint", "validate_args"]
+__all__ = ["PROG", "build_parser", "check_cdb_against_model", "check_dataloader_arguments", "check_output_dir",
+           "clear_output_dir_for_overwrite", "load_recipe", "main", "mark_training_started", "parse_args",
+           "resolve_resume_checkpoint", "validate_args"]
 
 logger = logging.get_logger(__name__)
 
@@ -125,6 +128,9 @@ def validate_args(model_args, data_args, cdb_args, run_args,
         raise ValueError("no training data: pass --dataset_name (Hub id, local dataset folder or builtin:...) "
                          "or --train_dir (an image folder)")
     cdb_config = cdb_args.to_config()  # the core validates every rate and mode
+    if getattr(training_args, "batch_eval_metrics", False):
+        raise ValueError("--batch_eval_metrics true is not supported: cdb_hf computes its metrics over the whole "
+                         "evaluation set at once; drop the flag")
     check_dataloader_arguments(training_args)
     check_can_push(training_args)
     check_output_dir(training_args, run_args)
@@ -180,6 +186,40 @@ def check_output_dir(training_args: TrainingArguments, run_args) -> None:
     raise ValueError(f"output_dir {str(output_dir)!r} already holds a different run; pass --overwrite_output_dir "
                      "to write over it, --resume_from_checkpoint true to continue it, or choose another "
                      "--output_dir")
+
+
+def check_cdb_against_model(model, cdb_config: ChannelDropBackConfig) -> None:
+    """Raise the core's ValueError now if include/exclude/skip_first leave no layer of this model.
+
+    Both training paths call it right after loading the model, before anything is written to output_dir.
+    """
+    # The schedule length is only known once the run is sized; any value checks the layers.
+    probe = dataclasses.replace(cdb_config, schedule_total_steps=cdb_config.schedule_total_steps or 1,
+                                schedule_steps_per_epoch=cdb_config.schedule_steps_per_epoch or 1)
+    ChannelDropBack(model, probe)
+
+
+def clear_output_dir_for_overwrite(training_args: TrainingArguments, run_args, is_main_process: bool) -> bool:
+    """Empty output_dir when ``--overwrite_output_dir`` writes a new run over an old one; return whether it did.
+
+    Leftovers of the old run would be read as this run's: a stale cdb_config.json would label a baseline as a
+    CDB run, and stale checkpoint-N folders would be picked by ``--resume_from_checkpoint true`` and by
+    checkpoint rotation. Call it on every process right before training starts (after every check, data and
+    model load, so bad input never costs the old run); only the main process deletes, and the caller
+    synchronises the processes afterwards. A resumed run keeps its directory.
+    """
+    if not getattr(run_args, "overwrite_output_dir", False) or resolve_resume_checkpoint(training_args) is not None:
+        return False
+    output_dir = Path(training_args.output_dir)
+    if not is_main_process or not output_dir.is_dir():
+        return False
+    for entry in output_dir.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    logger.info(f"--overwrite_output_dir: emptied {str(output_dir)!r} before training")
+    return True
 
 
 def mark_training_started() -> None:

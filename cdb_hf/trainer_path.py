@@ -8,7 +8,6 @@ own ``from_pretrained`` path (transformers 5.24's Trainer drops ViT weights on r
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging as std_logging
 import os
 import sys
@@ -20,7 +19,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, loggi
 
 from . import cli
 from .callback import ChannelDropBackCallback
-from .core import ChannelDropBack, ChannelDropBackConfig
+from .cli import check_cdb_against_model  # re-exported: it used to live here
 from .data import PerExampleSeeded, apply_transforms, collate_fn, load_image_datasets
 from .hub import push_outputs, save_outputs, write_model_card
 from .metrics import build_compute_metrics
@@ -76,14 +75,6 @@ class ResumeSafeTrainer(Trainer):
                      or os.path.isfile(os.path.join(checkpoint, SAFE_WEIGHTS_INDEX_NAME))))
 
 
-def check_cdb_against_model(model, cdb_config: ChannelDropBackConfig) -> None:
-    """Raise the core's ValueError now if include/exclude/skip_first leave no layer of this model."""
-    # The schedule length is only known once the Trainer has sized the run; any value checks the layers.
-    probe = dataclasses.replace(cdb_config, schedule_total_steps=cdb_config.schedule_total_steps or 1,
-                                schedule_steps_per_epoch=cdb_config.schedule_steps_per_epoch or 1)
-    ChannelDropBack(model, probe)
-
-
 def train(model_args, data_args, cdb_args, run_args, training_args: TrainingArguments) -> dict[str, float]:
     """Fine-tune with the transformers Trainer (+ ChannelDropBackCallback); return the final metrics.
 
@@ -127,6 +118,9 @@ def train(model_args, data_args, cdb_args, run_args, training_args: TrainingArgu
         + ([ChannelDropBackCallback(cdb_config)] if cdb_config is not None else []),
     )
 
+    # After every check and load, so bad input never costs the old run; rank 0 deletes, the others wait.
+    cli.clear_output_dir_for_overwrite(training_args, run_args, is_main_process=trainer.is_world_process_zero())
+    trainer.accelerator.wait_for_everyone()
     cli.mark_training_started()
     metrics: dict[str, float] = {}
     if do_train:

@@ -90,9 +90,11 @@ def test_a_run_writes_the_shared_outputs_checkpoints_and_tracker_logs(tmp_path, 
     checkpoint = output_dir / "checkpoint-4"
     assert {"model.safetensors", "optimizer.bin", "scheduler.bin", loop.LOOP_CHECKPOINT_MARKER} <= set(
         os.listdir(checkpoint))
-    progress = torch.load(checkpoint / loop.LOOP_CHECKPOINT_MARKER, weights_only=True)
-    assert progress["completed_steps"] == 4 and [entry["step"] for entry in progress["log_history"]] == [2, 2, 4, 4]
-    assert torch.load(checkpoint / "custom_checkpoint_1.pkl", weights_only=True) == {"step": 4, "seed": 0}
+    # The loop's own state is plain JSON, never a pickle that resuming would have to unpickle.
+    assert not list(checkpoint.glob("custom_checkpoint_*")), "no register_for_checkpointing pickles"
+    loop_state = json.loads((checkpoint / loop.LOOP_CHECKPOINT_MARKER).read_text())
+    assert loop_state["completed_steps"] == 4 and [entry["step"] for entry in loop_state["log_history"]] == [2, 2, 4, 4]
+    assert loop_state["cdb"] == {"step": 4, "seed": 0}
 
     # Trainer-style log history (what the model card reads) with CDB's statistics in every training log.
     history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
@@ -130,6 +132,35 @@ def test_resume_from_an_epoch_checkpoint_reaches_the_uninterrupted_weights(tmp_p
     # The log history continues the checkpoint's: the resumed run's model card covers the whole run.
     history = json.loads((tmp_path / "resumed" / "trainer_state.json").read_text())["log_history"]
     assert [entry["step"] for entry in history if "loss" in entry] == list(range(1, 13))
+
+
+def test_overwrite_output_dir_removes_the_previous_run_before_training(tmp_path, tiny_vit_dir, image_folder,
+                                                                        selections):
+    output_dir = tmp_path / "out"
+    loop.train(*loop_args(tiny_vit_dir, image_folder, output_dir, "--max_steps", "2", "--save_steps", "1",
+                          "--report_to", "tensorboard"))
+    assert (output_dir / "cdb_config.json").is_file() and (output_dir / "checkpoint-2").is_dir()
+
+    # A baseline written over it: no stale CDB config, checkpoints or tracker logs of the CDB run remain.
+    loop.train(*loop_args(tiny_vit_dir, image_folder, output_dir, "--max_steps", "1", "--save_strategy", "no",
+                          "--cdb", "false", "--overwrite_output_dir", "true"))
+    assert not list(output_dir.glob("checkpoint-*")) and not (output_dir / "runs").exists()
+    assert not (output_dir / "cdb_config.json").exists()
+    assert json.loads((output_dir / "trainer_state.json").read_text())["global_step"] == 1
+
+
+def test_a_checkpoint_with_a_malformed_or_mismatched_loop_state_is_refused_before_any_work(tmp_path, tiny_vit_dir,
+                                                                                           image_folder, monkeypatch):
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    monkeypatch.setattr(loop, "load_image_datasets", lambda *a, **k: pytest.fail("work started before the error"))
+    (checkpoint / loop.LOOP_CHECKPOINT_MARKER).write_text("not json")
+    with pytest.raises(ValueError, match="is not a valid accelerate-loop state file"):
+        loop.train(*loop_args(tiny_vit_dir, image_folder, tmp_path / "out", "--resume_from_checkpoint", "latest"))
+    (checkpoint / loop.LOOP_CHECKPOINT_MARKER).write_text(json.dumps({"completed_steps": 2, "log_history": [],
+                                                                       "cdb": None}))
+    with pytest.raises(ValueError, match="saved by a run with CDB off, but this run has CDB on"):
+        loop.train(*loop_args(tiny_vit_dir, image_folder, tmp_path / "out", "--resume_from_checkpoint", "latest"))
 
 
 def test_baseline_under_bf16_autocast(tmp_path, tiny_vit_dir, image_folder, selections):

@@ -301,6 +301,7 @@ BAD_INPUTS = {
     "missing resume checkpoint": (["--resume_from_checkpoint", "/no/such/checkpoint-7"], "not a checkpoint folder"),
     "deepspeed": (["--deepspeed", "ds_config.json"], "does not support DeepSpeed"),
     "fsdp": (["--fsdp", "full_shard"], "does not support FSDP"),
+    "batch eval metrics": (["--batch_eval_metrics", "true"], "--batch_eval_metrics true is not supported"),
 }
 
 
@@ -347,6 +348,21 @@ def test_an_output_dir_holding_another_run_is_refused(tmp_path, capsys, tiny_vit
                              "run; pass --overwrite_output_dir to write over it, --resume_from_checkpoint true to "
                              "continue it, or choose another --output_dir")
     assert snapshot(previous_run) == before
+
+
+def test_overwrite_output_dir_replaces_a_previous_cdb_run_with_a_baseline(tmp_path, tiny_vit_dir, image_folder):
+    output_dir = tmp_path / "out"
+    code, printed = run_quietly(finetune_argv(tiny_vit_dir, image_folder, output_dir, "--max_steps", "2"))
+    assert code == 0, printed
+    assert (output_dir / "cdb_config.json").is_file() and (output_dir / "checkpoint-2").is_dir()
+
+    code, printed = run_quietly(finetune_argv(tiny_vit_dir, image_folder, output_dir, "--max_steps", "1",
+                                              "--save_strategy", "no", "--cdb", "false",
+                                              "--overwrite_output_dir", "true"))
+    assert code == 0, printed
+    assert not list(output_dir.glob("checkpoint-*")), "stale checkpoints would be resumed or rotated"
+    assert not (output_dir / "cdb_config.json").exists(), "a stale CDB config would label the baseline a CDB run"
+    assert json.loads((output_dir / "trainer_state.json").read_text())["global_step"] == 1
 
 
 def test_run_finetune_script_reports_bad_input_in_one_line(tmp_path):
