@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from accelerate import PartialState
 from transformers import TrainingArguments
 from transformers.utils import logging
 
@@ -174,6 +175,8 @@ def run_ab(model_args, data_args, cdb_args, run_args, training_args: TrainingArg
            train_fn: TrainFn | None = None, confidence: float = 0.95, print_report: bool = True) -> dict[str, Any]:
     """Train baseline and CDB for ``run_args.ab_seeds`` paired seeds; write and print the report.
 
+    Only the main process writes and prints (after every process has finished its runs).
+
     Seeds are ``training_args.seed, +1, ...``. The CDB arm takes the ``cdb_*`` values as given, even
     when the recipe is a baseline (``cdb: false``). ``train_fn`` defaults to the path chosen by
     ``run_args.trainer``. Returns the summary (as written to ``results.json``) plus ``"runs"`` (one dict
@@ -214,9 +217,15 @@ def run_ab(model_args, data_args, cdb_args, run_args, training_args: TrainingArg
     summary = summarize(runs, confidence=confidence)
     summary["setup"] = _setup(model_args, data_args, cdb_args, run_args, training_args, seeds,
                               time.time() - started)
-    report = write_results(root, runs, summary)
-    if print_report:
-        print(report)
+    # Under torchrun/accelerate launch every process runs the arms; one of them reports, after all finished.
+    state = PartialState()
+    state.wait_for_everyone()
+    if state.is_main_process:
+        report = write_results(root, runs, summary)
+        if print_report:
+            print(report)
+    else:
+        report = render_report(runs, summary)
     return {**summary, "runs": [dataclasses.asdict(run) for run in runs], "report": report}
 
 

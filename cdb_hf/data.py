@@ -23,6 +23,9 @@ from torchvision.transforms import v2
 
 from . import builtin
 
+__all__ = ["PerExampleSeeded", "ToRGB", "apply_transforms", "build_transforms", "collate_fn", "load_image_datasets",
+           "num_examples_per_class"]
+
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "images", "picture")
 LABEL_COLUMN_CANDIDATES = ("label", "labels", "class", "target")
 VALIDATION_SPLIT_NAMES = ("validation", "valid", "val")
@@ -113,7 +116,7 @@ def _check_arguments(data_args) -> None:
 def _load_source(data_args, cache_dir: str | None, token: str | bool | None) -> datasets.DatasetDict:
     """Whatever the source is, a DatasetDict with its native splits and columns."""
     if data_args.train_dir is not None:
-        return _load_image_folders(data_args.train_dir, data_args.validation_dir, cache_dir)
+        return _load_image_folders(data_args.train_dir, data_args.validation_dir)
     name = data_args.dataset_name
     if builtin.is_builtin(name):
         return builtin.load_builtin_dataset(name)
@@ -219,7 +222,10 @@ def _check_is_dir(folder: str, flag: str) -> Path:
 
 
 def _class_folders(folder: str, flag: str) -> dict[str, list[Path]]:
-    """``{class name: image files}`` of an image folder (one sub-folder per class)."""
+    """``{class name: image files}`` of an image folder: one sub-folder per class.
+
+    Images in nested folders (``<class>/<sub>/<image>``) belong to their top-level class folder.
+    """
     path = _check_is_dir(folder, flag)
     classes = {}
     for sub in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -233,7 +239,11 @@ def _class_folders(folder: str, flag: str) -> dict[str, list[Path]]:
     return classes
 
 
-def _load_image_folders(train_dir: str, validation_dir: str | None, cache_dir: str | None) -> datasets.DatasetDict:
+def _load_image_folders(train_dir: str, validation_dir: str | None) -> datasets.DatasetDict:
+    """Splits built from one listing of the class folders, so that listing alone decides every label.
+
+    (datasets' ``imagefolder`` builder drops the labels when images sit at different depths.)
+    """
     _check_is_dir(train_dir, "train_dir")
     if validation_dir is not None:
         _check_is_dir(validation_dir, "validation_dir")
@@ -246,8 +256,14 @@ def _load_image_folders(train_dir: str, validation_dir: str | None, cache_dir: s
                              f"{unknown}. Train classes: {sorted(folders['train'][1])}.")
     for folder, classes in folders.values():
         _verify_images([file for files in classes.values() for file in files], folder)
-    data_files = {split: os.path.join(os.path.expanduser(folder), "**") for split, (folder, _) in folders.items()}
-    return datasets.load_dataset("imagefolder", data_files=data_files, cache_dir=cache_dir)
+    names = sorted(folders["train"][1])
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    splits = {}
+    for split, (_, classes) in folders.items():
+        paths = [str(file) for name in sorted(classes) for file in classes[name]]
+        labels = [names.index(name) for name in sorted(classes) for _ in classes[name]]
+        splits[split] = datasets.Dataset.from_dict({"image": paths, "label": labels}, features=features, split=split)
+    return datasets.DatasetDict(splits)
 
 
 # -------------------------------------------------------------------------------------------- columns
@@ -564,10 +580,6 @@ def num_examples_per_class(dataset: datasets.Dataset) -> dict[str, int]:
     return {name: int(count) for name, count in zip(names, counts)}
 
 
-__all__ = ["load_image_datasets", "build_transforms", "apply_transforms", "collate_fn", "num_examples_per_class",
-           "ToRGB"]
-
-
 # ----------------------------------------------------------------------------------------------- seeding
 
 
@@ -592,8 +604,10 @@ class PerExampleSeeded(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> Any:
         seed = int(np.random.SeedSequence([self.seed, self.epoch, int(index)]).generate_state(1)[0])
         python_state, numpy_state = random.getstate(), np.random.get_state()
+        # fork_rng(devices=[]) restores only the CPU generator; torch.manual_seed would also reseed every
+        # CUDA generator (the one dropout draws from), so seed the CPU generator alone.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)
             random.seed(seed)
             np.random.seed(seed)
             try:

@@ -10,6 +10,7 @@ import pytest
 from safetensors.torch import load_file
 from scipy import stats
 
+import cdb_hf.ab
 from cdb_hf import cli
 from cdb_hf.ab import (
     ARMS,
@@ -152,6 +153,27 @@ def test_run_ab_keeps_going_after_a_failure_and_reports_it(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "FAILED" in printed and "simulated crash" in printed
     assert (tmp_path / "ab" / "results.json").is_file()
+
+
+def test_run_ab_writes_and_prints_only_on_the_main_process(tmp_path, monkeypatch, capsys):
+    waited = []
+
+    class NotMainProcess:
+        is_main_process = False
+
+        def wait_for_everyone(self):
+            waited.append(True)
+
+    monkeypatch.setattr(cdb_hf.ab, "PartialState", NotMainProcess)
+    args = _args(tmp_path, "--ab_seeds", "2")
+    result = run_ab(*args, train_fn=lambda m, d, c, r, t: {"eval_accuracy": 0.5 + (0.1 if c.cdb else 0.0)})
+    assert waited == [True]
+    assert result["metrics"]["eval_accuracy"]["difference"]["mean"] == pytest.approx(0.1)
+    assert "Verdict" in result["report"]
+    root = tmp_path / "ab"
+    for name in ("results.json", "results.csv", "report.md", "ab_plot.png"):
+        assert not (root / name).exists(), name
+    assert capsys.readouterr().out == ""
 
 
 def test_run_ab_refuses_an_invalid_cdb_arm_before_any_work(tmp_path):

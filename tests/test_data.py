@@ -15,6 +15,7 @@ from transformers import ConvNextImageProcessor, DeiTImageProcessor, ViTImagePro
 from cdb_hf import data as data_module
 from cdb_hf.arguments import DataArguments
 from cdb_hf.data import (
+    PerExampleSeeded,
     ToRGB,
     apply_transforms,
     build_transforms,
@@ -66,6 +67,28 @@ def test_image_folders_give_image_and_classlabel_columns(image_folder):
     example = next(ex for ex in loaded["train"] if ex["label"] == red)
     r, g, b = np.asarray(example["image"].convert("RGB"), dtype=float).mean(axis=(0, 1))
     assert r > g + 100 and r > b + 100
+
+
+def test_nested_images_belong_to_their_top_level_class_folder(tmp_path):
+    root = write_image_folder(tmp_path / "data", train_modes=("RGB", "RGB"), validation_modes=("RGB",))
+    rng = np.random.default_rng(1)
+    nested = root / "train" / "red" / "sub" / "deeper"
+    nested.mkdir(parents=True)
+    make_image(IMAGE_FOLDER_CLASSES["red"], "RGB", rng).save(nested / "deep_red.png")
+    only_nested = root / "validation" / "blue" / "sub"  # a class whose images are all nested
+    only_nested.mkdir()
+    for path in (root / "validation" / "blue").glob("*.png"):
+        path.rename(only_nested / path.name)
+
+    loaded = load_image_datasets(folder_args(root), seed=0)
+    assert loaded["train"].features["label"].names == sorted(IMAGE_FOLDER_CLASSES)
+    assert num_examples_per_class(loaded["train"]) == {"blue": 2, "green": 2, "red": 3}
+    assert num_examples_per_class(loaded["validation"]) == {"blue": 1, "green": 1, "red": 1}
+    for split in loaded.values():  # every label is the class whose colour the image has
+        for example in split:
+            mean = np.asarray(example["image"].convert("RGB"), dtype=float).mean(axis=(0, 1))
+            name = split.features["label"].int2str(example["label"])
+            assert np.abs(mean - np.array(IMAGE_FOLDER_CLASSES[name])).max() < 40, (name, mean)
 
 
 def test_dataset_name_may_be_a_local_image_folder_with_split_folders(image_folder):
@@ -493,3 +516,30 @@ def test_transforms_pickle_for_dataloader_workers(tiny_vit_dir, tiny_convnext_di
     for folder in (tiny_vit_dir, tiny_convnext_dir, tiny_timm_dir):
         train, evaluate = pickle.loads(pickle.dumps(build_transforms(AutoImageProcessor.from_pretrained(folder))))
         assert train(image).shape == evaluate(image).shape == (3, 32, 32)
+
+
+# ---------------------------------------------------------------------------------------------- seeding
+
+
+class _TorchDraws(torch.utils.data.Dataset):
+    """Each item is what an augmentation would draw from the CPU torch RNG."""
+
+    def __len__(self) -> int:
+        return 3
+
+    def __getitem__(self, index: int) -> float:
+        return torch.rand(()).item()
+
+
+def test_per_example_seeding_touches_neither_cuda_generators_nor_the_global_cpu_state(monkeypatch):
+    def no_cuda_reseed(*args, **kwargs):
+        raise AssertionError("fetching an example reseeded the CUDA generators (dropout's RNG)")
+
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", no_cuda_reseed)
+    monkeypatch.setattr(torch.cuda, "manual_seed", no_cuda_reseed)
+    dataset = PerExampleSeeded(_TorchDraws(), seed=3)
+    torch.default_generator.manual_seed(0)
+    state = torch.get_rng_state()
+    first = dataset[1]
+    assert torch.equal(torch.get_rng_state(), state), "the global CPU RNG state is unchanged by a fetch"
+    assert dataset[1] == first and dataset[0] != first

@@ -64,6 +64,21 @@ def test_compute_metrics_for_the_trainer(scores_and_labels):
     assert compute_metrics(EvalPrediction(predictions=(scores, np.zeros(3)), label_ids=labels)) == result
 
 
+def test_compute_metrics_accumulates_batches_until_compute_result(scores_and_labels):
+    scores, labels = scores_and_labels
+    one_shot = metrics.build_compute_metrics(7)(EvalPrediction(predictions=scores, label_ids=labels))
+    compute_metrics = metrics.build_compute_metrics(7)
+    for _ in range(2):  # a second evaluation starts from scratch
+        starts = list(range(0, len(labels), 64))
+        for start in starts:  # what the Trainer does under --batch_eval_metrics (tensors, last batch computes)
+            batch = EvalPrediction(predictions=torch.from_numpy(scores[start:start + 64]),
+                                   label_ids=torch.from_numpy(labels[start:start + 64]))
+            result = compute_metrics(batch, compute_result=start == starts[-1])
+            if start != starts[-1]:
+                assert result == {}
+        assert result == pytest.approx(one_shot)
+
+
 def test_top5_only_with_at_least_five_classes():
     three = np.eye(3, dtype=np.float32)
     assert metrics.build_compute_metrics(3)(EvalPrediction(predictions=three, label_ids=np.array([0, 1, 0]))) == \

@@ -71,16 +71,21 @@ def compute(metrics: dict[str, evaluate.EvaluationModule]) -> dict[str, float]:
     return results
 
 
-def build_compute_metrics(num_labels: int) -> Callable[[object], dict[str, float]]:
-    """``compute_metrics`` for the transformers Trainer: accuracy (+ top5_accuracy when ``num_labels >= 5``)."""
+def build_compute_metrics(num_labels: int) -> Callable[..., dict[str, float]]:
+    """``compute_metrics`` for the transformers Trainer: accuracy (+ top5_accuracy when ``num_labels >= 5``).
+
+    With ``--batch_eval_metrics`` the Trainer passes one batch at a time and ``compute_result=True`` on the
+    last one: batches accumulate and the values come only then (``{}`` before), so the numbers do not depend
+    on the batching. Without it, each call holds a whole evaluation.
+    """
     metrics = load_metrics(num_labels)
 
-    def compute_metrics(eval_prediction) -> dict[str, float]:
+    def compute_metrics(eval_prediction, compute_result: bool = True) -> dict[str, float]:
         logits = eval_prediction.predictions
         if isinstance(logits, (tuple, list)):  # models that also return hidden states/attentions
             logits = logits[0]
         add_batch(metrics, logits, eval_prediction.label_ids)
-        return compute(metrics)
+        return compute(metrics) if compute_result else {}
 
     return compute_metrics
 
