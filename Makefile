@@ -36,8 +36,8 @@ demo: install
 	$(OFFLINE) $(PASSIVE) $(BIN)/python -m cdb_hf.demo
 
 bench: install
-	$(OFFLINE) $(BIN)/python bench/overhead.py
-	$(OFFLINE) $(BIN)/python bench/throughput.py
+	$(OFFLINE) $(PASSIVE) $(BIN)/python bench/overhead.py
+	$(OFFLINE) $(PASSIVE) $(BIN)/python bench/throughput.py
 
 clean:
 	rm -rf .venv build *.egg-info .pytest_cache

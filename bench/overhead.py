@@ -82,7 +82,8 @@ def bench_pair(model_name: str, optimizer_name: str, args) -> dict:
     # the variants share every tensor, allocation and cache line and differ in CDB alone.
     model = build_model(model_name, size).to(device)
     optimizer = make_optimizer(optimizer_name, model.parameters(), device)
-    cdbs = {mode: ChannelDropBack(model, ChannelDropBackConfig(mode=mode, layer_selection="single"))
+    cdbs = {mode: ChannelDropBack(model, ChannelDropBackConfig(mode=mode, layer_selection=args.layer_selection,
+                                                               layer_rate=args.layer_rate))
             for mode in ("grad", "exact")}
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randn(args.batch_size, 3, image_size, image_size, generator=generator).to(device)
@@ -113,8 +114,11 @@ def bench_pair(model_name: str, optimizer_name: str, args) -> dict:
     for variant, cdb in cdbs.items():
         loss = torch.nn.functional.cross_entropy(model(pixel_values=pixels).logits, labels)
         loss.backward()
+        grads = [(p, p.grad.clone()) for p in model.parameters() if p.grad is not None]
         samples = []
         for _ in range(args.rounds * args.iters):
+            for p, grad in grads:  # the same real gradients each time (the rescale works in place)
+                p.grad.copy_(grad)
             with Timer(device) as timer:
                 cdb.before_step(optimizer)
                 cdb.after_step(optimizer)
@@ -145,6 +149,9 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--small", action="store_true", help="Small models on GPU too.")
+    parser.add_argument("--layer_selection", default="single", choices=["single", "bernoulli"],
+                        help="CDB's layer selection (default: the paper's one layer per step).")
+    parser.add_argument("--layer_rate", type=float, default=1.0, help="CDB's layer_rate.")
     parser.add_argument("--quick", action="store_true", help="Few repeats: a smoke run, not a measurement.")
     parser.add_argument("--json", help="Also write the results to this file.")
     args = parser.parse_args()
@@ -152,7 +159,8 @@ def main() -> None:
         args.rounds, args.iters, args.warmup = 2, 2, 1
 
     results = [bench_pair(m, o, args) for m in ("vit", "convnext") for o in ("sgd", "adamw")]
-    print(f"machine: {machine()}; batch {args.batch_size}; median of {args.rounds * args.iters} iterations")
+    print(f"machine: {machine()}; batch {args.batch_size}; median of {args.rounds * args.iters} iterations; "
+          f"CDB layer_selection={args.layer_selection}, layer_rate={args.layer_rate}")
     header = (f"{'model':<9} {'optim':<6} {'none ms':>8} {'grad ms':>8} {'exact ms':>9} "
               f"{'grad x':>7} {'exact x':>8} {'hooks grad':>11} {'hooks exact':>12}")
     print(header)
@@ -164,7 +172,8 @@ def main() -> None:
           "the baseline iteration)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine(), "results": results}, f, indent=2)
+            json.dump({"machine": machine(), "layer_selection": args.layer_selection, "layer_rate": args.layer_rate,
+                       "results": results}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ once as a baseline and once with CDB, through the very code of ``run_finetune.py
 validation, the A/B runner, the Trainer path). It prints a side-by-side table and writes both models,
 ``results.json``/``results.csv``, ``report.md`` and ``ab_plot.png`` (validation curves)::
 
-    python -m cdb_hf.demo                          # about 75 s on 2 CPU cores
-    python -m cdb_hf.demo --ab_seeds 5             # the embedded A/B benchmark: paired seeds, 95% CI (~6 min)
+    python -m cdb_hf.demo                          # about 50 s on 2 CPU cores
+    python -m cdb_hf.demo --ab_seeds 5             # the embedded A/B benchmark: paired seeds, 95% CI (~4 min)
     python -m cdb_hf.demo --cdb_channel_rate 0.5   # any run_finetune.py flag overrides the demo's
 
 To stay within minutes on a laptop CPU the checkpoint is fine-tuned at 32 px instead of its native
