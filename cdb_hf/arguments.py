@@ -131,17 +131,10 @@ def _cdb_arguments_class() -> type:
         values.update(overrides)
         return ChannelDropBackConfig(**values)
 
-    def validate(self) -> None:
-        """Raise the core's ValueError now (before any work) if the CDB flags are invalid."""
-        self.to_config()
-
-    cls = dataclasses.make_dataclass("CDBArguments", specs, namespace={"to_config": to_config,
-                                                                       "validate": validate})
+    cls = dataclasses.make_dataclass("CDBArguments", specs, namespace={"to_config": to_config})
     cls.__module__ = __name__
     cls.__doc__ = "ChannelDropBack flags: every ChannelDropBackConfig field, prefixed 'cdb_'."
     return cls
 
 
 CDBArguments = _cdb_arguments_class()
-
-ALL_ARGUMENT_CLASSES = (ModelArguments, DataArguments, CDBArguments, RunArguments)
