@@ -25,7 +25,6 @@ FSDP and DeepSpeed are refused before any work: see :func:`refuse_unsupported_di
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -155,7 +154,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, cdb_args: CDBArg
     progress = LoopProgress()
     cdb, cdb_handle = None, None
     if cdb_config is not None:
-        cdb_config = fill_schedule_length(cdb_config, max_steps, steps_per_epoch)
+        cdb_config = cdb_config.for_run(max_steps, steps_per_epoch)
         cdb = ChannelDropBack(accelerator.unwrap_model(model), cdb_config)
         cdb_handle = cdb.attach(optimizer)  # its step hooks mask the selected rows inside optimizer.step()
 
@@ -513,19 +512,6 @@ def build_optimizer(model: torch.nn.Module, args: TrainingArguments) -> torch.op
     ]
     optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
     return optimizer_cls([group for group in groups if group["params"]], **optimizer_kwargs)
-
-
-def fill_schedule_length(config: ChannelDropBackConfig, max_steps: int, steps_per_epoch: int) -> ChannelDropBackConfig:
-    """The config with the schedule's length taken from this run where the user left it open
-    (the same rule as :class:`~cdb_hf.callback.ChannelDropBackCallback`)."""
-    if config.schedule == "constant":
-        return config
-    overrides: dict[str, int] = {}
-    if config.schedule_total_steps is None:
-        overrides["schedule_total_steps"] = max(max_steps, 1)
-    if config.schedule_unit == "epochs" and config.schedule_steps_per_epoch is None:
-        overrides["schedule_steps_per_epoch"] = steps_per_epoch
-    return dataclasses.replace(config, **overrides) if overrides else config
 
 
 def _cdb_ran(cdb: ChannelDropBack, completed_steps: int, accelerator: Accelerator) -> bool:

@@ -22,7 +22,6 @@ restored (the callback is also an ``ExportableState`` for visibility, but does n
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 import warnings
@@ -153,14 +152,10 @@ class ChannelDropBackCallback(TrainerCallback, ExportableState):
     def _run_config(self, state: TrainerState, args: TrainingArguments, train_dataloader) -> ChannelDropBackConfig:
         """The user's config with the schedule's length filled from this run, when left open."""
         config = self.config
-        if config.schedule == "constant":
-            return config
-        overrides: dict[str, Any] = {}
-        if config.schedule_total_steps is None:
-            overrides["schedule_total_steps"] = max(int(state.max_steps), 1)
-        if config.schedule_unit == "epochs" and config.schedule_steps_per_epoch is None:
-            overrides["schedule_steps_per_epoch"] = _update_steps_per_epoch(args, train_dataloader)
-        return dataclasses.replace(config, **overrides) if overrides else config
+        needs_epoch_length = (config.schedule != "constant" and config.schedule_unit == "epochs"
+                              and config.schedule_steps_per_epoch is None)
+        steps_per_epoch = _update_steps_per_epoch(args, train_dataloader) if needs_epoch_length else None
+        return config.for_run(state.max_steps, steps_per_epoch)
 
     def _reset_window(self) -> None:
         self._window = {"steps": 0, "applied": 0, "layers": 0.0, "keep_sum": 0.0, "layer_rate": 0.0}

@@ -12,7 +12,6 @@ training starts and before anything is written to ``--output_dir``.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -194,9 +193,7 @@ def check_cdb_against_model(model, cdb_config: ChannelDropBackConfig) -> None:
     Both training paths call it right after loading the model, before anything is written to output_dir.
     """
     # The schedule length is only known once the run is sized; any value checks the layers.
-    probe = dataclasses.replace(cdb_config, schedule_total_steps=cdb_config.schedule_total_steps or 1,
-                                schedule_steps_per_epoch=cdb_config.schedule_steps_per_epoch or 1)
-    ChannelDropBack(model, probe)
+    ChannelDropBack(model, cdb_config.for_run(total_steps=1, steps_per_epoch=1))
 
 
 def clear_output_dir_for_overwrite(training_args: TrainingArguments, run_args, is_main_process: bool) -> bool:

@@ -30,7 +30,7 @@ import fnmatch
 import math
 import sys
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
 import torch
@@ -195,6 +195,20 @@ class ChannelDropBackConfig:
         if unknown:
             raise ValueError(f"unknown ChannelDropBackConfig field(s) {unknown}; valid fields: {sorted(known)}")
         return cls(**values)
+
+    def for_run(self, total_steps: int, steps_per_epoch: int | None = None) -> ChannelDropBackConfig:
+        """This config with the schedule's length taken from the run where the user left it open.
+
+        The trainers call it once they know the run's size; a ``constant`` schedule needs nothing.
+        """
+        if self.schedule == "constant":
+            return self
+        overrides = {}
+        if self.schedule_total_steps is None:
+            overrides["schedule_total_steps"] = max(int(total_steps), 1)
+        if self.schedule_unit == "epochs" and self.schedule_steps_per_epoch is None and steps_per_epoch is not None:
+            overrides["schedule_steps_per_epoch"] = max(int(steps_per_epoch), 1)
+        return replace(self, **overrides) if overrides else self
 
     def rate_at(self, step: int) -> float:
         """The scheduled ``layer_rate`` at optimizer step ``step`` (0-based)."""

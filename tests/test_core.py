@@ -553,3 +553,13 @@ def test_layers_outside_the_optimizer_are_left_out_with_a_warning():
     assert list(cdb.layers) == ["2.weight", "4.weight"]
     selected = [next(iter(s)) for s in _selections(cdb, model, 30)]
     assert set(selected) == {"2.weight", "4.weight"}
+
+
+def test_for_run_fills_only_what_the_user_left_open():
+    constant = ChannelDropBackConfig()
+    assert constant.for_run(100, 10) is constant
+    open_ended = ChannelDropBackConfig(schedule="step", schedule_unit="epochs")
+    filled = open_ended.for_run(100, 10)
+    assert (filled.schedule_total_steps, filled.schedule_steps_per_epoch) == (100, 10)
+    fixed = ChannelDropBackConfig(schedule="linear", schedule_total_steps=7)
+    assert fixed.for_run(100, 10).schedule_total_steps == 7
