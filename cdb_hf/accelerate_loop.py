@@ -53,7 +53,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from . import cli
 from . import metrics as cdb_metrics
 from .arguments import CDBArguments, DataArguments, ModelArguments, RunArguments
-from .core import ChannelDropBack, ChannelDropBackConfig
+from .core import ChannelDropBack, ChannelDropBackConfig, StatsWindow
 from .data import PerExampleSeeded, apply_transforms, collate_fn, load_image_datasets
 from .hub import push_outputs, save_outputs, write_model_card
 from .models import check_image_size, load_model_and_processor
@@ -381,19 +381,14 @@ class LogWindow:
 
     def _reset(self) -> None:
         self.loss_sum, self.micro_batches = None, 0
-        self.cdb_steps, self.applied, self.layers, self.keep_sum, self.layer_rate = 0, 0, 0.0, 0.0, 0.0
+        self.cdb = StatsWindow()
 
     def add_loss(self, loss: torch.Tensor) -> None:
         self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
         self.micro_batches += 1
 
     def add_cdb(self, stats: dict[str, float]) -> None:
-        self.cdb_steps += 1
-        self.layers += stats["layers"]
-        self.layer_rate = stats["layer_rate"]
-        if stats["applied"]:
-            self.applied += 1
-            self.keep_sum += stats["keep_fraction"]
+        self.cdb.add(stats)
 
     def flush(self, accelerator: Accelerator) -> dict[str, float]:
         """The window as a Trainer-style log entry (loss averaged over every process); resets the window."""
@@ -401,13 +396,7 @@ class LogWindow:
         if self.grad_norm is not None:
             logs["grad_norm"] = float(self.grad_norm)
         logs["learning_rate"] = float(self.learning_rate)
-        if self.cdb_steps:
-            logs.update({
-                "cdb/applied": self.applied / self.cdb_steps,
-                "cdb/layers": self.layers / self.cdb_steps,
-                "cdb/keep_fraction": self.keep_sum / self.applied if self.applied else 1.0,
-                "cdb/layer_rate": self.layer_rate,
-            })
+        logs.update(self.cdb.flush())  # the same cdb/* statistics the Trainer callback logs
         self._reset()
         return logs
 

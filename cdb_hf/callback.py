@@ -31,7 +31,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_callback import CallbackHandler, ExportableState
 from transformers.utils import logging
 
-from .core import ChannelDropBack, ChannelDropBackConfig
+from .core import ChannelDropBack, ChannelDropBackConfig, StatsWindow
 
 __all__ = ["ChannelDropBackCallback", "LOG_PREFIX", "check_supported_setup"]
 
@@ -85,7 +85,7 @@ class ChannelDropBackCallback(TrainerCallback, ExportableState):
         self.cdb_step: int = 0
         self._handle = None
         self._reaches_trackers = False
-        self._reset_window()
+        self._window = StatsWindow()
 
     # ------------------------------------------------------------------ checkpoint visibility
     def state(self) -> dict[str, Any]:
@@ -109,7 +109,7 @@ class ChannelDropBackCallback(TrainerCallback, ExportableState):
         self.cdb = ChannelDropBack(model, self._run_config(state, args, train_dataloader))
         self._handle = self.cdb.attach(optimizer)
         self.cdb.step = state.global_step
-        self._reset_window()
+        self._window = StatsWindow()
         self._reaches_trackers = self._run_before_log_consumers()
         logger.info(f"ChannelDropBack on {len(self.cdb.layers)} layers, starting at optimizer step "
                     f"{state.global_step}: {self.cdb.config}")
@@ -124,17 +124,16 @@ class ChannelDropBackCallback(TrainerCallback, ExportableState):
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                           optimizer=None, **kwargs):
         if self.cdb.step == state.global_step + 1:
-            self._record(self.cdb.last_stats)
+            self._window.add(self.cdb.last_stats)
         elif not getattr(optimizer, "step_was_skipped", False):  # an AMP overflow skip is legitimate
             raise RuntimeError("ChannelDropBack's optimizer hooks did not run during this optimizer step: the "
                                "Trainer's optimizer was replaced after training began, or the step ran outside "
                                "torch.optim (e.g. DeepSpeed). Refusing to continue without CDB.")
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
-        if logs is None or "loss" not in logs or self._window["steps"] == 0:
+        if logs is None or "loss" not in logs or not self._window.steps:
             return  # evaluation and end-of-training summaries carry no CDB statistics
-        stats = self._window_stats()
-        self._reset_window()
+        stats = self._window.flush(LOG_PREFIX)
         logs.update(stats)
         # Trainer.log appended a copy of `logs` to log_history just before calling on_log.
         if state.log_history and state.log_history[-1].get("step") == state.global_step \
@@ -156,28 +155,6 @@ class ChannelDropBackCallback(TrainerCallback, ExportableState):
                               and config.schedule_steps_per_epoch is None)
         steps_per_epoch = _update_steps_per_epoch(args, train_dataloader) if needs_epoch_length else None
         return config.for_run(state.max_steps, steps_per_epoch)
-
-    def _reset_window(self) -> None:
-        self._window = {"steps": 0, "applied": 0, "layers": 0.0, "keep_sum": 0.0, "layer_rate": 0.0}
-
-    def _record(self, stats: dict[str, float]) -> None:
-        window = self._window
-        window["steps"] += 1
-        window["layers"] += stats["layers"]
-        window["layer_rate"] = stats["layer_rate"]
-        if stats["applied"]:
-            window["applied"] += 1
-            window["keep_sum"] += stats["keep_fraction"]
-
-    def _window_stats(self) -> dict[str, float]:
-        """Means over the optimizer steps since the previous training log."""
-        window = self._window
-        return {
-            LOG_PREFIX + "applied": window["applied"] / window["steps"],
-            LOG_PREFIX + "layers": window["layers"] / window["steps"],
-            LOG_PREFIX + "keep_fraction": window["keep_sum"] / window["applied"] if window["applied"] else 1.0,
-            LOG_PREFIX + "layer_rate": window["layer_rate"],
-        }
 
     def _run_before_log_consumers(self) -> bool:
         """Move this callback to the front of the Trainer's callback list.

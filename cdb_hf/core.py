@@ -36,7 +36,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-__all__ = ["ChannelDropBack", "ChannelDropBackConfig", "ELIGIBLE_MODULE_TYPES"]
+__all__ = ["ChannelDropBack", "ChannelDropBackConfig", "ELIGIBLE_MODULE_TYPES", "StatsWindow"]
 
 #: Module types whose ``weight`` is eligible. Eligibility is by type, not by parameter name, because
 #: names change between library versions (ViT's ``query`` became ``q_proj`` in transformers 5).
@@ -595,6 +595,35 @@ def _chunk_range(size: int, ranks: int, rank: int) -> tuple[int, int]:
     chunk = math.ceil(size / ranks)
     start = min(rank * chunk, size)
     return start, min(chunk, size - start)
+
+
+class StatsWindow:
+    """Means of :attr:`ChannelDropBack.last_stats` over the optimizer steps since the last :meth:`flush`.
+
+    What both trainers log: the share of steps that applied CDB, the mean number of selected layers,
+    the mean kept fraction of the selected layers, and the scheduled rate at the last step.
+    """
+
+    def __init__(self) -> None:
+        self.steps, self.applied, self.layers, self.keep_sum, self.layer_rate = 0, 0, 0.0, 0.0, 0.0
+
+    def add(self, stats: dict[str, float]) -> None:
+        self.steps += 1
+        self.layers += stats["layers"]
+        self.layer_rate = stats["layer_rate"]
+        if stats["applied"]:
+            self.applied += 1
+            self.keep_sum += stats["keep_fraction"]
+
+    def flush(self, prefix: str = "cdb/") -> dict[str, float]:
+        """The means as ``{prefix + name: value}`` ({} when no step was added); starts a new window."""
+        if not self.steps:
+            return {}
+        means = {"applied": self.applied / self.steps, "layers": self.layers / self.steps,
+                 "keep_fraction": self.keep_sum / self.applied if self.applied else 1.0,
+                 "layer_rate": self.layer_rate}
+        self.__init__()
+        return {prefix + name: value for name, value in means.items()}
 
 
 def _is_per_element(value: Any, param: torch.Tensor) -> bool:

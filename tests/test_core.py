@@ -563,3 +563,15 @@ def test_for_run_fills_only_what_the_user_left_open():
     assert (filled.schedule_total_steps, filled.schedule_steps_per_epoch) == (100, 10)
     fixed = ChannelDropBackConfig(schedule="linear", schedule_total_steps=7)
     assert fixed.for_run(100, 10).schedule_total_steps == 7
+
+
+def test_stats_window_means_since_the_last_flush():
+    from cdb_hf.core import StatsWindow
+
+    window = StatsWindow()
+    assert window.flush() == {}
+    window.add({"applied": 1.0, "layers": 2.0, "keep_fraction": 0.6, "layer_rate": 0.3})
+    window.add({"applied": 0.0, "layers": 0.0, "keep_fraction": 1.0, "layer_rate": 0.5})
+    assert window.flush("cdb/") == pytest.approx({"cdb/applied": 0.5, "cdb/layers": 1.0,
+                                                  "cdb/keep_fraction": 0.6, "cdb/layer_rate": 0.5})
+    assert window.flush() == {}
