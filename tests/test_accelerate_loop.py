@@ -67,7 +67,7 @@ def test_a_run_writes_the_shared_outputs_checkpoints_and_tracker_logs(tmp_path, 
         tiny_vit_dir, image_folder, output_dir, "--max_steps", "4", "--gradient_accumulation_steps", "2",
         "--logging_steps", "2", "--eval_strategy", "steps", "--eval_steps", "2", "--save_steps", "2",
         "--save_total_limit", "1", "--report_to", "tensorboard", "--cdb_schedule", "linear",
-        "--push_to_hub", "--hub_model_id", "someone/tiny-cdb"))
+        "--push_to_hub", "--hub_model_id", "someone/tiny-cdb", "--hub_token", "hf_notARealToken"))
 
     assert sorted(selections) == [0, 1, 2, 3]
     assert {"train_loss", "train_runtime", "eval_loss", "eval_accuracy", "epoch"} <= metrics.keys()

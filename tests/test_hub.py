@@ -17,6 +17,7 @@ from transformers import (
     ViTImageProcessor,
 )
 
+import cdb_hf.hub
 from cdb_hf.arguments import DataArguments, ModelArguments
 from cdb_hf.core import ChannelDropBackConfig
 from cdb_hf.hub import check_can_push, push_outputs, save_outputs, write_model_card
@@ -129,4 +130,8 @@ def test_push_is_refused_up_front_when_offline(monkeypatch):
     with pytest.raises(ValueError, match="--push_to_hub needs the Hugging Face Hub, but HF_HUB_OFFLINE is set"):
         check_can_push(args)
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(cdb_hf.hub, "get_token", lambda: None)
+    with pytest.raises(ValueError, match="--push_to_hub needs a Hugging Face token"):
+        check_can_push(args)
+    monkeypatch.setattr(cdb_hf.hub, "get_token", lambda: "hf_cached")
     check_can_push(args)
