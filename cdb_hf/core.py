@@ -369,7 +369,8 @@ class ChannelDropBack:
         if missing:
             warnings.warn(f"{len(missing)} eligible layer(s) are not in the optimizer and are left out of CDB: "
                           f"{_preview(missing)}; use include/exclude to silence this", stacklevel=3)
-            keep = [i for i, name in enumerate(self._names) if name not in set(missing)]
+            missing_names = set(missing)
+            keep = [i for i, name in enumerate(self._names) if name not in missing_names]
             self._names = [self._names[i] for i in keep]
             self._params = [self._params[i] for i in keep]
             self._shards = [self._shards[i] for i in keep]
@@ -386,7 +387,7 @@ class ChannelDropBack:
         self._snapshots = []
         for sel in self._selected:
             grad = sel.param.grad
-            if grad is None:
+            if grad is None or sel.dropped.numel() == 0:  # a shape, known on the host: nothing to mask
                 continue
             rows = _DroppedRows(sel)
             if self.config.mode == "exact":
