@@ -54,7 +54,7 @@ from . import cli
 from . import metrics as cdb_metrics
 from .arguments import CDBArguments, DataArguments, ModelArguments, RunArguments
 from .core import ChannelDropBack, ChannelDropBackConfig, StatsWindow
-from .data import PerExampleSeeded, apply_transforms, collate_fn, load_image_datasets
+from .data import PerExampleSeeded, apply_transforms, collate_fn, data_seed, load_image_datasets
 from .hub import push_outputs, save_outputs, write_model_card
 from .models import check_image_size, load_model_and_processor
 from .perf import apply_memory_format
@@ -102,7 +102,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, cdb_args: CDBArg
         log_with=trackers_for(args.report_to) or None,
         project_dir=os.path.join(args.output_dir, "runs"),
         # Epoch e is shuffled by a generator seeded with (data seed + e) on every rank: the Trainer's order.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=_data_seed(args)),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=data_seed(args)),
         # The schedule counts optimizer steps, like the Trainer's; the loop steps it once per real step.
         step_scheduler_with_optimizer=False,
     )
@@ -124,7 +124,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, cdb_args: CDBArg
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
     apply_memory_format(model, run_args.channels_last)  # before the optimizer, so its state shares the layout
     processed = apply_transforms(raw_datasets, image_processor)
-    train_dataset = PerExampleSeeded(processed["train"], seed=_data_seed(args))
+    train_dataset = PerExampleSeeded(processed["train"], seed=data_seed(args))
     train_dataloader = DataLoader(
         train_dataset,
         shuffle=args.train_sampling_strategy != "sequential",
@@ -133,7 +133,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, cdb_args: CDBArg
         num_workers=args.dataloader_num_workers,
         drop_last=args.dataloader_drop_last,
         # A private generator keeps the loader's seed draws off the global RNG, which dropout uses.
-        generator=torch.Generator().manual_seed(_data_seed(args)),
+        generator=torch.Generator().manual_seed(data_seed(args)),
     )
     eval_dataloader = DataLoader(processed["validation"], collate_fn=collate_fn,
                                  batch_size=args.per_device_eval_batch_size,
@@ -513,9 +513,6 @@ def _cdb_ran(cdb: ChannelDropBack, completed_steps: int, accelerator: Accelerato
                            "was replaced, or stepped outside torch.optim); refusing to continue without CDB")
     return False
 
-
-def _data_seed(args: TrainingArguments) -> int:
-    return args.data_seed if args.data_seed is not None else args.seed
 
 
 def _interval(value: float, max_steps: int) -> int:

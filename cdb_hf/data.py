@@ -23,7 +23,7 @@ from torchvision.transforms import v2
 
 from . import builtin
 
-__all__ = ["PerExampleSeeded", "ToRGB", "apply_transforms", "build_transforms", "collate_fn", "load_image_datasets",
+__all__ = ["data_seed", "PerExampleSeeded", "ToRGB", "apply_transforms", "build_transforms", "collate_fn", "load_image_datasets",
            "num_examples_per_class"]
 
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "images", "picture")
@@ -581,6 +581,11 @@ def num_examples_per_class(dataset: datasets.Dataset) -> dict[str, int]:
 
 
 # ----------------------------------------------------------------------------------------------- seeding
+
+
+def data_seed(training_args) -> int:
+    """The seed of data order and augmentation: ``--data_seed`` if given, else ``--seed`` (the Trainer's rule)."""
+    return training_args.data_seed if training_args.data_seed is not None else training_args.seed
 
 
 class PerExampleSeeded(torch.utils.data.Dataset):

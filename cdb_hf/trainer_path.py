@@ -20,7 +20,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, loggi
 from . import cli
 from .callback import ChannelDropBackCallback
 from .cli import check_cdb_against_model  # re-exported: it used to live here
-from .data import PerExampleSeeded, apply_transforms, collate_fn, load_image_datasets
+from .data import PerExampleSeeded, apply_transforms, collate_fn, data_seed, load_image_datasets
 from .hub import push_outputs, save_outputs, write_model_card
 from .metrics import build_compute_metrics
 from .models import check_image_size, load_model_and_processor
@@ -105,7 +105,7 @@ def train(model_args, data_args, cdb_args, run_args, training_args: TrainingArgu
     trainer_args.push_to_hub = False  # pushed once at the end, through hub.push_outputs
     # Augmentation draws from the global RNG at fetch time, which prefetching and a resume's skipped
     # batches shift; seeding each example by (seed, epoch, index) makes resumed runs crop identically.
-    train_dataset = PerExampleSeeded(dataset["train"], seed=_data_seed(training_args))
+    train_dataset = PerExampleSeeded(dataset["train"], seed=data_seed(training_args))
     trainer = ResumeSafeTrainer(
         model=model,
         args=trainer_args,
@@ -152,9 +152,6 @@ class _EpochSetter(TrainerCallback):
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.dataset.set_epoch(int(state.epoch or 0))
 
-
-def _data_seed(training_args: TrainingArguments) -> int:
-    return training_args.data_seed if training_args.data_seed is not None else training_args.seed
 
 
 def _setup_logging(training_args: TrainingArguments) -> None:

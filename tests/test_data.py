@@ -543,3 +543,12 @@ def test_per_example_seeding_touches_neither_cuda_generators_nor_the_global_cpu_
     first = dataset[1]
     assert torch.equal(torch.get_rng_state(), state), "the global CPU RNG state is unchanged by a fetch"
     assert dataset[1] == first and dataset[0] != first
+
+
+def test_data_seed_follows_the_trainers_rule():
+    from types import SimpleNamespace
+
+    from cdb_hf.data import data_seed
+
+    assert data_seed(SimpleNamespace(seed=3, data_seed=None)) == 3
+    assert data_seed(SimpleNamespace(seed=3, data_seed=11)) == 11
