@@ -35,10 +35,13 @@ from typing import Any
 
 import numpy as np
 from accelerate import PartialState
-from transformers import TrainingArguments
 from transformers.utils import logging
 
-__all__ = ["ARMS", "ArmRun", "METRICS", "arm_arguments", "load_eval_curve", "paired_difference", "plot_ab",
+from . import launch
+from .preflight import RunPlan, UsageError
+from .run import failed_run, open_run_dir
+
+__all__ = ["ARMS", "ArmRun", "METRICS", "arm_plan", "format_number", "load_eval_curve", "paired_difference", "plot_ab",
            "render_report", "run_ab", "summarize", "write_results"]
 
 logger = logging.get_logger(__name__)
@@ -49,7 +52,7 @@ METRICS = ("eval_accuracy", "eval_loss", "train_runtime")
 _HIGHER_IS_BETTER = {"eval_accuracy": True, "eval_loss": False, "train_runtime": False}
 _ERROR_TAIL_LINES = 6
 
-TrainFn = Callable[[Any, Any, Any, Any, TrainingArguments], dict[str, float]]
+TrainFn = Callable[[RunPlan], dict[str, float]]
 
 
 @dataclasses.dataclass
@@ -147,85 +150,84 @@ def _finite(value: Any) -> bool:
 # ------------------------------------------------------------------------------------------- running
 
 
-def arm_arguments(arm: str, seed: int, cdb_args, run_args, training_args: TrainingArguments,
-                  root: str | os.PathLike) -> tuple[Any, Any, TrainingArguments]:
-    """``(cdb_args, run_args, training_args)`` of one arm: shared seed, own output folder, CDB on or off."""
+def arm_plan(plan: RunPlan, arm: str, seed: int) -> RunPlan:
+    """The plan of one arm: the shared seed, its own (fresh) output folder, CDB on or off."""
     if arm not in ARMS:
         raise ValueError(f"arm={arm!r} is not valid; choose one of {ARMS}")
-    arm_cdb = dataclasses.replace(cdb_args, cdb=arm == "cdb", cdb_seed=seed if arm == "cdb" else cdb_args.cdb_seed)
-    arm_run = dataclasses.replace(run_args, ab_seeds=0)
-    arm_training = copy.deepcopy(training_args)
-    arm_training.seed = seed
-    arm_training.output_dir = str(Path(root) / f"seed{seed}" / arm)
-    base_name = training_args.run_name or Path(root).name
-    arm_training.run_name = f"{base_name}-seed{seed}-{arm}"
-    arm_training.push_to_hub = False  # an A/B study pushes nothing; the user pushes the arm they keep
-    return arm_cdb, arm_run, arm_training
+    root = Path(plan.training.output_dir)
+    cdb_args = dataclasses.replace(plan.cdb, cdb=arm == "cdb", cdb_seed=seed if arm == "cdb" else plan.cdb.cdb_seed)
+    training = copy.deepcopy(plan.training)
+    training.seed = seed
+    training.output_dir = str(root / f"seed{seed}" / arm)
+    training.run_name = f"{plan.training.run_name or root.name}-seed{seed}-{arm}"
+    training.push_to_hub = False  # an A/B study pushes nothing; the user pushes the arm they keep
+    return dataclasses.replace(plan, cdb=cdb_args, run=dataclasses.replace(plan.run, ab_seeds=0), training=training,
+                               cdb_config=cdb_args.to_config(), output_mode="fresh", resume_checkpoint=None,
+                               resume_record=None, notes=[])
 
 
-def _default_train_fn(trainer: str) -> TrainFn:
-    if trainer == "accelerate":
-        from .accelerate_loop import train
-    else:
-        from .trainer_path import train
-    return train
+def run_ab(plan: RunPlan, *, train_fn: TrainFn | None = None, confidence: float = 0.95,
+           print_report: bool = True) -> dict[str, Any]:
+    """Train baseline and CDB for ``plan.run.ab_seeds`` paired seeds; write and print the report.
 
-
-def run_ab(model_args, data_args, cdb_args, run_args, training_args: TrainingArguments, *,
-           train_fn: TrainFn | None = None, confidence: float = 0.95, print_report: bool = True) -> dict[str, Any]:
-    """Train baseline and CDB for ``run_args.ab_seeds`` paired seeds; write and print the report.
-
-    Only the main process writes and prints (after every process has finished its runs).
+    ``output_dir`` is treated like a run's: a fresh folder, or (``--overwrite_output_dir``) an earlier
+    cdb_hf run set aside and deleted only once this comparison has written its report. Only the main
+    process writes and prints (after every process has finished its runs).
 
     Seeds are ``training_args.seed, +1, ...``. The CDB arm takes the ``cdb_*`` values as given, even
-    when the recipe is a baseline (``cdb: false``). ``train_fn`` defaults to the path chosen by
-    ``run_args.trainer``. Returns the summary (as written to ``results.json``) plus ``"runs"`` (one dict
-    per :class:`ArmRun`) and ``"report"`` (the Markdown text).
+    when the recipe is a baseline (``cdb: false``). ``train_fn`` (a plan -> metrics function) defaults to
+    the face chosen by ``--trainer``. Returns the summary (as written to ``results.json``) plus ``"runs"``
+    (one dict per :class:`ArmRun`) and ``"report"`` (the Markdown text).
     """
-    n_seeds = run_args.ab_seeds
+    n_seeds = plan.run.ab_seeds
     if isinstance(n_seeds, bool) or not isinstance(n_seeds, int) or n_seeds < 1:
-        raise ValueError(f"ab_seeds={n_seeds!r} is not valid; an A/B comparison needs an integer >= 1")
-    # The CDB arm must be valid even when the user's recipe switched CDB off: check before any work.
-    dataclasses.replace(cdb_args, cdb=True).to_config()
-    root = Path(training_args.output_dir)
-    seeds = [training_args.seed + offset for offset in range(n_seeds)]
-    train_fn = train_fn or _default_train_fn(run_args.trainer)
+        raise UsageError(f"ab_seeds={n_seeds!r} is not valid; an A/B comparison needs an integer >= 1")
+    if plan.resume_checkpoint is not None:
+        raise UsageError("--resume_from_checkpoint does not apply to an A/B comparison (--ab_seeds); resume one "
+                         "arm's run instead, with its own --output_dir")
+    root = Path(plan.training.output_dir)
+    seeds = [plan.training.seed + offset for offset in range(n_seeds)]
+    train_fn = train_fn or launch.train
     if n_seeds == 1:
         logger.warning("ab_seeds=1: one pair gives no confidence interval; use 3 or more seeds.")
 
-    runs: list[ArmRun] = []
-    started = time.time()
-    for seed in seeds:
-        for arm in ARMS:
-            arm_cdb, arm_run, arm_training = arm_arguments(arm, seed, cdb_args, run_args, training_args, root)
-            run = ArmRun(seed=seed, arm=arm, output_dir=arm_training.output_dir)
-            logger.info(f"A/B: seed {seed}, arm {arm} -> {run.output_dir}")
-            tic = time.time()
-            try:
-                metrics = train_fn(model_args, data_args, arm_cdb, arm_run, arm_training)
-                run.metrics = {k: float(v) for k, v in (metrics or {}).items() if _finite(v)}
-                run.curve = load_eval_curve(run.output_dir)
-            except Exception as error:  # a failed run is a result to report, not a reason to lose the others
-                run.status = "failed"
-                tail = traceback.format_exception(type(error), error, error.__traceback__)
-                run.error = f"{type(error).__name__}: {error}"
-                logger.error(f"A/B: seed {seed}, arm {arm} failed: {run.error}\n"
-                             + "".join(tail[-_ERROR_TAIL_LINES:]))
-            run.wall_time_s = time.time() - tic
-            runs.append(run)
+    opened = [open_run_dir(plan, kind="ab")]
+    with failed_run(opened):
+        runs: list[ArmRun] = []
+        started = time.time()
+        for seed in seeds:
+            for arm in ARMS:
+                arm_run_plan = arm_plan(plan, arm, seed)
+                run = ArmRun(seed=seed, arm=arm, output_dir=arm_run_plan.training.output_dir)
+                logger.info(f"A/B: seed {seed}, arm {arm} -> {run.output_dir}")
+                tic = time.time()
+                try:
+                    metrics = train_fn(arm_run_plan)
+                    run.metrics = {k: float(v) for k, v in (metrics or {}).items() if _finite(v)}
+                    run.curve = load_eval_curve(run.output_dir)
+                except UsageError:  # bad input fails every arm alike: stop, as a single run would
+                    raise
+                except Exception as error:  # a failed run is a result to report, not a reason to lose the others
+                    run.status = "failed"
+                    tail = traceback.format_exception(type(error), error, error.__traceback__)
+                    run.error = f"{type(error).__name__}: {error}"
+                    logger.error(f"A/B: seed {seed}, arm {arm} failed: {run.error}\n"
+                                 + "".join(tail[-_ERROR_TAIL_LINES:]))
+                run.wall_time_s = time.time() - tic
+                runs.append(run)
 
-    summary = summarize(runs, confidence=confidence)
-    summary["setup"] = _setup(model_args, data_args, cdb_args, run_args, training_args, seeds,
-                              time.time() - started)
-    # Under torchrun/accelerate launch every process runs the arms; one of them reports, after all finished.
-    state = PartialState()
-    state.wait_for_everyone()
-    if state.is_main_process:
-        report = write_results(root, runs, summary)
-        if print_report:
-            print(report)
-    else:
-        report = render_report(runs, summary)
+        summary = summarize(runs, confidence=confidence)
+        summary["setup"] = _setup(plan, seeds, time.time() - started)
+        # Under torchrun/accelerate launch every process runs the arms; one of them reports, after all finished.
+        state = PartialState()
+        state.wait_for_everyone()
+        if state.is_main_process:
+            report = write_results(root, runs, summary)
+            opened[0].complete()  # the comparison is complete (failed arms included: its report says so)
+            if print_report:
+                print(report)
+        else:
+            report = render_report(runs, summary)
     return {**summary, "runs": [dataclasses.asdict(run) for run in runs], "report": report}
 
 
@@ -254,16 +256,19 @@ def load_eval_curve(output_dir: str | os.PathLike) -> list[dict[str, float]]:
     return [unique[step] for step in sorted(unique)]
 
 
-def _setup(model_args, data_args, cdb_args, run_args, training_args, seeds, wall_time_s) -> dict[str, Any]:
+def _setup(plan: RunPlan, seeds, wall_time_s) -> dict[str, Any]:
     import torch
 
-    cdb_config = dataclasses.replace(cdb_args, cdb=True).to_config().to_dict()
+    model_args, data_args, training_args = plan.model, plan.data, plan.training
+    cdb_config = dataclasses.replace(plan.cdb, cdb=True).to_config().to_dict()
     return {
         "model_name_or_path": model_args.model_name_or_path,
         "dataset_name": data_args.dataset_name or data_args.train_dir,
         "max_train_samples": data_args.max_train_samples,
         "max_eval_samples": data_args.max_eval_samples,
-        "trainer": run_args.trainer,
+        "eval_split_name": data_args.eval_split_name,
+        "image_size": model_args.image_size,
+        "trainer": plan.run.trainer,
         "seeds": seeds,
         "cdb_config": cdb_config,
         "training": {key: _plain(getattr(training_args, key)) for key in (
@@ -321,11 +326,16 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _fmt(value: float, metric: str, signed: bool = False) -> str:
+def format_number(value: float | None, digits: int, scale: float = 1.0, signed: bool = False) -> str:
+    """``scale * value`` with ``digits`` decimals (a sign when ``signed``), or ``n/a`` when not finite."""
     if not _finite(value):
         return "n/a"
-    scale, digits = (100.0, 2) if metric == "eval_accuracy" else (1.0, 4) if metric == "eval_loss" else (1.0, 1)
     return f"{scale * value:{'+' if signed else ''}.{digits}f}"
+
+
+def _fmt(value: float, metric: str, signed: bool = False) -> str:
+    scale, digits = (100.0, 2) if metric == "eval_accuracy" else (1.0, 4) if metric == "eval_loss" else (1.0, 1)
+    return format_number(value, digits, scale, signed)
 
 
 _LABELS = {"eval_accuracy": "accuracy (%)", "eval_loss": "eval loss", "train_runtime": "train time (s)"}

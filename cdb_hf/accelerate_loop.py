@@ -1,10 +1,11 @@
 """The accelerate face of ChannelDropBack: a fine-tuning loop that reads top to bottom.
 
-It follows accelerate's ``complete_cv_example.py``: ``Accelerator`` -> data -> model -> optimizer ->
-``prepare`` -> epochs (accumulate, clip, step) -> evaluation -> checkpoints -> outputs. ChannelDropBack
-is two lines in the middle: build it from the model, attach it to the optimizer.
+It follows accelerate's ``complete_cv_example.py`` and timm's ``train.py``: :func:`train` sets up
+(``Accelerator`` -> shared data and model setup -> optimizer -> ``prepare`` -> ChannelDropBack -> resume),
+then alternates :func:`train_one_epoch` and checkpoints, and ends with :func:`evaluate` and the shared
+outputs. ChannelDropBack is two lines: build it from the model, attach it to the optimizer.
 
-It takes the same five argument dataclasses as the Trainer path and honours ``TrainingArguments``'
+It takes the same :class:`~cdb_hf.preflight.RunPlan` as the Trainer path and honours ``TrainingArguments``'
 names, so one recipe drives both::
 
     python run_finetune.py recipe.yaml --trainer accelerate                                  # one device
@@ -12,88 +13,61 @@ names, so one recipe drives both::
         run_finetune.py recipe.yaml --trainer accelerate                                     # DDP, 8 GPUs
     torchrun --nproc_per_node 8 run_finetune.py recipe.yaml --trainer accelerate             # the same
 
-Checkpoints are accelerate ``save_state`` folders, ``output_dir/checkpoint-<optimizer step>``, written
-by ``save_strategy``/``save_steps`` (``steps`` + N, or ``epoch``). ``resume_from_checkpoint`` takes one
-of them, or ``true``/``latest`` for the newest. A resumed run continues the uninterrupted trajectory:
-CDB's selection is a pure function of (seed, optimizer step), the data order of epoch ``e`` a pure
-function of (seed, e), each example's augmentation runs under its own seed (seed, epoch, index), and
-``save_state`` carries the model, optimizer, scheduler and RNG states; ``cdb_hf_loop_state.json`` next to them
-carries the loop's position, its log history and CDB's state.
-
-FSDP and DeepSpeed are refused before any work: see :func:`refuse_unsupported_distribution`.
+Checkpoints are accelerate ``save_state`` folders, ``output_dir/checkpoint-<optimizer step>``, written by
+``save_strategy``/``save_steps``, and completed by ``cdb_hf_checkpoint.json`` (written last), which carries
+the loop's position, its log history and the run's CDB settings as plain JSON. Not
+``register_for_checkpointing``: accelerate unpickles registered objects with ``weights_only=False``, so
+resuming from a checkpoint someone else made could run arbitrary code. A resumed run continues the
+uninterrupted trajectory: CDB's selection is a pure function of (seed, optimizer step), the data order of
+epoch ``e`` a pure function of (seed, e), and each example's augmentation runs under its own seed.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import math
 import os
 import time
 from typing import Any
 
-import datasets
 import torch
-import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import (
-    DataLoaderConfiguration,
-    DistributedType,
-    GradientAccumulationPlugin,
-    LoggerType,
-    set_seed,
-)
+from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainingArguments, get_scheduler
 from transformers.trainer_pt_utils import get_parameter_names
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from . import cli
 from . import metrics as cdb_metrics
-from .arguments import CDBArguments, DataArguments, ModelArguments, RunArguments
-from .core import ChannelDropBack, ChannelDropBackConfig, StatsWindow
-from .data import PerExampleSeeded, apply_transforms, collate_fn, data_seed, load_image_datasets
-from .hub import push_outputs, save_outputs, write_model_card
-from .models import check_image_size, load_model_and_processor
-from .perf import apply_memory_format
+from .core import ChannelDropBack, StatsWindow
+from .data import data_seed
+from .preflight import RunPlan, UsageError, check_resume_matches, loop_state_error, trackers_for
+from .run import (
+    DivergenceGuard,
+    Startup,
+    checkpoint_load_error,
+    failed_run,
+    finish_run,
+    last_checkpoint,
+    open_run_dir,
+    prepare_run,
+    setup_logging,
+)
+from .run_dir import write_checkpoint_record
 
-__all__ = ["LOOP_CHECKPOINT_MARKER", "SUPPORTED_OPTIMIZERS", "LoopProgress", "evaluate", "load_loop_state",
-           "refuse_unsupported_distribution", "resolve_loop_checkpoint", "train"]
+__all__ = ["LoopProgress", "build_optimizer", "evaluate", "train", "train_one_epoch"]
 
 logger = get_logger(__name__)
 
-#: ``TrainingArguments.optim`` values the loop builds, through the Trainer's own factory so that the
-#: optimizer class and hyperparameters are exactly the Trainer path's.
-SUPPORTED_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "sgd", "adagrad", "rmsprop", "adafactor")
 
-#: ``report_to`` names that accelerate's trackers understand.
-SUPPORTED_TRACKERS = tuple(str(t.value) for t in LoggerType if t != LoggerType.ALL)
-
-#: The loop's own state in every checkpoint (position, log history, CDB's state), as JSON: its presence tells a
-#: loop checkpoint from a Trainer checkpoint. Not ``register_for_checkpointing``: accelerate writes registered
-#: objects as pickles and ``load_state`` unpickles them with ``weights_only=False``, so resuming from a
-#: checkpoint someone else made could run arbitrary code. JSON carries the same plain values, and nothing else.
-LOOP_CHECKPOINT_MARKER = "cdb_hf_loop_state.json"
-
-
-def train(model_args: ModelArguments, data_args: DataArguments, cdb_args: CDBArguments,
-          run_args: RunArguments, training_args: TrainingArguments) -> dict[str, float]:
+def train(plan: RunPlan) -> dict[str, float]:
     """Fine-tune an image classifier with ChannelDropBack in an accelerate loop; return the final metrics.
 
-    Runs unchanged on one device and under ``accelerate launch`` / ``torchrun`` (DDP). Bad arguments
-    are reported before any data or model is loaded, and nothing is written to ``output_dir`` before
-    the first optimizer step.
+    Runs unchanged on one device and under ``accelerate launch`` / ``torchrun`` (DDP). Bad input fails
+    before ``output_dir`` changes; a failure after that restores what it held.
     """
-    args = training_args
-    # ------------------------------------------------------------ 1. refuse bad input before any work
-    cdb_config = cli.validate_args(model_args, data_args, cdb_args, run_args, args)
-    check_loop_arguments(args)
-    resume_checkpoint = resolve_loop_checkpoint(args)
-    resume_state = load_loop_state(resume_checkpoint, cdb_config) if resume_checkpoint is not None else None
-
-    # ------------------------------------------------------------ 2. the Accelerator
+    args = plan.training
     accelerator = Accelerator(
         cpu=args.use_cpu,
         # --bf16/--fp16 win; without them `accelerate launch --mixed_precision` (or its config) decides.
@@ -106,168 +80,168 @@ def train(model_args: ModelArguments, data_args: DataArguments, cdb_args: CDBArg
         # The schedule counts optimizer steps, like the Trainer's; the loop steps it once per real step.
         step_scheduler_with_optimizer=False,
     )
-    refuse_unsupported_distribution(accelerator)
-    setup_logging(accelerator, args)
-    logger.info(accelerator.state)
-    set_seed(args.seed)  # a new classification head is drawn from the global RNG
+    setup_logging(args)
+    opened = []
+    with failed_run(opened):
+        with Startup(hold_back=args.get_process_log_level() > 10) as startup:
+            logger.info(accelerator.state)
+            parts = prepare_run(plan)
+            model = parts.model
+            if args.gradient_checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
+            train_dataloader = DataLoader(
+                parts.train_dataset, shuffle=args.train_sampling_strategy != "sequential",
+                collate_fn=parts.collate_fn, batch_size=args.per_device_train_batch_size,
+                num_workers=args.dataloader_num_workers, drop_last=args.dataloader_drop_last,
+                # A private generator keeps the loader's seed draws off the global RNG, which dropout uses.
+                generator=torch.Generator().manual_seed(data_seed(args)))
+            eval_dataloader = DataLoader(parts.eval_dataset, collate_fn=parts.collate_fn,
+                                         batch_size=args.per_device_eval_batch_size,
+                                         num_workers=args.dataloader_num_workers)
 
-    # ------------------------------------------------------------ 3. data and model
-    check_image_size(model_args)  # reads only the config: fail before a large dataset loads
-    with accelerator.main_process_first():  # the main process fills the datasets cache first
-        raw_datasets = load_image_datasets(data_args, seed=args.seed, cache_dir=model_args.cache_dir,
-                                           token=model_args.token)
-    labels = raw_datasets["train"].features["label"].names
-    model, image_processor = load_model_and_processor(model_args, labels)
-    if cdb_config is not None:
-        cli.check_cdb_against_model(model, cdb_config)  # include/exclude must match layers of this model
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
-    apply_memory_format(model, run_args.channels_last)  # before the optimizer, so its state shares the layout
-    processed = apply_transforms(raw_datasets, image_processor)
-    train_dataset = PerExampleSeeded(processed["train"], seed=data_seed(args))
-    train_dataloader = DataLoader(
-        train_dataset,
-        shuffle=args.train_sampling_strategy != "sequential",
-        collate_fn=collate_fn,
-        batch_size=args.per_device_train_batch_size,
-        num_workers=args.dataloader_num_workers,
-        drop_last=args.dataloader_drop_last,
-        # A private generator keeps the loader's seed draws off the global RNG, which dropout uses.
-        generator=torch.Generator().manual_seed(data_seed(args)),
-    )
-    eval_dataloader = DataLoader(processed["validation"], collate_fn=collate_fn,
-                                 batch_size=args.per_device_eval_batch_size,
-                                 num_workers=args.dataloader_num_workers)
+            optimizer = build_optimizer(model, args)
+            model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
+                model, optimizer, train_dataloader, eval_dataloader)
+            steps_per_epoch = max(math.ceil(len(train_dataloader) / args.gradient_accumulation_steps), 1)
+            max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+            lr_scheduler = accelerator.prepare(get_scheduler(
+                args.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=args.get_warmup_steps(max_steps),
+                num_training_steps=max_steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs or {}))
 
-    # ------------------------------------------------------------ 4. optimizer, accelerate's wrappers, schedule
-    optimizer = build_optimizer(model, args)
-    model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
-        model, optimizer, train_dataloader, eval_dataloader)
-    steps_per_epoch = max(math.ceil(len(train_dataloader) / args.gradient_accumulation_steps), 1)
-    max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
-    num_epochs = math.ceil(max_steps / steps_per_epoch)
-    lr_scheduler = accelerator.prepare(get_scheduler(
-        args.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=args.get_warmup_steps(max_steps),
-        num_training_steps=max_steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs or {}))
+            # ChannelDropBack: build it from the model, attach it to the optimizer (its step hooks mask the rows).
+            cdb_config = plan.cdb_config.for_run(max_steps, steps_per_epoch) if plan.cdb_config else None
+            cdb = ChannelDropBack(accelerator.unwrap_model(model), cdb_config) if cdb_config else None
+            cdb_handle = cdb.attach(optimizer) if cdb else None
 
-    # ------------------------------------------------------------ 5. ChannelDropBack: build it, attach it
-    progress = LoopProgress()
-    cdb, cdb_handle = None, None
-    if cdb_config is not None:
-        cdb_config = cdb_config.for_run(max_steps, steps_per_epoch)
-        cdb = ChannelDropBack(accelerator.unwrap_model(model), cdb_config)
-        cdb_handle = cdb.attach(optimizer)  # its step hooks mask the selected rows inside optimizer.step()
+            progress = LoopProgress()
+            if plan.resume_checkpoint is not None:
+                _check_loop_record(plan, max_steps, cdb_config)
+            opened.append(open_run_dir(plan))
+            if plan.resume_checkpoint is not None:
+                logger.info(f"Resuming from {plan.resume_checkpoint}")
+                _load_state_or_refuse(accelerator, plan.resume_checkpoint)
+                progress.load_state_dict(plan.resume_record["loop"])
+            startup.ready()
 
-    # ------------------------------------------------------------ 6. resume
-    if resume_checkpoint is not None:
-        logger.info(f"Resuming from {resume_checkpoint}")
-        accelerator.load_state(resume_checkpoint)  # tensors only (safetensors / weights_only), no custom objects
-        progress.load_state_dict(resume_state)
-        if cdb is not None:
-            cdb.load_state_dict(resume_state["cdb"])
-    completed_steps = progress.completed_steps
-    starting_epoch, resume_step = divmod(completed_steps, steps_per_epoch)
-    total_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    logger.info(f"***** {len(processed['train'])} training examples, {max_steps} optimizer steps over {num_epochs} "
-                f"epoch(s), total batch {total_batch} on {accelerator.num_processes} process(es); CDB "
-                f"{f'on {len(cdb.layers)} layers' if cdb else 'off'} *****")
+        if accelerator.log_with:
+            accelerator.init_trackers(getattr(args, "project", None) or "cdb_hf",
+                                      config=_hyperparameters(plan, cdb_config),
+                                      init_kwargs={"wandb": {"name": args.run_name}} if args.run_name else None)
+        starting_epoch, resume_step = divmod(progress.completed_steps, steps_per_epoch)
+        num_epochs = math.ceil(max_steps / steps_per_epoch)
+        total_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+        logger.info(f"***** {len(parts.train_dataset)} training examples, {max_steps} optimizer steps over "
+                    f"{num_epochs} epoch(s), total batch {total_batch} on {accelerator.num_processes} process(es); "
+                    f"CDB {f'on {len(cdb.layers)} layers' if cdb else 'off'} *****")
 
-    # ------------------------------------------------------------ 7. train
-    # Only now may output_dir change: every check has passed and the data and model are loaded.
-    cli.clear_output_dir_for_overwrite(args, run_args, is_main_process=accelerator.is_main_process)
-    accelerator.wait_for_everyone()
-    if accelerator.log_with:
-        accelerator.init_trackers(getattr(args, "project", None) or "cdb_hf",
-                                  config=_hyperparameters(model_args, data_args, cdb_config, args),
-                                  init_kwargs={"wandb": {"name": args.run_name}} if args.run_name else None)
-    cli.mark_training_started()
-    first_step = completed_steps
-    log_history = progress.log_history  # continued from the checkpoint when resuming
-    window = LogWindow()
-    run_loss, run_batches, start_time = torch.zeros((), device=accelerator.device), 0, time.time()
-    progress_bar = tqdm(range(max_steps), initial=completed_steps, desc="train",
-                        disable=not accelerator.is_local_main_process or args.disable_tqdm)
-    model.train()
-    for epoch in range(starting_epoch, num_epochs):
-        train_dataset.set_epoch(epoch)
-        train_dataloader.set_epoch(epoch)
-        active_dataloader = train_dataloader
-        if epoch == starting_epoch and resume_step:
-            # Epoch orders are fixed, so skipping the consumed batches lands where the saved run was.
-            active_dataloader = accelerator.skip_first_batches(
-                train_dataloader, resume_step * args.gradient_accumulation_steps)
-        for batch in active_dataloader:
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                window.add_loss(loss.detach())
-                run_loss, run_batches = run_loss + loss.detach(), run_batches + 1
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    if args.max_grad_norm and args.max_grad_norm > 0:
-                        window.grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                    if cdb is not None:
-                        cdb.step = completed_steps  # the selection is a pure function of (seed, this step)
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    window.learning_rate = lr_scheduler.get_last_lr()[0]  # the rate this step used
-                    if not accelerator.optimizer_step_was_skipped:
-                        lr_scheduler.step()
-                optimizer.zero_grad()
-            if not accelerator.sync_gradients:
-                continue
+        guard = DivergenceGuard(model)
+        window = LogWindow()
+        progress_bar = tqdm(range(max_steps), initial=progress.completed_steps, desc="train",
+                            disable=not accelerator.is_local_main_process or args.disable_tqdm)
+        first_step, start_time = progress.completed_steps, time.time()
+        run_loss = torch.zeros((), device=accelerator.device)
+        run_batches = 0
 
-            # ---- one optimizer step is done
-            completed_steps += 1
-            progress.completed_steps = completed_steps
+        def after_step(end_of_epoch: bool) -> None:
+            """Logging, evaluation and checkpoints due after this optimizer step (the Trainer's strategies)."""
+            step = progress.completed_steps
             progress_bar.update(1)
-            if cdb is not None and _cdb_ran(cdb, completed_steps, accelerator):
-                window.add_cdb(cdb.last_stats)
-            end_of_epoch = completed_steps % steps_per_epoch == 0 or completed_steps >= max_steps
-            epoch_position = completed_steps / steps_per_epoch
-            if _due(args.logging_strategy, args.logging_steps, completed_steps, max_steps, end_of_epoch) or (
-                    args.logging_first_step and completed_steps == 1):
-                log_event(accelerator, window.flush(accelerator), completed_steps, epoch_position, log_history)
-                progress_bar.set_postfix(loss=f"{log_history[-1]['loss']:.4f}")
-            if _due(args.eval_strategy, args.eval_steps, completed_steps, max_steps, end_of_epoch):
-                eval_metrics = evaluate(model, eval_dataloader, accelerator, len(labels))
-                log_event(accelerator, eval_metrics, completed_steps, epoch_position, log_history)
-            if _due(args.save_strategy, args.save_steps, completed_steps, max_steps, end_of_epoch):
-                save_checkpoint(accelerator, args, completed_steps, progress, cdb)
-            if completed_steps >= max_steps:
-                break
-    progress_bar.close()
+            epoch_position = step / steps_per_epoch
+            due = {name: _due(getattr(args, f"{name}_strategy"), getattr(args, f"{name}_steps"), step, max_steps,
+                              end_of_epoch) for name in ("logging", "eval", "save")}
+            due["logging"] |= args.logging_first_step and step == 1
+            if any(due.values()) or step >= max_steps:  # values are read back here anyway: check them first
+                guard.check(step, last_checkpoint(args.output_dir))
+            if due["logging"]:
+                log_event(accelerator, window.flush(accelerator), step, epoch_position, progress.log_history)
+                progress_bar.set_postfix(loss=f"{progress.log_history[-1]['loss']:.4f}")
+            if due["eval"]:
+                log_event(accelerator, evaluate(model, eval_dataloader, accelerator, len(parts.labels)), step,
+                          epoch_position, progress.log_history)
+            if due["save"]:
+                save_checkpoint(accelerator, plan, progress, cdb_config)
 
-    # ------------------------------------------------------------ 8. final metrics and outputs
-    runtime = time.time() - start_time
-    steps_run = completed_steps - first_step
-    metrics: dict[str, float] = {
-        "train_runtime": round(runtime, 4),
-        "train_samples_per_second": round(steps_run * total_batch / runtime, 3) if runtime else 0.0,
-        "train_steps_per_second": round(steps_run / runtime, 3) if runtime else 0.0,
-        "train_loss": (accelerator.reduce(run_loss / max(run_batches, 1), reduction="mean").item()
-                       if run_batches else float("nan")),
-        "epoch": completed_steps / steps_per_epoch,
-    }
-    log_history.append({**metrics, "step": completed_steps})
-    eval_metrics = evaluate(model, eval_dataloader, accelerator, len(labels))
-    log_event(accelerator, eval_metrics, completed_steps, completed_steps / steps_per_epoch, log_history)
-    metrics.update(eval_metrics)
-    if cdb_handle is not None:
-        cdb_handle.remove()  # the model may outlive this run: leave its optimizer plain
-    accelerator.wait_for_everyone()
-    for tracker in accelerator.trackers:  # not end_training(): the process group must outlive this call
-        tracker.finish()                  # (A/B runs and callers train several times in one process)
-    if accelerator.is_main_process:
-        final_model = accelerator.unwrap_model(model)
-        state = {"global_step": completed_steps, "max_steps": max_steps, "epoch": completed_steps / steps_per_epoch,
-                 "log_history": log_history}
-        save_outputs(args.output_dir, final_model, image_processor, cdb_config, metrics, trainer_state=state)
-        write_model_card(args.output_dir, model_args, data_args, cdb_config, metrics, training_args=args,
-                         log_history=log_history, model=final_model)
-        if args.push_to_hub:
-            push_outputs(args.output_dir, args)
-    accelerator.wait_for_everyone()
+        model.train()
+        for epoch in range(starting_epoch, num_epochs):
+            parts.train_dataset.set_epoch(epoch)
+            train_dataloader.set_epoch(epoch)
+            # Epoch orders are fixed, so skipping the consumed batches lands where the saved run was.
+            skip = resume_step * args.gradient_accumulation_steps if epoch == starting_epoch else 0
+            batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
+            epoch_loss, epoch_batches = train_one_epoch(
+                model, batches, optimizer, lr_scheduler, accelerator, args, cdb=cdb, guard=guard, window=window,
+                progress=progress, max_steps=max_steps, steps_per_epoch=steps_per_epoch, after_step=after_step)
+            run_loss, run_batches = run_loss + epoch_loss, run_batches + epoch_batches
+            if progress.completed_steps >= max_steps:
+                break
+        progress_bar.close()
+
+        runtime = time.time() - start_time
+        steps_run = progress.completed_steps - first_step
+        metrics: dict[str, float] = {
+            "train_runtime": round(runtime, 4),
+            "train_samples_per_second": round(steps_run * total_batch / runtime, 3) if runtime else 0.0,
+            "train_steps_per_second": round(steps_run / runtime, 3) if runtime else 0.0,
+            "train_loss": (accelerator.reduce(run_loss / max(run_batches, 1), reduction="mean").item()
+                           if run_batches else float("nan")),
+            "epoch": progress.completed_steps / steps_per_epoch,
+        }
+        guard.check(progress.completed_steps, last_checkpoint(args.output_dir))
+        progress.log_history.append({**metrics, "step": progress.completed_steps})
+        eval_metrics = evaluate(model, eval_dataloader, accelerator, len(parts.labels))
+        log_event(accelerator, eval_metrics, progress.completed_steps, metrics["epoch"], progress.log_history)
+        metrics.update(eval_metrics)
+        if cdb_handle is not None:
+            cdb_handle.remove()  # the model may outlive this run: leave its optimizer plain
+        accelerator.wait_for_everyone()
+        for tracker in accelerator.trackers:  # not end_training(): the process group must outlive this call
+            tracker.finish()                  # (A/B runs and callers train several times in one process)
+        if accelerator.is_main_process:
+            state = {"global_step": progress.completed_steps, "max_steps": max_steps, "epoch": metrics["epoch"],
+                     "log_history": progress.log_history}
+            finish_run(plan, opened[0], parts, accelerator.unwrap_model(model), cdb_config, metrics,
+                       trainer_state=state, log_history=progress.log_history)
+        accelerator.wait_for_everyone()
     return metrics
+
+
+def train_one_epoch(model: torch.nn.Module, batches, optimizer, lr_scheduler, accelerator: Accelerator,
+                    args: TrainingArguments, *, cdb: ChannelDropBack | None, guard: DivergenceGuard,
+                    window: LogWindow, progress: LoopProgress, max_steps: int, steps_per_epoch: int,
+                    after_step) -> tuple[torch.Tensor, int]:
+    """One pass over ``batches``: accumulate, clip, step (CDB masks inside ``optimizer.step()``).
+
+    Returns the summed loss (on the device) and the number of micro-batches; ``after_step(end_of_epoch)``
+    runs after every optimizer step. Stops early once ``max_steps`` optimizer steps are done.
+    """
+    loss_sum, micro_batches = torch.zeros((), device=accelerator.device), 0
+    for batch in batches:
+        with accelerator.accumulate(model):
+            loss = model(**batch).loss
+            guard.observe(loss)  # folded into a device flag: no host sync here
+            window.add_loss(loss.detach())
+            loss_sum, micro_batches = loss_sum + loss.detach(), micro_batches + 1
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                if args.max_grad_norm and args.max_grad_norm > 0:
+                    window.grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                if cdb is not None:
+                    cdb.step = progress.completed_steps  # the selection is a pure function of (seed, this step)
+            optimizer.step()
+            if accelerator.sync_gradients:
+                window.learning_rate = lr_scheduler.get_last_lr()[0]  # the rate this step used
+                if not accelerator.optimizer_step_was_skipped:
+                    lr_scheduler.step()
+            optimizer.zero_grad()
+        if not accelerator.sync_gradients:
+            continue
+        progress.completed_steps += 1
+        if cdb is not None and _cdb_ran(cdb, progress.completed_steps, accelerator):
+            window.add_cdb(cdb.last_stats)
+        after_step(progress.completed_steps % steps_per_epoch == 0 or progress.completed_steps >= max_steps)
+        if progress.completed_steps >= max_steps:
+            break
+    return loss_sum, micro_batches
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -300,8 +274,8 @@ def evaluate(model: torch.nn.Module, eval_dataloader: DataLoader, accelerator: A
 
 # ---------------------------------------------------------------------------- checkpoints
 class LoopProgress:
-    """The loop's position (completed optimizer steps) and log history, saved in every checkpoint's
-    :data:`LOOP_CHECKPOINT_MARKER` so that a resumed run continues both (the model card lists the whole run)."""
+    """The loop's position (completed optimizer steps) and log history, saved in every checkpoint's record so
+    that a resumed run continues both (the model card lists the whole run)."""
 
     def __init__(self) -> None:
         self.completed_steps = 0
@@ -315,56 +289,39 @@ class LoopProgress:
         self.log_history[:] = state_dict.get("log_history", [])
 
 
-def resolve_loop_checkpoint(training_args: TrainingArguments) -> str | None:
-    """The checkpoint ``resume_from_checkpoint`` names (a path, or ``true``/``latest`` for the newest in
-    ``output_dir``), checked to be a loop checkpoint; None when not resuming.
+def _check_loop_record(plan: RunPlan, max_steps: int, cdb_config) -> None:
+    """The resume checkpoint's loop state must be well formed and within this run; its run-sized CDB
+    settings must be this run's (the user-level ones were checked in pre-flight)."""
+    record = plan.resume_record
+    problem = loop_state_error(plan.resume_checkpoint, record.get("loop"), max_steps)
+    if problem is None and record["loop"]["completed_steps"] != record["step"]:
+        problem = f"completed_steps={record['loop']['completed_steps']} differs from the checkpoint's step {record['step']}"
+    if problem is not None:
+        raise UsageError(f"--resume_from_checkpoint {plan.resume_checkpoint!r}: its accelerate-loop state is not usable "
+                         f"({problem}); resume from a checkpoint-N folder this loop wrote")
+    check_resume_matches(record, "cdb_run", cdb_config.to_dict() if cdb_config else None, plan.run,
+                         plan.resume_checkpoint)
 
-    Raises FileNotFoundError when there is nothing to resume from, ValueError for a Trainer checkpoint.
-    """
-    checkpoint = cli.resolve_resume_checkpoint(training_args)
-    if checkpoint is not None and not os.path.isfile(os.path.join(checkpoint, LOOP_CHECKPOINT_MARKER)):
-        raise ValueError(f"resume_from_checkpoint: {checkpoint!r} is not a checkpoint of the accelerate loop (it has "
-                         f"no {LOOP_CHECKPOINT_MARKER}); a Trainer checkpoint resumes with --trainer hf")
-    return checkpoint
 
-
-def load_loop_state(checkpoint: str, cdb_config: ChannelDropBackConfig | None) -> dict[str, Any]:
-    """Read and check a loop checkpoint's :data:`LOOP_CHECKPOINT_MARKER` before any work starts.
-
-    Raises ValueError for a malformed file, and for a CDB run resumed from a baseline checkpoint (or the
-    reverse): the saved run and this one would not be the same run.
-    """
-    path = os.path.join(checkpoint, LOOP_CHECKPOINT_MARKER)
+def _load_state_or_refuse(accelerator: Accelerator, checkpoint: str) -> None:
+    """``accelerator.load_state`` (tensors only: safetensors / weights_only); a damaged checkpoint is one line."""
     try:
-        with open(path, encoding="utf-8") as file:
-            state = json.load(file)
-        steps_ok = isinstance(state["completed_steps"], int) and state["completed_steps"] >= 0
-        if not (steps_ok and isinstance(state.get("log_history", []), list)):
-            raise ValueError("bad completed_steps or log_history")
-    except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"resume_from_checkpoint: {path!r} is not a valid accelerate-loop state file ({error}); "
-                         "resume from a checkpoint-N folder this loop wrote") from error
-    saved_cdb = state.get("cdb")
-    if (saved_cdb is None) != (cdb_config is None):
-        raise ValueError(f"resume_from_checkpoint: {checkpoint!r} was saved by a run with CDB "
-                         f"{'off' if saved_cdb is None else 'on'}, but this run has CDB "
-                         f"{'off' if cdb_config is None else 'on'}; resume with the same --cdb setting")
-    return state
+        accelerator.load_state(checkpoint)
+    except Exception as error:
+        raise checkpoint_load_error(checkpoint, "its saved state", error) from error
 
 
-def save_checkpoint(accelerator: Accelerator, args: TrainingArguments, completed_steps: int,
-                    progress: LoopProgress, cdb: ChannelDropBack | None) -> str:
-    """``save_state`` into ``checkpoint-<step>`` (model, optimizer, scheduler, RNG) plus the loop's JSON state
-    (position, log history, CDB), then delete the oldest checkpoints beyond ``save_total_limit``."""
-    folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{completed_steps}")
+def save_checkpoint(accelerator: Accelerator, plan: RunPlan, progress: LoopProgress, cdb_config) -> str:
+    """``save_state`` into ``checkpoint-<step>`` (model, optimizer, scheduler, RNG), then its record (last: a
+    checkpoint without one is incomplete), then delete the oldest beyond ``save_total_limit``."""
+    args = plan.training
+    folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{progress.completed_steps}")
     accelerator.save_state(folder)
     if accelerator.is_main_process:
-        state = {**progress.state_dict(), "cdb": cdb.state_dict() if cdb is not None else None}
-        # Written last, through a temporary file: the marker exists only in a complete checkpoint.
-        temporary = os.path.join(folder, LOOP_CHECKPOINT_MARKER + ".tmp")
-        with open(temporary, "w", encoding="utf-8") as file:
-            json.dump(state, file, indent=1)
-        os.replace(temporary, os.path.join(folder, LOOP_CHECKPOINT_MARKER))
+        write_checkpoint_record(folder, trainer="accelerate", step=progress.completed_steps,
+                                cdb=plan.cdb_config.to_dict() if plan.cdb_config else None,
+                                cdb_run=cdb_config.to_dict() if cdb_config else None,
+                                extra={"loop": progress.state_dict()})
         rotate_checkpoints(args.output_dir, save_total_limit=args.save_total_limit)
     accelerator.wait_for_everyone()
     return folder
@@ -401,16 +358,6 @@ class LogWindow:
         return logs
 
 
-def setup_logging(accelerator: Accelerator, args: TrainingArguments) -> None:
-    """The logging of transformers' ``*_no_trainer.py`` examples: info on the main process, and the
-    libraries at ``log_level`` (main process) / ``log_level_replica`` (the others)."""
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
-                        level=logging.INFO if accelerator.is_local_main_process else logging.WARNING)
-    level = args.get_process_log_level()
-    datasets.utils.logging.set_verbosity(level)
-    transformers.utils.logging.set_verbosity(level)
-
-
 def log_event(accelerator: Accelerator, logs: dict[str, float], step: int, epoch: float,
               history: list[dict[str, float]]) -> None:
     """Record ``logs`` in the Trainer's ``log_history`` format and send them to the trackers.
@@ -431,63 +378,7 @@ def log_event(accelerator: Accelerator, logs: dict[str, float], step: int, epoch
     logger.info(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in logs.items()))
 
 
-# ---------------------------------------------------------------------------- checks and small helpers
-def check_loop_arguments(args: TrainingArguments) -> None:
-    """Refuse, by name and before any work, the TrainingArguments values the loop cannot honour."""
-    optim = str(getattr(args.optim, "value", args.optim))
-    if optim not in SUPPORTED_OPTIMIZERS:
-        raise ValueError(f"optim={optim!r} is not supported by the accelerate loop; choose one of "
-                         f"{', '.join(SUPPORTED_OPTIMIZERS)} (or use --trainer hf)")
-    if str(getattr(args.save_strategy, "value", args.save_strategy)) == "best" or args.load_best_model_at_end:
-        raise ValueError("save_strategy='best' and load_best_model_at_end are not supported by the accelerate loop; "
-                         "use save_strategy 'steps', 'epoch' or 'no' (or --trainer hf)")
-    unsupported = {"label_smoothing_factor": args.label_smoothing_factor != 0, "torch_compile": args.torch_compile,
-                   "auto_find_batch_size": args.auto_find_batch_size,
-                   "train_sampling_strategy": args.train_sampling_strategy not in ("random", "sequential")}
-    for name, is_set in unsupported.items():
-        if is_set:
-            raise ValueError(f"{name}={getattr(args, name)!r} is not supported by the accelerate loop (use --trainer hf, "
-                             "or drop the flag; train_sampling_strategy may be 'random' or 'sequential')")
-    trackers_for(args.report_to)
-    launcher_accumulation = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
-    if launcher_accumulation and int(launcher_accumulation) != args.gradient_accumulation_steps:
-        raise ValueError(f"the accelerate launcher sets gradient_accumulation_steps={launcher_accumulation} but the run "
-                         f"has --gradient_accumulation_steps {args.gradient_accumulation_steps}; set it once, with "
-                         "--gradient_accumulation_steps (the value both training paths read)")
-
-
-def trackers_for(report_to: list[str] | str | None) -> list[str]:
-    """``report_to`` as accelerate's ``log_with``; unknown names raise ValueError."""
-    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
-    names = [name for name in names if name != "none"]
-    if "all" in names:
-        return ["all"]
-    unknown = [name for name in names if name not in SUPPORTED_TRACKERS]
-    if unknown:
-        raise ValueError(f"report_to={unknown} is not supported by the accelerate loop; choose from "
-                         f"{', '.join(SUPPORTED_TRACKERS)}, 'all' or 'none'")
-    return names
-
-
-def refuse_unsupported_distribution(accelerator: Accelerator) -> None:
-    """Refuse FSDP and DeepSpeed launches (e.g. from an accelerate config file) before any data is loaded.
-
-    DeepSpeed steps its optimizer inside ``backward()`` with ``param.grad`` usually ``None`` (ZeRO), so CDB's
-    optimizer hooks would see nothing to mask. FSDP shards parameters and gradients along dim 0 (FSDP2
-    DTensors; FSDP1 flat parameters hide the layers altogether), while CDB's core masks whole tensors.
-    """
-    kind = accelerator.distributed_type
-    if kind == DistributedType.DEEPSPEED:
-        raise ValueError("ChannelDropBack does not support DeepSpeed (its optimizer steps inside backward(), before "
-                         "CDB can mask the gradients); launch plain DDP instead: accelerate launch --multi_gpu or "
-                         "torchrun")
-    if kind == DistributedType.FSDP:
-        raise ValueError("ChannelDropBack does not support FSDP (it shards the gradient rows CDB selects); launch "
-                         "plain DDP instead: accelerate launch --multi_gpu or torchrun")
-    if kind == DistributedType.MEGATRON_LM:
-        raise ValueError("ChannelDropBack does not support Megatron-LM; launch plain DDP instead")
-
-
+# ---------------------------------------------------------------------------- small helpers
 def build_optimizer(model: torch.nn.Module, args: TrainingArguments) -> torch.optim.Optimizer:
     """The Trainer's optimizer: the same class and kwargs, no weight decay on biases and norms."""
     # The same exclusions as Trainer.get_decay_parameter_names.
@@ -514,7 +405,6 @@ def _cdb_ran(cdb: ChannelDropBack, completed_steps: int, accelerator: Accelerato
     return False
 
 
-
 def _interval(value: float, max_steps: int) -> int:
     """TrainingArguments' convention: a value below 1 is a fraction of the run."""
     return max(math.ceil(value * max_steps), 1) if value < 1 else int(value)
@@ -528,12 +418,11 @@ def _due(strategy: Any, steps: float | None, completed_steps: int, max_steps: in
     return strategy == "epoch" and end_of_epoch
 
 
-def _hyperparameters(model_args: ModelArguments, data_args: DataArguments,
-                     cdb_config: ChannelDropBackConfig | None, args: TrainingArguments) -> dict[str, Any]:
+def _hyperparameters(plan: RunPlan, cdb_config) -> dict[str, Any]:
     """A flat, tracker-safe copy of the run's settings, without any token."""
-    values: dict[str, Any] = dict(args.to_sanitized_dict())
-    values.update({f"model_{k}": v for k, v in vars(model_args).items() if k != "token"})
-    values.update({f"data_{k}": v for k, v in vars(data_args).items()})
+    values: dict[str, Any] = dict(plan.training.to_sanitized_dict())
+    values.update({f"model_{k}": v for k, v in vars(plan.model).items() if k != "token"})
+    values.update({f"data_{k}": v for k, v in vars(plan.data).items()})
     values.update({f"cdb_{k}": v for k, v in (cdb_config.to_dict() if cdb_config else {"enabled": False}).items()})
     values.pop("hub_token", None)
     return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in values.items()}

@@ -99,8 +99,16 @@ class RunArguments:
     )
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Write into an output_dir that already holds a different run (transformers 5 "
-                          "dropped this TrainingArguments flag; without it such a directory is refused)."},
+        metadata={"help": "Replace the earlier cdb_hf run in output_dir (a folder with cdb_hf_run.json; any other "
+                          "non-empty folder is refused). The earlier run is set aside first, deleted only once "
+                          "the new run completes, and restored if it fails (transformers 5 dropped this "
+                          "TrainingArguments flag)."},
+    )
+    resume_allow_cdb_changes: bool = field(
+        default=False,
+        metadata={"help": "Resume from a checkpoint saved with other ChannelDropBack settings (or with CDB off/on): "
+                          "refused by default, because the resumed run would not continue the same run; with "
+                          "this flag it goes ahead with a warning naming every difference."},
     )
     channels_last: bool = field(
         default=True,

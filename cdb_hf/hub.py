@@ -7,7 +7,7 @@ standard model card, so anyone can load it with ``AutoModelForImageClassificatio
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import re
 from pathlib import Path
@@ -20,7 +20,9 @@ from transformers import TrainingArguments
 from transformers.modelcard import TrainingSummary, extract_hyperparameters_from_trainer, parse_log_history
 from transformers.utils import logging
 
+from .builtin import looks_like_hub_id
 from .core import ChannelDropBackConfig
+from .run_dir import RUN_MARKER, write_json_atomic
 
 __all__ = ["CDB_CONFIG_NAME", "UPLOAD_IGNORE_PATTERNS", "check_can_push", "push_outputs", "save_outputs",
            "write_model_card"]
@@ -29,7 +31,7 @@ logger = logging.get_logger(__name__)
 
 CDB_CONFIG_NAME = "cdb_config.json"
 #: Intermediate checkpoints hold optimizer state and pickled TrainingArguments (which may hold a token).
-UPLOAD_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "training_args.bin", "_*"]
+UPLOAD_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "training_args.bin", "_*", RUN_MARKER]
 _PAPER = "https://arxiv.org/abs/2411.10891"
 
 
@@ -82,8 +84,8 @@ def write_model_card(output_dir: str | os.PathLike, model_args, data_args, cdb_c
     output_dir = Path(output_dir)
     base_model = model_args.model_name_or_path
     dataset = data_args.dataset_name or data_args.train_dir
-    base_is_hub_id = _looks_like_hub_id(base_model)
-    dataset_is_hub_id = _looks_like_hub_id(dataset)
+    base_is_hub_id = looks_like_hub_id(base_model)
+    dataset_is_hub_id = looks_like_hub_id(dataset)
     if model_name is None:
         hub_id = getattr(training_args, "hub_model_id", None) if training_args is not None else None
         model_name = (hub_id or output_dir.resolve().name).split("/")[-1]
@@ -184,12 +186,6 @@ def _description(model, base_model: str | None, cdb_config: ChannelDropBackConfi
     return "\n".join(lines) + "\n"
 
 
-def _looks_like_hub_id(name: str | None) -> bool:
-    if not name or name.startswith("builtin:") or os.path.exists(name):
-        return False
-    return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None
-
-
 def _title(key: str) -> str:
     return " ".join(part.capitalize() for part in key.split("_"))
 
@@ -204,4 +200,15 @@ def _plain(value: Any) -> Any:
 
 
 def _write_json(path: Path, values: Any) -> None:
-    path.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    """Strict JSON (a non-finite number becomes null), written atomically."""
+    write_json_atomic(path, _finite_or_null(values))
+
+
+def _finite_or_null(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(item) for item in value]
+    return value

@@ -259,8 +259,7 @@ def resolve_model_path(name: str, flag: str = "model_name_or_path") -> str:
             raise ValueError(f"--{flag} {name!r} is a directory without config.json; expected a folder written by "
                              "save_pretrained (or timm's save_for_hf).")
         return str(path)
-    # Hub ids are 'name' or 'owner/name'; anything else that does not exist was meant as a local path.
-    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name:
+    if not builtin.looks_like_hub_id(name):
         raise FileNotFoundError(f"--{flag} {name!r}: no such directory (and it is not a Hub id of the form "
                                 "'name' or 'owner/name').")
     return name

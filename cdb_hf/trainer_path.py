@@ -1,32 +1,41 @@
-"""The transformers ``Trainer`` path of ``run_finetune.py``: data → model → CDB check → Trainer → outputs.
+"""The transformers ``Trainer`` face of ``run_finetune.py``: shared setup -> Trainer -> shared ending.
 
-It reads like ``run_image_classification.py`` with two differences: ChannelDropBack arrives as a
-callback, and the Trainer is :class:`ResumeSafeTrainer`, which loads checkpoints through the model's
-own ``from_pretrained`` path (transformers 5.24's Trainer drops ViT weights on resume).
+Everything before and after training is :mod:`cdb_hf.run`'s; what is the Trainer's own is here:
+ChannelDropBack arrives as a callback, and the Trainer is :class:`CDBTrainer`, which
+
+* loads checkpoints through the model's own ``from_pretrained`` path and checks they match the model
+  (transformers 5.24's Trainer drops ViT weights on resume, transformers#43701), and
+* places a :class:`~cdb_hf.callback.ChannelDropBackCallback` ahead of the ``report_to`` integrations,
+  so its ``cdb/*`` statistics reach every tracker.
 """
 
 from __future__ import annotations
 
 import copy
-import logging as std_logging
 import os
-import sys
+from typing import Any
 
-import datasets
-import transformers
-from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments, set_seed
+from accelerate import PartialState
+from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, logging
 
-from . import cli
-from .callback import ChannelDropBackCallback
-from .cli import check_cdb_against_model  # re-exported: it used to live here
-from .data import PerExampleSeeded, apply_transforms, collate_fn, data_seed, load_image_datasets
-from .hub import push_outputs, save_outputs, write_model_card
+from .callback import ChannelDropBackCallback, place_before_integrations
 from .metrics import build_compute_metrics
-from .models import check_image_size, load_model_and_processor
-from .perf import apply_memory_format
+from .preflight import RunPlan, UsageError, check_resume_matches
+from .run import (
+    DivergenceGuard,
+    Startup,
+    checkpoint_load_error,
+    failed_run,
+    finish_run,
+    last_checkpoint,
+    open_run_dir,
+    prepare_run,
+    setup_logging,
+)
+from .run_dir import write_checkpoint_record
 
-__all__ = ["ResumeSafeTrainer", "check_cdb_against_model", "load_checkpoint_weights", "train"]
+__all__ = ["CDBTrainer", "ResumeSafeTrainer", "load_checkpoint_weights", "train"]
 
 logger = logging.get_logger(__name__)
 
@@ -36,19 +45,31 @@ def load_checkpoint_weights(model: PreTrainedModel, checkpoint_dir: str | os.Pat
 
     ``save_pretrained`` writes legacy key names for some architectures (ViT's ``attention.attention.query``)
     that only ``from_pretrained`` converts back; a plain ``load_state_dict`` misses them. Loading a twin
-    through ``from_pretrained`` and copying its state dict with ``strict=True`` gets every tensor or fails.
+    through ``from_pretrained`` and copying its state dict with ``strict=True`` gets every tensor, and a
+    checkpoint of another model (missing, unexpected or differently shaped weights) is refused.
     """
-    twin = type(model).from_pretrained(checkpoint_dir, config=copy.deepcopy(model.config))
+    try:
+        twin, info = type(model).from_pretrained(checkpoint_dir, config=copy.deepcopy(model.config),
+                                                 output_loading_info=True)
+    except Exception as error:  # safetensors, OSError, ... : a damaged file
+        raise checkpoint_load_error(checkpoint_dir, "its model weights", error) from error
+    problems = {kind: info.get(kind) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")
+                if info.get(kind)}
+    if problems:
+        detail = "; ".join(f"{kind.replace('_', ' ')}: {_preview(list(keys))}" for kind, keys in problems.items())
+        raise UsageError(f"checkpoint {str(checkpoint_dir)!r} does not hold this model's weights ({detail})")
     model.load_state_dict(twin.state_dict(), strict=True)
 
 
 class ResumeSafeTrainer(Trainer):
-    """A ``Trainer`` whose resume (and ``load_best_model_at_end``) restores every weight.
+    """A ``Trainer`` whose resume (and ``load_best_model_at_end``) restores every weight, or refuses.
 
     transformers 5.24's ``Trainer._load_from_checkpoint`` loads checkpoint files with a plain
     ``load_state_dict(strict=False)``, so keys saved under legacy names (ViT, transformers#43701)
     silently keep their current values. For ordinary (non-PEFT, non-FSDP/DeepSpeed) models this class
-    loads through :func:`load_checkpoint_weights` instead; everything else is the stock Trainer.
+    loads through :func:`load_checkpoint_weights` instead. A damaged checkpoint (truncated weights, an
+    optimizer file that a safe ``weights_only`` load refuses) is a :class:`~cdb_hf.preflight.UsageError`
+    naming the file, never a suggestion to load it unsafely.
     """
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
@@ -57,7 +78,13 @@ class ResumeSafeTrainer(Trainer):
             logger.info(f"Loading model weights from {resume_from_checkpoint} through from_pretrained.")
             load_checkpoint_weights(target, resume_from_checkpoint)
         else:
-            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            _load_or_refuse(super()._load_from_checkpoint, resume_from_checkpoint, "its model weights", model)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        _load_or_refuse(super()._load_optimizer_and_scheduler, checkpoint, "its optimizer or scheduler state")
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        _load_or_refuse(super()._load_rng_state, checkpoint, "its random-number-generator state")
 
     def _load_best_model(self) -> None:
         best = self.state.best_model_checkpoint
@@ -75,91 +102,135 @@ class ResumeSafeTrainer(Trainer):
                      or os.path.isfile(os.path.join(checkpoint, SAFE_WEIGHTS_INDEX_NAME))))
 
 
-def train(model_args, data_args, cdb_args, run_args, training_args: TrainingArguments) -> dict[str, float]:
+class CDBTrainer(ResumeSafeTrainer):
+    """:class:`ResumeSafeTrainer` that places every :class:`ChannelDropBackCallback` it is given ahead of
+    the ``report_to`` integrations, so the ``cdb/*`` statistics reach every tracker."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for callback in list(self.callback_handler.callbacks):
+            if isinstance(callback, ChannelDropBackCallback):
+                place_before_integrations(self, callback)
+
+
+def train(plan: RunPlan) -> dict[str, float]:
     """Fine-tune with the transformers Trainer (+ ChannelDropBackCallback); return the final metrics.
 
-    Every check that can fail on user input runs before the Trainer is built, so bad input never
-    touches ``output_dir``.
+    Bad input fails before ``output_dir`` changes; a failure after that restores what it held (see
+    :func:`cdb_hf.run.failed_run`).
     """
-    cdb_config = cli.validate_args(model_args, data_args, cdb_args, run_args, training_args)
-    _setup_logging(training_args)
-    resume = cli.resolve_resume_checkpoint(training_args)
-    # TrainingArguments turns do_eval on by itself whenever eval_strategy is set, so do_train/do_eval
-    # cannot tell "evaluate only" from "train with periodic evaluation": like the accelerate loop,
-    # this script always trains and then evaluates.
-    do_train = do_eval = True
-
-    check_image_size(model_args)  # reads only the config: fail before a large dataset loads
-    set_seed(training_args.seed)  # a new classification head is drawn from the global RNG
-    dataset = load_image_datasets(data_args, seed=training_args.seed, cache_dir=model_args.cache_dir,
-                                  token=model_args.token)
-    labels = dataset["train"].features["label"].names
-    model, image_processor = load_model_and_processor(model_args, labels)
-    if cdb_config is not None:
-        check_cdb_against_model(model, cdb_config)
-    apply_memory_format(model, run_args.channels_last)  # before the Trainer builds the optimizer
-    dataset = apply_transforms(dataset, image_processor)
-
-    trainer_args = copy.copy(training_args)
-    trainer_args.remove_unused_columns = False  # the transforms read the image column lazily
-    trainer_args.push_to_hub = False  # pushed once at the end, through hub.push_outputs
-    # Augmentation draws from the global RNG at fetch time, which prefetching and a resume's skipped
-    # batches shift; seeding each example by (seed, epoch, index) makes resumed runs crop identically.
-    train_dataset = PerExampleSeeded(dataset["train"], seed=data_seed(training_args))
-    trainer = ResumeSafeTrainer(
-        model=model,
-        args=trainer_args,
-        train_dataset=train_dataset if do_train else None,
-        eval_dataset=dataset["validation"] if do_eval else None,
-        processing_class=image_processor,
-        data_collator=collate_fn,
-        compute_metrics=build_compute_metrics(len(labels)),
-        callbacks=[_EpochSetter(train_dataset)]
-        + ([ChannelDropBackCallback(cdb_config)] if cdb_config is not None else []),
-    )
-
-    # After every check and load, so bad input never costs the old run; rank 0 deletes, the others wait.
-    cli.clear_output_dir_for_overwrite(training_args, run_args, is_main_process=trainer.is_world_process_zero())
-    trainer.accelerator.wait_for_everyone()
-    cli.mark_training_started()
-    metrics: dict[str, float] = {}
-    if do_train:
-        result = trainer.train(resume_from_checkpoint=resume)
-        metrics.update(result.metrics)
+    args = plan.training
+    setup_logging(args)
+    opened = []
+    with failed_run(opened), Startup(hold_back=args.get_process_log_level() > logging.DEBUG) as startup:
+        parts = prepare_run(plan)
+        trainer_args = copy.copy(args)
+        trainer_args.remove_unused_columns = False  # the transforms read the image column lazily
+        trainer_args.push_to_hub = False  # pushed once at the end, by finish_run
+        guard = DivergenceGuard(parts.model)
+        cdb_callback = ChannelDropBackCallback(plan.cdb_config) if plan.cdb_config is not None else None
+        trainer = _RunTrainer(
+            guard,
+            model=parts.model,
+            args=trainer_args,
+            train_dataset=parts.train_dataset,
+            eval_dataset=parts.eval_dataset,
+            processing_class=parts.image_processor,
+            data_collator=parts.collate_fn,
+            compute_metrics=build_compute_metrics(len(parts.labels)),
+            callbacks=[_EpochSetter(parts.train_dataset), _RunWatch(plan, startup, guard, cdb_callback)]
+            + ([cdb_callback] if cdb_callback is not None else []),
+        )
+        opened.append(open_run_dir(plan))
+        result = trainer.train(resume_from_checkpoint=plan.resume_checkpoint)
+        metrics: dict[str, float] = dict(result.metrics)
         trainer.log_metrics("train", result.metrics)
-    if do_eval:
         eval_metrics = trainer.evaluate()
         metrics.update(eval_metrics)
         trainer.log_metrics("eval", eval_metrics)
 
-    if trainer.is_world_process_zero():
-        save_outputs(training_args.output_dir, trainer.model, image_processor, cdb_config, metrics,
-                     trainer_state=trainer.state)
-        write_model_card(training_args.output_dir, model_args, data_args, cdb_config, metrics,
-                         training_args=training_args, log_history=trainer.state.log_history, model=trainer.model)
-        if training_args.push_to_hub:
-            push_outputs(training_args.output_dir, training_args)
+        if trainer.is_world_process_zero():
+            finish_run(plan, opened[0], parts, trainer.model, plan.cdb_config, metrics,
+                       trainer_state=trainer.state, log_history=trainer.state.log_history)
+        trainer.accelerator.wait_for_everyone()
     return metrics
+
+
+class _RunTrainer(CDBTrainer):
+    """The run's Trainer: every training loss goes through the divergence guard (on the device, no sync)."""
+
+    def __init__(self, guard: DivergenceGuard, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.divergence_guard = guard
+
+    def training_step(self, *args: Any, **kwargs: Any):
+        loss = super().training_step(*args, **kwargs)
+        self.divergence_guard.observe(loss)
+        return loss
+
+
+class _RunWatch(TrainerCallback):
+    """The run's bookkeeping around the Trainer's own: start-up, divergence, checkpoint records.
+
+    * at the first step, the held-back start-up logs are printed (:meth:`Startup.ready`), after the
+      run-sized CDB configuration was checked against the resume checkpoint's;
+    * wherever the Trainer is about to read values back anyway (a log, an evaluation, a save, the
+      end), the divergence guard is checked, before anything is saved;
+    * after each checkpoint save, ``cdb_hf_checkpoint.json`` completes it.
+    """
+
+    def __init__(self, plan: RunPlan, startup: Startup, guard: DivergenceGuard,
+                 cdb_callback: ChannelDropBackCallback | None) -> None:
+        self.plan, self.startup, self.guard, self.cdb_callback = plan, startup, guard, cdb_callback
+
+    def _run_config(self) -> dict[str, Any] | None:
+        return self.cdb_callback.cdb.config.to_dict() if self.cdb_callback is not None else None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if not self.startup.started:
+            if self.plan.resume_checkpoint is not None:
+                check_resume_matches(self.plan.resume_record, "cdb_run", self._run_config(), self.plan.run,
+                                     self.plan.resume_checkpoint)
+            self.startup.ready()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_log or control.should_evaluate or control.should_save or state.global_step >= state.max_steps:
+            self.guard.check(state.global_step, last_checkpoint(args.output_dir))
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if control.should_log or control.should_evaluate or control.should_save:
+            self.guard.check(state.global_step, last_checkpoint(args.output_dir))
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            write_checkpoint_record(folder, trainer="hf", step=state.global_step,
+                                    cdb=self.plan.cdb_config.to_dict() if self.plan.cdb_config else None,
+                                    cdb_run=self._run_config())
+        PartialState().wait_for_everyone()
 
 
 class _EpochSetter(TrainerCallback):
     """Tell the per-example seeding which epoch it is: with the Trainer's seedable sampler, accelerate
     forwards ``set_epoch`` to the sampler only, so without this every epoch would crop alike."""
 
-    def __init__(self, dataset: PerExampleSeeded) -> None:
+    def __init__(self, dataset) -> None:
         self.dataset = dataset
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.dataset.set_epoch(int(state.epoch or 0))
 
 
+def _load_or_refuse(load, checkpoint: str | None, what: str, *args: Any) -> None:
+    try:
+        load(checkpoint, *args)
+    except UsageError:
+        raise
+    except Exception as error:
+        raise checkpoint_load_error(checkpoint, what, error) from error
 
-def _setup_logging(training_args: TrainingArguments) -> None:
-    """The usual script logging of transformers' examples: one format, the Trainer's log level."""
-    std_logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-                            datefmt="%m/%d/%Y %H:%M:%S", handlers=[std_logging.StreamHandler(sys.stdout)])
-    log_level = training_args.get_process_log_level()
-    datasets.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.enable_default_handler()
-    transformers.utils.logging.enable_explicit_format()
+
+def _preview(names: list[str], limit: int = 3) -> str:
+    shown = ", ".join(repr(str(n)) for n in names[:limit])
+    return f"{shown}{', ...' if len(names) > limit else ''} ({len(names)})"
+

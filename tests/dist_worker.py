@@ -28,12 +28,12 @@ import torch
 import torch.distributed as dist
 from accelerate import PartialState
 
-import cdb_hf.accelerate_loop
-import cdb_hf.trainer_path
+import cdb_hf.data
 from cdb_hf.accelerate_loop import train as accelerate_train
 from cdb_hf.cli import parse_args
 from cdb_hf.core import ChannelDropBack
 from cdb_hf.data import collate_fn
+from cdb_hf.preflight import plan_run
 from cdb_hf.trainer_path import train as trainer_train
 
 
@@ -79,8 +79,7 @@ class BatchSpy:
 
     def __init__(self) -> None:
         self.batches: list[dict] = []
-        for module in (cdb_hf.accelerate_loop, cdb_hf.trainer_path):
-            module.collate_fn = self.collate
+        cdb_hf.data.collate_fn = self.collate  # what both paths' shared setup hands them
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         batch = collate_fn(examples)
@@ -107,7 +106,7 @@ def main(workdir: Path) -> None:
 
     def run(train, name: str, extra: list[str]) -> Path:
         output_dir = workdir / name
-        train(*parse_args([*spec["common_args"], "--output_dir", str(output_dir), *extra]))
+        train(plan_run(*parse_args([*spec["common_args"], "--output_dir", str(output_dir), *extra])))
         return output_dir
 
     def train_batches() -> list[dict]:

@@ -11,17 +11,19 @@ from safetensors.torch import load_file
 from scipy import stats
 
 import cdb_hf.ab
+import cdb_hf.run
 from cdb_hf import cli
 from cdb_hf.ab import (
     ARMS,
     ArmRun,
-    arm_arguments,
+    arm_plan,
     load_eval_curve,
     paired_difference,
     run_ab,
     summarize,
     write_results,
 )
+from cdb_hf.preflight import UsageError, plan_run
 
 BASELINE = [0.80, 0.82, 0.79, 0.85]
 CDB = [0.81, 0.84, 0.79, 0.86]
@@ -116,36 +118,35 @@ def test_load_eval_curve_reads_both_training_paths(tmp_path):
 
 
 def _args(tmp_path, *flags):
-    return cli.parse_args(["--model_name_or_path", "unused", "--dataset_name", "unused",
-                           "--output_dir", str(tmp_path / "ab"), "--seed", "7", *flags])
+    return plan_run(*cli.parse_args(["--model_name_or_path", "unused", "--dataset_name", "unused",
+                                     "--output_dir", str(tmp_path / "ab"), "--seed", "7", *flags]))
 
 
-def test_arm_arguments_pair_the_seeds(tmp_path):
-    _, _, cdb_args, run_args, training_args = _args(tmp_path, "--cdb", "false", "--ab_seeds", "3")
-    base = arm_arguments("baseline", 8, cdb_args, run_args, training_args, tmp_path / "ab")
-    cdb = arm_arguments("cdb", 8, cdb_args, run_args, training_args, tmp_path / "ab")
-    assert base[2].seed == cdb[2].seed == 8
-    assert (base[0].cdb, cdb[0].cdb, cdb[0].cdb_seed) == (False, True, 8)
-    assert base[2].output_dir == str(tmp_path / "ab" / "seed8" / "baseline")
-    assert cdb[2].output_dir == str(tmp_path / "ab" / "seed8" / "cdb")
-    assert base[1].ab_seeds == cdb[1].ab_seeds == 0 and run_args.ab_seeds == 3
-    assert training_args.seed == 7 and cdb_args.cdb is False  # the caller's arguments are untouched
+def test_arm_plans_pair_the_seeds(tmp_path):
+    plan = _args(tmp_path, "--cdb", "false", "--ab_seeds", "3")
+    base, cdb = arm_plan(plan, "baseline", 8), arm_plan(plan, "cdb", 8)
+    assert base.training.seed == cdb.training.seed == 8
+    assert (base.cdb.cdb, cdb.cdb.cdb, cdb.cdb.cdb_seed) == (False, True, 8)
+    assert base.cdb_config is None and cdb.cdb_config.seed == 8
+    assert base.training.output_dir == str(tmp_path / "ab" / "seed8" / "baseline")
+    assert cdb.training.output_dir == str(tmp_path / "ab" / "seed8" / "cdb")
+    assert base.run.ab_seeds == cdb.run.ab_seeds == 0 and plan.run.ab_seeds == 3
+    assert plan.training.seed == 7 and plan.cdb.cdb is False  # the caller's plan is untouched
     with pytest.raises(ValueError, match="arm="):
-        arm_arguments("treatment", 8, cdb_args, run_args, training_args, tmp_path)
+        arm_plan(plan, "treatment", 8)
 
 
 def test_run_ab_keeps_going_after_a_failure_and_reports_it(tmp_path, capsys):
     calls = []
 
-    def fake_train(model_args, data_args, cdb_args, run_args, training_args):
-        calls.append((training_args.seed, cdb_args.cdb))
-        if training_args.seed == 8 and cdb_args.cdb:
+    def fake_train(plan):
+        calls.append((plan.training.seed, plan.cdb.cdb))
+        if plan.training.seed == 8 and plan.cdb.cdb:
             raise RuntimeError("simulated crash")
-        return {"eval_accuracy": 0.5 + 0.01 * training_args.seed + (0.02 if cdb_args.cdb else 0.0),
+        return {"eval_accuracy": 0.5 + 0.01 * plan.training.seed + (0.02 if plan.cdb.cdb else 0.0),
                 "eval_loss": 1.0, "train_runtime": 3.0}
 
-    args = _args(tmp_path, "--ab_seeds", "3")
-    result = run_ab(*args, train_fn=fake_train)
+    result = run_ab(_args(tmp_path, "--ab_seeds", "3"), train_fn=fake_train)
     assert calls == [(7, False), (7, True), (8, False), (8, True), (9, False), (9, True)]
     assert result["complete_seeds"] == [7, 9] and result["incomplete_seeds"] == [8]
     assert result["failed_runs"][0]["error"] == "RuntimeError: simulated crash"
@@ -165,9 +166,10 @@ def test_run_ab_writes_and_prints_only_on_the_main_process(tmp_path, monkeypatch
             waited.append(True)
 
     monkeypatch.setattr(cdb_hf.ab, "PartialState", NotMainProcess)
-    args = _args(tmp_path, "--ab_seeds", "2")
-    result = run_ab(*args, train_fn=lambda m, d, c, r, t: {"eval_accuracy": 0.5 + (0.1 if c.cdb else 0.0)})
-    assert waited == [True]
+    monkeypatch.setattr(cdb_hf.run, "PartialState", NotMainProcess)
+    result = run_ab(_args(tmp_path, "--ab_seeds", "2"),
+                    train_fn=lambda plan: {"eval_accuracy": 0.5 + (0.1 if plan.cdb.cdb else 0.0)})
+    assert waited == [True, True]  # the output folder opened by the main process, the report
     assert result["metrics"]["eval_accuracy"]["difference"]["mean"] == pytest.approx(0.1)
     assert "Verdict" in result["report"]
     root = tmp_path / "ab"
@@ -177,10 +179,25 @@ def test_run_ab_writes_and_prints_only_on_the_main_process(tmp_path, monkeypatch
 
 
 def test_run_ab_refuses_an_invalid_cdb_arm_before_any_work(tmp_path):
-    args = _args(tmp_path, "--ab_seeds", "2", "--cdb", "false", "--cdb_channel_rate", "1.5")
-    with pytest.raises(ValueError, match="channel_rate"):
-        run_ab(*args, train_fn=lambda *a: pytest.fail("trained despite bad input"))
+    with pytest.raises(UsageError, match="channel_rate"):
+        _args(tmp_path, "--ab_seeds", "2", "--cdb", "false", "--cdb_channel_rate", "1.5")
     assert not (tmp_path / "ab").exists()
+
+
+def test_bad_input_found_in_the_first_arm_stops_the_comparison_and_restores_the_previous_one(tmp_path):
+    from cdb_hf.run_dir import write_run_marker
+
+    root = tmp_path / "ab"
+    root.mkdir()
+    write_run_marker(root, status="complete", kind="ab")
+    (root / "report.md").write_text("the previous comparison")
+
+    def bad_data(plan):
+        raise UsageError("the training images are unreadable")
+
+    with pytest.raises(UsageError, match="unreadable.*previous run .* was restored"):
+        run_ab(_args(tmp_path, "--ab_seeds", "2", "--overwrite_output_dir", "true"), train_fn=bad_data)
+    assert (root / "report.md").read_text() == "the previous comparison"
 
 
 def _tiny_flags(tiny_vit_dir, image_folder, output_dir):
@@ -230,12 +247,13 @@ def test_paired_arms_differ_only_by_cdb(tiny_vit_dir, image_folder, tmp_path):
 def test_cli_exit_code_is_1_when_an_ab_run_failed(tmp_path, monkeypatch, capsys):
     import cdb_hf.ab
 
-    def run_ab_with_a_failure(*args):
-        return run_ab(*args, train_fn=lambda m, d, c, r, t: (_ for _ in ()).throw(RuntimeError("boom"))
-                      if c.cdb else {"eval_accuracy": 0.5, "eval_loss": 1.0})
+    def run_ab_with_a_failure(plan):
+        return run_ab(plan, train_fn=lambda arm: (_ for _ in ()).throw(RuntimeError("boom"))
+                      if arm.cdb.cdb else {"eval_accuracy": 0.5, "eval_loss": 1.0})
 
     monkeypatch.setattr(cdb_hf.ab, "run_ab", run_ab_with_a_failure)
-    argv = ["--model_name_or_path", "any", "--train_dir", str(tmp_path), "--output_dir", str(tmp_path / "ab"),
-            "--ab_seeds", "2"]
+    (tmp_path / "images").mkdir()
+    argv = ["--model_name_or_path", "any", "--train_dir", str(tmp_path / "images"), "--output_dir",
+            str(tmp_path / "ab"), "--ab_seeds", "2"]
     assert cli.main(argv) == 1
     assert "2 A/B run(s) failed" in capsys.readouterr().err

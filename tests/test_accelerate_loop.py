@@ -21,9 +21,17 @@ from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
 import cdb_hf.accelerate_loop as loop
+import cdb_hf.run
 from cdb_hf.cli import parse_args
 from cdb_hf.core import ChannelDropBack
 from cdb_hf.data import PerExampleSeeded
+from cdb_hf.preflight import UsageError, check_supported_setup, plan_run
+from cdb_hf.run_dir import CHECKPOINT_RECORD
+
+
+def train(model_dir, image_folder, output_dir, *extra: str) -> dict[str, float]:
+    """A tiny accelerate-loop run, planned exactly as the CLI plans it."""
+    return loop.train(plan_run(*loop_args(model_dir, image_folder, output_dir, *extra)))
 
 
 def loop_args(model_dir, image_folder, output_dir, *extra: str):
@@ -59,15 +67,15 @@ def test_a_run_writes_the_shared_outputs_checkpoints_and_tracker_logs(tmp_path, 
 
     pushed = []
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)  # pushing is mocked below, never networked
-    monkeypatch.setattr(loop, "push_outputs",
+    monkeypatch.setattr(cdb_hf.run, "push_outputs",
                         lambda output_dir, args: pushed.append((Path(output_dir), sorted(os.listdir(output_dir)))))
     output_dir = tmp_path / "out"
     # 15 images in batches of 4 with accumulation 2: 2 optimizer steps per epoch.
-    metrics = loop.train(*loop_args(
+    metrics = train(
         tiny_vit_dir, image_folder, output_dir, "--max_steps", "4", "--gradient_accumulation_steps", "2",
         "--logging_steps", "2", "--eval_strategy", "steps", "--eval_steps", "2", "--save_steps", "2",
         "--save_total_limit", "1", "--report_to", "tensorboard", "--cdb_schedule", "linear",
-        "--push_to_hub", "--hub_model_id", "someone/tiny-cdb", "--hub_token", "hf_notARealToken"))
+        "--push_to_hub", "--hub_model_id", "someone/tiny-cdb", "--hub_token", "hf_notARealToken")
 
     assert sorted(selections) == [0, 1, 2, 3]
     assert {"train_loss", "train_runtime", "eval_loss", "eval_accuracy", "epoch"} <= metrics.keys()
@@ -88,13 +96,13 @@ def test_a_run_writes_the_shared_outputs_checkpoints_and_tracker_logs(tmp_path, 
     # save_total_limit=1 keeps the newest checkpoint: an accelerate save_state folder with CDB's step in it.
     assert sorted(p.name for p in output_dir.glob("checkpoint-*")) == ["checkpoint-4"]
     checkpoint = output_dir / "checkpoint-4"
-    assert {"model.safetensors", "optimizer.bin", "scheduler.bin", loop.LOOP_CHECKPOINT_MARKER} <= set(
-        os.listdir(checkpoint))
+    assert {"model.safetensors", "optimizer.bin", "scheduler.bin", CHECKPOINT_RECORD} <= set(os.listdir(checkpoint))
     # The loop's own state is plain JSON, never a pickle that resuming would have to unpickle.
     assert not list(checkpoint.glob("custom_checkpoint_*")), "no register_for_checkpointing pickles"
-    loop_state = json.loads((checkpoint / loop.LOOP_CHECKPOINT_MARKER).read_text())
+    record = json.loads((checkpoint / CHECKPOINT_RECORD).read_text())
+    loop_state = record["loop"]
     assert loop_state["completed_steps"] == 4 and [entry["step"] for entry in loop_state["log_history"]] == [2, 2, 4, 4]
-    assert loop_state["cdb"] == {"step": 4, "seed": 0}
+    assert record["cdb"]["schedule"] == "linear" and record["cdb_run"]["schedule_total_steps"] == 4
 
     # Trainer-style log history (what the model card reads) with CDB's statistics in every training log.
     history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
@@ -116,14 +124,13 @@ def test_a_run_writes_the_shared_outputs_checkpoints_and_tracker_logs(tmp_path, 
 def test_resume_from_an_epoch_checkpoint_reaches_the_uninterrupted_weights(tmp_path, tiny_convnext_dir,
                                                                           image_folder, selections):
     common = ("--num_train_epochs", "3", "--save_strategy", "epoch", "--logging_steps", "1", "--cdb_channel_rate", "0.5")
-    loop.train(*loop_args(tiny_convnext_dir, image_folder, tmp_path / "straight", *common))
+    train(tiny_convnext_dir, image_folder, tmp_path / "straight", *common)
     straight = dict(selections)
     assert sorted(straight) == list(range(12))  # 4 batches per epoch, 3 epochs
 
     selections.clear()
     checkpoint = tmp_path / "straight" / "checkpoint-4"  # the end of epoch 1: a fresh process resumes from it
-    loop.train(*loop_args(tiny_convnext_dir, image_folder, tmp_path / "resumed", *common,
-                          "--resume_from_checkpoint", str(checkpoint)))
+    train(tiny_convnext_dir, image_folder, tmp_path / "resumed", *common, "--resume_from_checkpoint", str(checkpoint))
     assert sorted(selections) == list(range(4, 12)), "the resumed run starts at optimizer step 4"
     assert all(selections[step] == straight[step] for step in selections)
     straight_weights = load_file(tmp_path / "straight" / "model.safetensors")
@@ -137,36 +144,42 @@ def test_resume_from_an_epoch_checkpoint_reaches_the_uninterrupted_weights(tmp_p
 def test_overwrite_output_dir_removes_the_previous_run_before_training(tmp_path, tiny_vit_dir, image_folder,
                                                                         selections):
     output_dir = tmp_path / "out"
-    loop.train(*loop_args(tiny_vit_dir, image_folder, output_dir, "--max_steps", "2", "--save_steps", "1",
-                          "--report_to", "tensorboard"))
+    train(tiny_vit_dir, image_folder, output_dir, "--max_steps", "2", "--save_steps", "1", "--report_to", "tensorboard")
     assert (output_dir / "cdb_config.json").is_file() and (output_dir / "checkpoint-2").is_dir()
 
     # A baseline written over it: no stale CDB config, checkpoints or tracker logs of the CDB run remain.
-    loop.train(*loop_args(tiny_vit_dir, image_folder, output_dir, "--max_steps", "1", "--save_strategy", "no",
-                          "--cdb", "false", "--overwrite_output_dir", "true"))
+    train(tiny_vit_dir, image_folder, output_dir, "--max_steps", "1", "--save_strategy", "no", "--cdb", "false",
+          "--overwrite_output_dir", "true")
     assert not list(output_dir.glob("checkpoint-*")) and not (output_dir / "runs").exists()
     assert not (output_dir / "cdb_config.json").exists()
     assert json.loads((output_dir / "trainer_state.json").read_text())["global_step"] == 1
 
 
+def _fake_loop_checkpoint(checkpoint: Path, record) -> None:
+    checkpoint.mkdir(parents=True, exist_ok=True)
+    (checkpoint / "model.safetensors").write_bytes(b"weights")
+    (checkpoint / CHECKPOINT_RECORD).write_text(record if isinstance(record, str) else json.dumps(record))
+
+
 def test_a_checkpoint_with_a_malformed_or_mismatched_loop_state_is_refused_before_any_work(tmp_path, tiny_vit_dir,
                                                                                            image_folder, monkeypatch):
     checkpoint = tmp_path / "out" / "checkpoint-2"
-    checkpoint.mkdir(parents=True)
-    monkeypatch.setattr(loop, "load_image_datasets", lambda *a, **k: pytest.fail("work started before the error"))
-    (checkpoint / loop.LOOP_CHECKPOINT_MARKER).write_text("not json")
-    with pytest.raises(ValueError, match="is not a valid accelerate-loop state file"):
-        loop.train(*loop_args(tiny_vit_dir, image_folder, tmp_path / "out", "--resume_from_checkpoint", "latest"))
-    (checkpoint / loop.LOOP_CHECKPOINT_MARKER).write_text(json.dumps({"completed_steps": 2, "log_history": [],
-                                                                       "cdb": None}))
-    with pytest.raises(ValueError, match="saved by a run with CDB off, but this run has CDB on"):
-        loop.train(*loop_args(tiny_vit_dir, image_folder, tmp_path / "out", "--resume_from_checkpoint", "latest"))
+    monkeypatch.setattr(cdb_hf.run.data_module, "load_image_datasets",
+                        lambda *a, **k: pytest.fail("work started before the error"))
+    _fake_loop_checkpoint(checkpoint, "not json")
+    with pytest.raises(UsageError, match="no complete checkpoint-N folder.*cdb_hf_checkpoint.json is unreadable"):
+        train(tiny_vit_dir, image_folder, tmp_path / "out", "--resume_from_checkpoint", "latest")
+    record = {"trainer": "accelerate", "step": 2, "cdb": None, "cdb_run": None, "files": {"model.safetensors": 7},
+              "loop": {"completed_steps": 2, "log_history": []}}
+    _fake_loop_checkpoint(checkpoint, record)
+    with pytest.raises(UsageError, match="cdb: false in the checkpoint, true now"):
+        train(tiny_vit_dir, image_folder, tmp_path / "out", "--resume_from_checkpoint", "latest")
 
 
 def test_baseline_under_bf16_autocast(tmp_path, tiny_vit_dir, image_folder, selections):
     output_dir = tmp_path / "baseline"
-    metrics = loop.train(*loop_args(tiny_vit_dir, image_folder, output_dir, "--max_steps", "2", "--bf16",
-                                    "--logging_steps", "1", "--cdb", "false"))
+    metrics = train(tiny_vit_dir, image_folder, output_dir, "--max_steps", "2", "--bf16", "--logging_steps", "1",
+                    "--cdb", "false")
     assert not selections and not (output_dir / "cdb_config.json").exists()
     assert np.isfinite(metrics["train_loss"]) and np.isfinite(metrics["eval_loss"])
     history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
@@ -177,42 +190,48 @@ def test_baseline_under_bf16_autocast(tmp_path, tiny_vit_dir, image_folder, sele
 @pytest.mark.parametrize(("extra", "error", "match"), [
     (("--optim", "adamw_bnb_8bit"), ValueError, "optim='adamw_bnb_8bit' is not supported by the accelerate loop"),
     (("--report_to", "codecarbon"), ValueError, r"report_to=\['codecarbon'\]"),
-    (("--resume_from_checkpoint", "true"), FileNotFoundError, "no checkpoint-N folder"),
-    (("--resume_from_checkpoint", "/nonexistent/checkpoint-7"), FileNotFoundError, "checkpoint-7"),
+    (("--resume_from_checkpoint", "true"), UsageError, "no complete checkpoint-N folder"),
+    (("--resume_from_checkpoint", "/nonexistent/checkpoint-7"), UsageError, "checkpoint-7"),
     (("--cdb_channel_rate", "1.5"), ValueError, "channel_rate=1.5"),
     (("--label_smoothing_factor", "0.1"), ValueError, "label_smoothing_factor=0.1 is not supported"),
 ])
 def test_bad_input_is_refused_before_any_work(tmp_path, tiny_vit_dir, image_folder, monkeypatch, extra, error,
                                               match):
-    monkeypatch.setattr(loop, "load_image_datasets", lambda *a, **k: pytest.fail("work started before the error"))
+    monkeypatch.setattr(cdb_hf.run.data_module, "load_image_datasets",
+                        lambda *a, **k: pytest.fail("work started before the error"))
     with pytest.raises(error, match=match):
-        loop.train(*loop_args(tiny_vit_dir, image_folder, tmp_path / "out", *extra))
+        train(tiny_vit_dir, image_folder, tmp_path / "out", *extra)
     assert not (tmp_path / "out").exists()
 
 
 def test_a_trainer_checkpoint_is_refused_as_a_resume_point(tmp_path, tiny_vit_dir, image_folder, monkeypatch):
     trainer_checkpoint = tmp_path / "out" / "checkpoint-2"
-    trainer_checkpoint.mkdir(parents=True)
-    (trainer_checkpoint / "trainer_state.json").write_text("{}")
-    monkeypatch.setattr(loop, "load_image_datasets", lambda *a, **k: pytest.fail("work started before the error"))
-    with pytest.raises(ValueError, match="not a checkpoint of the accelerate loop"):
-        loop.train(*loop_args(tiny_vit_dir, image_folder, tmp_path / "out", "--resume_from_checkpoint", "latest"))
+    _fake_loop_checkpoint(trainer_checkpoint, {"trainer": "hf", "step": 2, "cdb": None, "cdb_run": None,
+                                               "files": {"model.safetensors": 7}})
+    monkeypatch.setattr(cdb_hf.run.data_module, "load_image_datasets",
+                        lambda *a, **k: pytest.fail("work started before the error"))
+    with pytest.raises(ValueError, match=r"was written by the Trainer \(--trainer hf\); resume it with --trainer hf"):
+        train(tiny_vit_dir, image_folder, tmp_path / "out", "--resume_from_checkpoint", "latest")
     assert sorted(os.listdir(tmp_path / "out")) == ["checkpoint-2"]
 
 
-@pytest.mark.parametrize(("kind", "match"), [(DistributedType.FSDP, "does not support FSDP"),
-                                             (DistributedType.DEEPSPEED, "does not support DeepSpeed")])
-def test_fsdp_and_deepspeed_launches_are_refused(kind, match):
+@pytest.mark.parametrize(("variable", "match"), [("ACCELERATE_USE_FSDP", "does not support FSDP"),
+                                                 ("ACCELERATE_USE_DEEPSPEED", "does not support DeepSpeed")])
+def test_fsdp_and_deepspeed_launches_are_refused(variable, match, monkeypatch):
+    """`accelerate launch` with an FSDP or DeepSpeed config sets these; the one refusal reads them."""
+    monkeypatch.setenv(variable, "true")
     with pytest.raises(ValueError, match=match):
-        loop.refuse_unsupported_distribution(SimpleNamespace(distributed_type=kind))
-    loop.refuse_unsupported_distribution(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU))
+        check_supported_setup(SimpleNamespace(deepspeed=None, fsdp=None))
+    monkeypatch.delenv(variable)
+    check_supported_setup(SimpleNamespace(deepspeed=None, fsdp=None))
 
 
 def test_an_fsdp_accelerate_config_is_refused_before_any_work(tmp_path, tiny_vit_dir, image_folder, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets for an FSDP config file
-    monkeypatch.setattr(loop, "load_image_datasets", lambda *a, **k: pytest.fail("work started before the error"))
+    monkeypatch.setattr(cdb_hf.run.data_module, "load_image_datasets",
+                        lambda *a, **k: pytest.fail("work started before the error"))
     with pytest.raises(ValueError, match="FSDP"):
-        loop.train(*loop_args(tiny_vit_dir, image_folder, tmp_path / "out"))
+        train(tiny_vit_dir, image_folder, tmp_path / "out")
 
 
 class _RandomDraws(torch.utils.data.Dataset):

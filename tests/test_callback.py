@@ -21,8 +21,8 @@ from transformers import (
     ViTForImageClassification,
 )
 
-from cdb_hf import ChannelDropBack, ChannelDropBackCallback, ChannelDropBackConfig
-from cdb_hf.trainer_path import ResumeSafeTrainer
+from cdb_hf import ChannelDropBack, ChannelDropBackCallback, ChannelDropBackConfig, add_channel_drop_back
+from cdb_hf.trainer_path import CDBTrainer, ResumeSafeTrainer
 
 NUM_LABELS = 3
 
@@ -131,13 +131,32 @@ def test_exact_mode_freezes_the_selected_rows_once_per_optimizer_step(tmp_path):
             assert torch.equal(keep, expected)
 
 
-def test_stats_reach_log_history_and_tensorboard(tmp_path):
+def tensorboard_tags(folder) -> set[str]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    callback = ChannelDropBackCallback(ChannelDropBackConfig(layer_selection="bernoulli", layer_rate=0.5,
-                                                             schedule="linear", layer_rate_init=0.0))
+    event_files = glob.glob(os.path.join(folder, "runs", "**", "events.out.tfevents.*"), recursive=True)
+    assert event_files
+    tags = set()
+    for event_file in event_files:
+        accumulator = EventAccumulator(event_file)
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    return tags
+
+
+@pytest.mark.parametrize("how", ["add_channel_drop_back", "CDBTrainer"])
+def test_stats_reach_log_history_and_tensorboard(tmp_path, how):
+    config = ChannelDropBackConfig(layer_selection="bernoulli", layer_rate=0.5, schedule="linear",
+                                   layer_rate_init=0.0)
     args = training_args(tmp_path, report_to=["tensorboard"], logging_steps=2, max_steps=4)
-    trainer = run(tiny_model("convnext"), args, [callback])
+    if how == "add_channel_drop_back":
+        trainer = Trainer(model=tiny_model("convnext"), args=args, train_dataset=RandomImages())
+        callback = add_channel_drop_back(trainer, config)
+    else:
+        callback = ChannelDropBackCallback(config)
+        trainer = CDBTrainer(model=tiny_model("convnext"), args=args, train_dataset=RandomImages(),
+                             callbacks=[callback])
+    trainer.train()
 
     assert callback.cdb.config.schedule_total_steps == 4, "the schedule spans the Trainer's max_steps"
     train_logs = [entry for entry in trainer.state.log_history if "loss" in entry]
@@ -148,15 +167,20 @@ def test_stats_reach_log_history_and_tensorboard(tmp_path):
     # linear ramp 0 -> 0.5 over 4 steps: the last step of each window is step 1 (0.125) and step 3 (0.375)
     assert [entry["cdb/layer_rate"] for entry in train_logs] == [0.125, 0.375]
 
-    event_files = glob.glob(os.path.join(tmp_path, "runs", "**", "events.out.tfevents.*"), recursive=True)
-    assert event_files
-    tags = set()
-    for event_file in event_files:
-        accumulator = EventAccumulator(event_file)
-        accumulator.Reload()
-        tags |= set(accumulator.Tags()["scalars"])
+    tags = tensorboard_tags(tmp_path)
     for stat in ("applied", "layers", "keep_fraction", "layer_rate"):
         assert any(tag.endswith(f"cdb/{stat}") for tag in tags), f"cdb/{stat} missing from {sorted(tags)}"
+
+
+def test_a_plain_callbacks_entry_reaches_log_history_and_says_it_misses_the_trackers(tmp_path, caplog):
+    """callbacks=[...] applies CDB and logs its statistics; the integrations ran before it, and it says so."""
+    callback = ChannelDropBackCallback(ChannelDropBackConfig(layer_selection="bernoulli", layer_rate=0.5))
+    args = training_args(tmp_path, report_to=["tensorboard"], logging_steps=2, max_steps=4)
+    with caplog.at_level("WARNING", logger="cdb_hf.callback"):
+        trainer = run(tiny_model("convnext"), args, [callback])
+    assert all("cdb/applied" in entry for entry in trainer.state.log_history if "loss" in entry)
+    assert not any("cdb/" in tag for tag in tensorboard_tags(tmp_path))
+    assert "add_channel_drop_back" in caplog.text
 
 
 @pytest.mark.parametrize(("kind", "trainer_class", "restore_callback_states"), [

@@ -20,9 +20,10 @@ from huggingface_hub.utils import filter_repo_objects
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoImageProcessor
 
-import cdb_hf.trainer_path
+import cdb_hf.run
 from cdb_hf import cli
 from cdb_hf.core import ChannelDropBackConfig
+from cdb_hf.run_dir import write_run_marker
 
 HUB_TOKEN = "hf_notARealTokenButSecret123"
 OUTPUT_FILES = {"config.json", "model.safetensors", "preprocessor_config.json", "cdb_config.json", "README.md",
@@ -82,7 +83,7 @@ def vit_run(tmp_path_factory, tiny_vit_dir, image_folder):
         hub_calls["upload_folder"] = {"repo_id": repo_id, "token": self.token, "files": uploaded,
                                       "contents": {name: (Path(folder_path) / name).read_bytes() for name in uploaded}}
 
-    real_save_outputs = cdb_hf.trainer_path.save_outputs
+    real_save_outputs = cdb_hf.run.save_outputs
 
     def spy_save_outputs(output_dir, model, *args, **kwargs):
         trained["model"] = model
@@ -94,7 +95,7 @@ def vit_run(tmp_path_factory, tiny_vit_dir, image_folder):
         patch.setattr(HfApi, "create_repo", fake_create_repo)
         patch.setattr(HfApi, "upload_folder", fake_upload_folder)
         patch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
-        patch.setattr(cdb_hf.trainer_path, "save_outputs", spy_save_outputs)
+        patch.setattr(cdb_hf.run, "save_outputs", spy_save_outputs)
         code, printed = run_quietly(argv)
     assert code == 0, printed
     return SimpleNamespace(output_dir=output_dir, hub=hub_calls, model=trained["model"], printed=printed,
@@ -309,6 +310,14 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
 
 
+def make_previous_run(folder: Path) -> Path:
+    """What an earlier cdb_hf run leaves: its marker and its files."""
+    folder.mkdir()
+    write_run_marker(folder, status="complete")
+    (folder / "model.safetensors").write_bytes(b"weights of an earlier run")
+    return folder
+
+
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_fails_in_one_line_and_leaves_the_output_dir_untouched(case, tmp_path, capsys, tiny_vit_dir,
                                                                           image_folder):
@@ -322,9 +331,7 @@ def test_bad_input_fails_in_one_line_and_leaves_the_output_dir_untouched(case, t
         argv += data_flags
     else:
         argv = finetune_argv(tiny_vit_dir, image_folder, tmp_path / "out") + extra
-    previous_run = tmp_path / "out"
-    previous_run.mkdir()
-    (previous_run / "model.safetensors").write_bytes(b"weights of an earlier run")
+    previous_run = make_previous_run(tmp_path / "out")
     before = snapshot(previous_run)
 
     code = cli.main(argv + ["--overwrite_output_dir", "true"])
@@ -338,9 +345,7 @@ def test_bad_input_fails_in_one_line_and_leaves_the_output_dir_untouched(case, t
 
 
 def test_an_output_dir_holding_another_run_is_refused(tmp_path, capsys, tiny_vit_dir, image_folder):
-    previous_run = tmp_path / "out"
-    previous_run.mkdir()
-    (previous_run / "model.safetensors").write_bytes(b"weights of an earlier run")
+    previous_run = make_previous_run(tmp_path / "out")
     before = snapshot(previous_run)
     assert cli.main(finetune_argv(tiny_vit_dir, image_folder, previous_run)) == 2
     error = capsys.readouterr().err

@@ -8,7 +8,7 @@ import pytest
 from safetensors.torch import load_file
 
 from cdb_hf import builtin, cli
-from cdb_hf.demo import BASE_MODEL, _clear_previous_demo, build_argv, main, prepare_base_checkpoint
+from cdb_hf.demo import build_argv, main, prepare_base_checkpoint, recipe_path
 
 QUICK = ["--image_size", "32", "--max_steps", "2", "--max_train_samples", "16", "--max_eval_samples", "16",
          "--eval_strategy", "steps", "--eval_steps", "1"]
@@ -25,10 +25,18 @@ def test_base_checkpoint_is_the_builtin_weights_at_a_smaller_size():
         prepare_base_checkpoint(8)
 
 
-def test_demo_fine_tunes_the_builtin_checkpoint_at_32_px_unless_told_otherwise(tmp_path):
-    model_args = cli.parse_args(build_argv(BASE_MODEL, tmp_path, []))[0]
-    assert (model_args.model_name_or_path, model_args.image_size) == ("builtin:efficientnet_lite0", 32)
-    assert cli.parse_args(build_argv(BASE_MODEL, tmp_path, ["--image_size", "64"]))[0].image_size == 64
+def test_demo_runs_its_recipe_at_32_px_unless_told_otherwise(tmp_path):
+    """The demo reads the benchmark recipe; it changes the resolution and, for the quick run, the seeds."""
+    import yaml
+
+    recipe = yaml.safe_load(recipe_path().read_text())
+    model_args, data_args, _, run_args, training_args = cli.parse_args(build_argv(tmp_path, []))
+    assert (model_args.model_name_or_path, model_args.image_size) == (recipe["model_name_or_path"], 32)
+    assert data_args.dataset_name == recipe["dataset_name"] and run_args.ab_seeds == 1
+    assert training_args.learning_rate == recipe["learning_rate"]
+    assert cli.parse_args(build_argv(tmp_path, ["--image_size", "64"]))[0].image_size == 64
+    benchmark = cli.parse_args(build_argv(tmp_path, ["--ab_seeds", "10"]))
+    assert benchmark[3].ab_seeds == 10
 
 
 def test_demo_smoke_run(tmp_path, capsys):
@@ -56,12 +64,14 @@ def test_demo_smoke_run(tmp_path, capsys):
     assert (output_dir / "ab_plot.png").read_bytes()[:4] == b"\x89PNG"
 
     # Bad input is refused before the previous results are touched ...
+    before = (output_dir / "results.json").read_bytes()
     assert main(["--output_dir", str(output_dir), *QUICK, "--cdb_channel_rate", "1.5"]) == 2
     assert "channel_rate" in capsys.readouterr().err
-    assert (output_dir / "results.json").is_file()
-    # ... and an earlier demo's results are what a rerun replaces.
-    _clear_previous_demo(output_dir)
-    assert not output_dir.exists()
+    assert (output_dir / "results.json").read_bytes() == before
+    # ... and an earlier demo's results are what a rerun replaces, leaving nothing of them beside it.
+    assert main(["--output_dir", str(output_dir), *QUICK, "--seed", "1"]) == 0
+    assert json.loads((output_dir / "results.json").read_text())["summary"]["complete_seeds"] == [1]
+    assert not (output_dir / "seed0").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
 
 
 def test_demo_refuses_a_folder_it_did_not_write(tmp_path, capsys):
@@ -69,5 +79,5 @@ def test_demo_refuses_a_folder_it_did_not_write(tmp_path, capsys):
     output_dir.mkdir()
     (output_dir / "notes.txt").write_text("keep me")
     assert main(["--output_dir", str(output_dir), *QUICK]) == 2
-    assert "not an earlier demo's results" in capsys.readouterr().err
+    assert "holds files that are not a cdb_hf run" in capsys.readouterr().err
     assert (output_dir / "notes.txt").read_text() == "keep me"

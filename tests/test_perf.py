@@ -12,8 +12,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForImageClassification
 
-import cdb_hf.accelerate_loop
-import cdb_hf.trainer_path
+import cdb_hf.run
 from cdb_hf import ChannelDropBack, ChannelDropBackConfig, cli
 from cdb_hf.arguments import RunArguments
 from cdb_hf.perf import apply_memory_format
@@ -30,14 +29,13 @@ def train_convnext(tiny_convnext_dir, image_folder, output_dir: Path, *extra: st
     saved: dict[str, nn.Module] = {}
     printed = io.StringIO()
     with pytest.MonkeyPatch.context() as patch:
-        for module in (cdb_hf.trainer_path, cdb_hf.accelerate_loop):
-            real = module.save_outputs
+        real = cdb_hf.run.save_outputs
 
-            def spy(output_dir, model, *args, _real=real, **kwargs):
-                saved["model"] = model
-                return _real(output_dir, model, *args, **kwargs)
+        def spy(output_dir, model, *args, **kwargs):
+            saved["model"] = model
+            return real(output_dir, model, *args, **kwargs)
 
-            patch.setattr(module, "save_outputs", spy)
+        patch.setattr(cdb_hf.run, "save_outputs", spy)
         with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
             code = cli.main(argv)
     assert code == 0, printed.getvalue()

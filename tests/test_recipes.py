@@ -1,5 +1,5 @@
-"""Every recipe parses into the argument dataclasses and validates; twins differ only by CDB; the offline
-recipes run (truncated) end to end."""
+"""Every recipe parses into the argument dataclasses and passes pre-flight; one recipe per experiment (the
+baseline is --cdb false); the offline recipe runs (truncated) end to end and is what the demo reads."""
 
 from __future__ import annotations
 
@@ -12,13 +12,11 @@ import yaml
 from torch import nn
 
 from cdb_hf import ChannelDropBack, ChannelDropBackConfig, cli
-from cdb_hf.demo import DEMO_ARGS
+from cdb_hf.demo import recipe_path
+from cdb_hf.preflight import plan_run
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 RECIPES = sorted(RECIPES_DIR.glob("*.yaml"))
-BASELINE_SUFFIX = "_baseline"
-# A twin may differ from its CDB recipe in these keys only.
-TWIN_KEYS = {"cdb", "output_dir", "run_name"}
 
 # The paper's fine-tuning results (METHOD.md, Tables 1 and 2): recipe stem -> (CDB, baseline) top-1 %.
 PAPER = {
@@ -48,32 +46,23 @@ def _is_offline(path: Path) -> bool:
     return str(_raw(path)["model_name_or_path"]).startswith("builtin:")
 
 
-def test_the_expected_recipes_exist():
+def test_the_expected_recipes_exist_once_each():
     stems = {p.stem for p in RECIPES}
-    for stem in PAPER_RECIPES:
-        assert stem in stems and stem + BASELINE_SUFFIX in stems, stem
-    assert any(_is_offline(p) and _raw(p).get("ab_seeds", 0) > 1 for p in RECIPES), "no offline A/B recipe"
+    assert set(PAPER_RECIPES) <= stems
+    assert not [stem for stem in stems if stem.endswith("_baseline")], "a baseline is --cdb false, not a copy"
+    assert [p.stem for p in RECIPES if _is_offline(p) and _raw(p).get("ab_seeds", 0) > 1] == [recipe_path().stem]
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_recipe_parses_and_validates(path, tmp_path):
     model_args, data_args, cdb_args, run_args, training_args = cli.parse_args([str(path)])
     assert model_args.model_name_or_path and (data_args.dataset_name or data_args.train_dir)
-    assert cdb_args.cdb is not path.stem.endswith(BASELINE_SUFFIX)
+    assert cdb_args.cdb is True
     training_args.output_dir = str(tmp_path / "out")  # validation must not depend on the checkout
-    cdb_config = cli.validate_args(model_args, data_args, cdb_args, run_args, training_args)
-    assert (cdb_config is None) == path.stem.endswith(BASELINE_SUFFIX)
+    plan = plan_run(model_args, data_args, cdb_args, run_args, training_args)
+    assert plan.cdb_config is not None and plan.output_mode == "fresh"
     assert _raw(path)["output_dir"].endswith(path.stem) and _raw(path)["run_name"] == path.stem
     assert training_args.do_train and training_args.do_eval
-
-
-@pytest.mark.parametrize("path", [p for p in RECIPES if p.stem.endswith(BASELINE_SUFFIX)], ids=lambda p: p.stem)
-def test_baseline_twin_differs_only_in_cdb(path):
-    twin = path.with_name(path.stem[:-len(BASELINE_SUFFIX)] + ".yaml")
-    baseline, cdb = _raw(path), _raw(twin)
-    assert baseline.keys() == cdb.keys()
-    assert {key for key in baseline if baseline[key] != cdb[key]} == TWIN_KEYS
-    assert (baseline["cdb"], cdb["cdb"]) == (False, True)
 
 
 @pytest.mark.parametrize("stem", PAPER_RECIPES)
@@ -136,16 +125,6 @@ def test_skip_first_1_is_the_official_skip_init_layers_3(kind):
     assert len(ours) == len(all_typed) - 1
 
 
-def test_demo_matches_the_offline_ab_recipe():
-    """`python -m cdb_hf.demo` is the offline A/B recipe at reduced resolution: keep them in step."""
-    ab_recipes = [p for p in RECIPES if _is_offline(p) and _raw(p).get("ab_seeds", 0) > 1]
-    assert len(ab_recipes) == 1
-    raw = _raw(ab_recipes[0])
-    ignored = {"ab_seeds", "output_dir", "run_name", "model_name_or_path", "image_size"}  # the recipe: native 224 px
-    assert {k: v for k, v in DEMO_ARGS.items() if k not in ignored} == \
-           {k: v for k, v in raw.items() if k not in ignored}
-
-
 @pytest.mark.parametrize("stem", PAPER_384)
 def test_384_recipes_resize_a_224_px_patch16_checkpoint_to_a_24x24_grid(stem, tmp_path):
     """The ViT-B/16 and ViT-L/16 in21k checkpoints' geometry (224 px, patch 16, ViTImageProcessor 224x224) in
@@ -180,4 +159,4 @@ def test_offline_recipe_runs_on_truncated_data(path, tmp_path):
     else:
         metrics = json.loads((output_dir / "all_results.json").read_text())
         assert 0.0 <= metrics["eval_accuracy"] <= 1.0
-        assert (output_dir / "cdb_config.json").is_file() != path.stem.endswith(BASELINE_SUFFIX)
+        assert (output_dir / "cdb_config.json").is_file()

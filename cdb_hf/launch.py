@@ -1,0 +1,16 @@
+"""Run a validated plan on the training face it names: the one dispatch, for the CLI and the A/B runner."""
+
+from __future__ import annotations
+
+from .preflight import RunPlan
+
+__all__ = ["train"]
+
+
+def train(plan: RunPlan) -> dict[str, float]:
+    """Fine-tune with ``plan.run.trainer`` (``hf``: the transformers Trainer; ``accelerate``: the loop)."""
+    if plan.run.trainer == "accelerate":
+        from .accelerate_loop import train as train_face
+    else:
+        from .trainer_path import train as train_face
+    return train_face(plan)

@@ -1,0 +1,307 @@
+"""One setup and one ending for both training faces (the Trainer path and the accelerate loop).
+
+A face reads::
+
+    setup_logging(plan.training)
+    with Startup() as startup:                  # buffers chatter; errors before training are bad input
+        parts = prepare_run(plan)               # data, labels, model, processor, transforms, checks
+        ...build the Trainer / the Accelerator, optimizer, CDB...
+        run_dir = open_run_dir(plan)            # only now may output_dir change (transactionally)
+        ...load the resume checkpoint...
+        startup.ready()
+    ...train, with a DivergenceGuard read at logging, saving and the end...
+    finish_run(plan, parts, model, metrics, ...)  # outputs, card, push; then the run is complete
+
+and :func:`failed_run` wraps the whole so that a failure restores what ``--output_dir`` held.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import pickle
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from accelerate import PartialState
+from transformers import set_seed
+
+from . import data as data_module
+from .core import ChannelDropBackConfig
+from .hub import push_outputs, save_outputs, write_model_card
+from .models import check_image_size, load_model_and_processor
+from .perf import apply_memory_format
+from .preflight import RunPlan, UsageError, check_cdb_against_model, usage_errors
+from .run_dir import RunDirectory
+
+__all__ = ["DivergenceGuard", "RunParts", "Startup", "TrainingDiverged", "failed_run", "finish_run",
+           "open_run_dir", "prepare_run", "setup_logging"]
+
+logger = logging.getLogger(__name__)
+
+#: Loggers whose records are held back until the run has started (see :class:`Startup`).
+_BUFFERED_LOGGERS = ("", "transformers", "datasets", "accelerate", "cdb_hf", "timm", "huggingface_hub")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights became non-finite: the run stops, keeping its last good checkpoint."""
+
+
+@dataclass
+class RunParts:
+    """What :func:`prepare_run` loads for a face: data, model and the objects built from them."""
+
+    labels: list[str]
+    model: torch.nn.Module
+    image_processor: Any
+    train_dataset: data_module.PerExampleSeeded
+    eval_dataset: Any
+    collate_fn: Any
+
+
+# ------------------------------------------------------------------------------------------------ start-up
+class Startup:
+    """Hold back log records and warnings until the run has started, and classify errors until then.
+
+    Loading a model and data prints tens of lines; when the input turns out to be bad, the error must
+    be the one line a user sees. Records are kept in memory and replayed by :meth:`ready` (called right
+    before the first training step); on failure they are dropped. ``ValueError``/``OSError``/
+    ``ImportError`` raised before :meth:`ready` are bad input and become :class:`UsageError`.
+    With ``--log_level debug`` nothing is held back.
+    """
+
+    def __init__(self, hold_back: bool = True) -> None:
+        self.hold_back = hold_back
+        self.started = False
+        self._records: list[logging.LogRecord] = []
+        self._warnings: list[warnings.WarningMessage] = []
+        self._saved: dict[str, tuple[list[logging.Handler], bool]] = {}
+        self._catcher = None
+
+    def __enter__(self) -> Startup:
+        if self.hold_back:
+            collector = _Collector(self._records)
+            for name in _BUFFERED_LOGGERS:
+                target = logging.getLogger(name)
+                self._saved[name] = (target.handlers[:], target.propagate)
+                target.handlers = [collector]
+                target.propagate = False
+            self._catcher = warnings.catch_warnings(record=True)
+            self._warnings = self._catcher.__enter__()
+            warnings.simplefilter("default")
+            self._progress_bar = _transformers_progress_bar(False)
+        return self
+
+    def ready(self) -> None:
+        """Training is about to begin: print what was held back; later errors are failures, not input."""
+        self._release(replay=True)
+        self.started = True
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        self._release(replay=self.started or error is None)
+        if error is not None and not self.started and not isinstance(error, UsageError) \
+                and isinstance(error, (ValueError, OSError, ImportError)):
+            raise UsageError(" ".join(str(error).split()) or type(error).__name__) from error
+        return False
+
+    def _release(self, replay: bool) -> None:
+        if not self._saved:
+            return
+        for name, (handlers, propagate) in self._saved.items():
+            target = logging.getLogger(name)
+            target.handlers, target.propagate = handlers, propagate
+        self._saved = {}
+        self._catcher.__exit__(None, None, None)
+        _transformers_progress_bar(self._progress_bar)
+        if replay:
+            for record in self._records:
+                logging.getLogger(record.name).handle(record)
+            for caught in self._warnings:
+                warnings.showwarning(caught.message, caught.category, caught.filename, caught.lineno)
+        self._records, self._warnings = [], []
+
+
+class _Collector(logging.Handler):
+    def __init__(self, records: list[logging.LogRecord]) -> None:
+        super().__init__()
+        self.records = records
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def _transformers_progress_bar(enabled: bool) -> bool:
+    """Turn transformers' progress bars (weight loading) on or off; return whether they were on."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    return was_enabled
+
+
+def setup_logging(training_args) -> None:
+    """The logging of transformers' example scripts: one format; info on the main process, and the libraries
+    at ``log_level`` (main process) / ``log_level_replica`` (the others)."""
+    import datasets
+    import transformers
+
+    main = PartialState().is_local_main_process
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
+                        handlers=[logging.StreamHandler(sys.stdout)], level=logging.INFO if main else logging.WARNING)
+    level = training_args.get_process_log_level()
+    datasets.utils.logging.set_verbosity(level)
+    transformers.utils.logging.set_verbosity(level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
+
+
+# ------------------------------------------------------------------------------------------------ setup
+def prepare_run(plan: RunPlan) -> RunParts:
+    """Load and check everything a face trains on; nothing is written to ``output_dir``.
+
+    Data -> labels -> model and processor -> CDB against the model -> memory format -> transforms ->
+    per-example seeded training set. Every check that needs the data or the model runs here.
+    """
+    model_args, data_args, run_args, args = plan.model, plan.data, plan.run, plan.training
+    state = PartialState()
+    with usage_errors():
+        check_image_size(model_args)  # reads only the config: fail before a large dataset loads
+        set_seed(args.seed)  # a new classification head is drawn from the global RNG
+        with state.main_process_first():  # the main process fills the datasets cache first
+            dataset = data_module.load_image_datasets(data_args, seed=args.seed, cache_dir=model_args.cache_dir,
+                                                      token=model_args.token)
+        labels = dataset["train"].features["label"].names
+        _warn_about_unseen_classes(dataset, labels)
+        _check_enough_examples(len(dataset["train"]), args, state.num_processes)
+        model, image_processor = load_model_and_processor(model_args, labels)
+        check_cdb_against_model(model, plan.cdb_config)
+        apply_memory_format(model, run_args.channels_last)  # before the optimizer, so its state shares the layout
+        processed = data_module.apply_transforms(dataset, image_processor)
+    # Augmentation draws from the global RNG at fetch time, which prefetching and a resume's skipped
+    # batches shift; seeding each example by (seed, epoch, index) makes resumed runs crop identically.
+    train_dataset = data_module.PerExampleSeeded(processed["train"], seed=data_module.data_seed(args))
+    return RunParts(labels=labels, model=model, image_processor=image_processor, train_dataset=train_dataset,
+                    eval_dataset=processed["validation"], collate_fn=data_module.collate_fn)
+
+
+def _check_enough_examples(num_examples: int, args, world_size: int) -> None:
+    """A training set smaller than one global batch with ``dataloader_drop_last`` gives no training step."""
+    global_batch = args.per_device_train_batch_size * world_size
+    if args.dataloader_drop_last and num_examples < global_batch:
+        raise UsageError(f"the training set has {num_examples} example(s), fewer than one batch of {global_batch} "
+                         "with --dataloader_drop_last true: the run would have no training step; lower "
+                         "--per_device_train_batch_size or drop --dataloader_drop_last")
+
+
+def _warn_about_unseen_classes(dataset, labels: list[str]) -> None:
+    """A class in validation that train never shows (a tiny dataset, a carved split) can only be wrong."""
+    present = {}
+    for split in ("train", "validation"):
+        present[split] = set(dataset[split].unique("label"))
+    unseen = sorted(present["validation"] - present["train"])
+    if unseen:
+        logger.warning(f"the validation split has class(es) with no training example: {[labels[i] for i in unseen]}; "
+                       "their accuracy can only be 0 (use more data or a larger --train_val_split)")
+
+
+# ------------------------------------------------------------------------------------------------ output dir
+def open_run_dir(plan: RunPlan, kind: str = "run") -> RunDirectory:
+    """Make ``output_dir`` this run's (main process; the others wait): from here on it may change."""
+    run_dir = RunDirectory(plan.training.output_dir, plan.output_mode, kind=kind)
+    state = PartialState()
+    if state.is_main_process:
+        run_dir.open()
+    state.wait_for_everyone()
+    return run_dir
+
+
+@contextlib.contextmanager
+def failed_run(run_dir_holder: list[RunDirectory]):
+    """On any failure after :func:`open_run_dir`, mark the run failed and, if it was replacing an earlier
+    run, put that one back (main process). The exception goes on, with a note of what was kept."""
+    try:
+        yield
+    except BaseException as error:
+        if run_dir_holder and PartialState().is_main_process:
+            kept = run_dir_holder[0].fail()
+            if run_dir_holder[0].mode == "replace":
+                where = f"; the failed run's checkpoints are kept in {str(kept)!r}" if kept else ""
+                note = f"the previous run in {str(run_dir_holder[0].output_dir)!r} was restored{where}"
+                if isinstance(error, (UsageError, TrainingDiverged)):
+                    error.args = (f"{error.args[0] if error.args else error}; {note}",)
+                else:
+                    logger.error(note)
+        raise
+
+
+# ------------------------------------------------------------------------------------------------ divergence
+class DivergenceGuard:
+    """Notices a non-finite loss or non-finite weights without adding a host-device sync to the step.
+
+    :meth:`observe` folds each loss into a flag on the device; :meth:`check` reads it back (and the
+    weights) only where a face reads values anyway: at logging steps, before each save, at the end.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self._bad: torch.Tensor | None = None
+        self._first_bad_loss: torch.Tensor | None = None
+
+    def observe(self, loss: torch.Tensor) -> None:
+        bad = ~torch.isfinite(loss.detach()).all()
+        self._bad = bad if self._bad is None else self._bad | bad
+
+    def check(self, step: int, last_checkpoint: str | None = None) -> None:
+        """Raise :class:`TrainingDiverged` if a loss since the last check, or any weight, is non-finite."""
+        loss_bad = bool(self._bad) if self._bad is not None else False
+        params = [p.detach() for p in self.model.parameters()]
+        weights_bad = bool(params) and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+        if not (loss_bad or weights_bad):
+            return
+        what = " and ".join(part for part, bad in (("the training loss", loss_bad), ("the weights", weights_bad))
+                            if bad)
+        kept = f"; the last good checkpoint is {last_checkpoint}" if last_checkpoint else "; no checkpoint was saved"
+        raise TrainingDiverged(f"training diverged by optimizer step {step}: {what} became NaN or infinite, so no "
+                               f"final model was saved{kept}. Try a lower --learning_rate, gradient clipping "
+                               "(--max_grad_norm 1.0), or --bf16 instead of --fp16")
+
+
+# ------------------------------------------------------------------------------------------------ ending
+def finish_run(plan: RunPlan, run_dir: RunDirectory, parts: RunParts, model: torch.nn.Module,
+               cdb_config: ChannelDropBackConfig | None, metrics: dict[str, float], *,
+               trainer_state: Any, log_history: list[dict[str, Any]]) -> None:
+    """Write the final model and records, the model card, push if asked; then the run is complete.
+
+    Runs on the main process (the caller synchronises the others).
+    """
+    args = plan.training
+    save_outputs(args.output_dir, model, parts.image_processor, cdb_config, metrics, trainer_state=trainer_state)
+    write_model_card(args.output_dir, plan.model, plan.data, cdb_config, metrics, training_args=args,
+                     log_history=log_history, model=model)
+    if args.push_to_hub:
+        push_outputs(args.output_dir, args)
+    run_dir.complete()
+
+
+def last_checkpoint(output_dir: str) -> str | None:
+    """The newest complete checkpoint in ``output_dir`` (for the divergence message), or None."""
+    from .run_dir import find_checkpoints, read_checkpoint_record
+
+    for checkpoint in find_checkpoints(output_dir):
+        if read_checkpoint_record(checkpoint)[0] is not None:
+            return str(checkpoint)
+    return None
+
+
+def checkpoint_load_error(checkpoint, what: str, error: BaseException) -> UsageError:
+    """One line for a checkpoint that cannot be loaded, without torch's advice to unpickle it unsafely."""
+    if isinstance(error, pickle.UnpicklingError) or "weights_only" in str(error):
+        reason = "it holds objects that a safe load (torch.load with weights_only=True) refuses to unpickle"
+    else:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        reason = f"{type(error).__name__}: {first_line[:200]}"
+    return UsageError(f"checkpoint {str(checkpoint)!r} cannot be resumed: {what} cannot be loaded ({reason}); it "
+                      "is damaged or was not written by this run's model")
