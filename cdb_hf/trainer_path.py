@@ -15,6 +15,7 @@ import copy
 import os
 from typing import Any
 
+import torch
 from accelerate import PartialState
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, logging
@@ -127,6 +128,8 @@ def train(plan: RunPlan) -> dict[str, float]:
         trainer_args = copy.copy(args)
         trainer_args.remove_unused_columns = False  # the transforms read the image column lazily
         trainer_args.push_to_hub = False  # pushed once at the end, by finish_run
+        # Pinned memory only speeds up copies to a CUDA device (torch warns about it on every CPU run).
+        trainer_args.dataloader_pin_memory = args.dataloader_pin_memory and torch.cuda.is_available()
         guard = DivergenceGuard(parts.model)
         cdb_callback = ChannelDropBackCallback(plan.cdb_config) if plan.cdb_config is not None else None
         trainer = _RunTrainer(
