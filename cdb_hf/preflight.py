@@ -63,6 +63,9 @@ class RunPlan:
     resume_checkpoint: str | None = None
     #: The resume checkpoint's record (cdb_hf_checkpoint.json), None when there is none.
     resume_record: dict[str, Any] | None = None
+    #: Checkpoints of this output_dir that ``--resume_from_checkpoint true`` skipped because a kill left them
+    #: half-written (no record); the resumed run removes them before it saves over their step numbers.
+    incomplete_checkpoints: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -283,7 +286,7 @@ def _plan_output_dir(plan: RunPlan) -> None:
                              "write into, or replace, what it reads; give another --output_dir")
 
     overwrite = bool(getattr(run_args, "overwrite_output_dir", False))
-    resume = resolve_resume_checkpoint(args, plan.notes)
+    resume = resolve_resume_checkpoint(args, plan.notes, plan.incomplete_checkpoints)
     if resume is not None:
         plan.resume_checkpoint = resume
         plan.resume_record = _check_resume_checkpoint(resume, plan)
@@ -316,10 +319,11 @@ def _plan_output_dir(plan: RunPlan) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ resume
-def resolve_resume_checkpoint(training_args: TrainingArguments, notes: list[str] | None = None) -> str | None:
+def resolve_resume_checkpoint(training_args: TrainingArguments, notes: list[str] | None = None,
+                              skipped_paths: list[str] | None = None) -> str | None:
     """The checkpoint to resume from: ``--resume_from_checkpoint PATH``, or ``true`` for the newest *complete*
-    ``checkpoint-N`` in ``--output_dir`` (incomplete ones are skipped and named in ``notes``); None when
-    not resuming."""
+    ``checkpoint-N`` in ``--output_dir`` (incomplete ones are skipped, named in ``notes`` and listed in
+    ``skipped_paths``); None when not resuming."""
     value = training_args.resume_from_checkpoint
     if value is None or (isinstance(value, bool) and not value) or str(value).strip().lower() in _FALSE_STRINGS:
         return None
@@ -333,6 +337,8 @@ def resolve_resume_checkpoint(training_args: TrainingArguments, notes: list[str]
                     logger.warning(message)
                     if notes is not None:
                         notes.append(message)
+                    if skipped_paths is not None:
+                        skipped_paths.append(path)
                 return str(checkpoint)
             skipped.append((str(checkpoint), why))
         detail = f"; skipped: {'; '.join(f'{p} ({w})' for p, w in skipped)}" if skipped else ""

@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import pickle
+import shutil
 import sys
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,7 +38,7 @@ from .hub import push_outputs, save_outputs, write_model_card
 from .models import check_image_size, load_model_and_processor
 from .perf import apply_memory_format
 from .preflight import RunPlan, UsageError, check_cdb_against_model, usage_errors
-from .run_dir import RunDirectory
+from .run_dir import RunDirectory, read_checkpoint_record
 
 __all__ = ["DivergenceGuard", "RunParts", "Startup", "TrainingDiverged", "failed_run", "finish_run",
            "open_run_dir", "prepare_run", "setup_logging"]
@@ -156,6 +159,8 @@ def setup_logging(training_args) -> None:
     transformers.utils.logging.set_verbosity(level)
     transformers.utils.logging.enable_default_handler()
     transformers.utils.logging.enable_explicit_format()
+    # --disable_tqdm true means no bars at all: also transformers' own ("Writing model shards" at each save).
+    _transformers_progress_bar(not training_args.disable_tqdm)
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -214,8 +219,24 @@ def open_run_dir(plan: RunPlan, kind: str = "run") -> RunDirectory:
     state = PartialState()
     if state.is_main_process:
         run_dir.open()
+        if plan.output_mode == "resume":
+            remove_incomplete_checkpoints(plan)
     state.wait_for_everyone()
     return run_dir
+
+
+def remove_incomplete_checkpoints(plan: RunPlan) -> None:
+    """Delete the half-written checkpoints that the resume skipped (this tool's own, in this run's folder).
+
+    Left in place, one would be saved over piecemeal at its step, or outrank the resumed run's complete
+    checkpoints when ``save_total_limit`` rotates them out.
+    """
+    output_dir = Path(plan.training.output_dir).resolve()
+    for checkpoint in plan.incomplete_checkpoints:
+        path = Path(checkpoint).resolve()
+        if path.parent == output_dir and path.is_dir() and read_checkpoint_record(path)[0] is None:
+            logger.warning(f"removing incomplete checkpoint {checkpoint} before resuming")
+            shutil.rmtree(path)
 
 
 @contextlib.contextmanager
@@ -231,7 +252,10 @@ def failed_run(run_dir_holder: list[RunDirectory]):
                 where = f"; the failed run's checkpoints are kept in {str(kept)!r}" if kept else ""
                 note = f"the previous run in {str(run_dir_holder[0].output_dir)!r} was restored{where}"
                 if isinstance(error, (UsageError, TrainingDiverged)):
-                    error.args = (f"{error.args[0] if error.args else error}; {note}",)
+                    message = str(error.args[0]) if error.args else str(error)
+                    if kept:  # checkpoints the message names moved with the failed attempt
+                        message = message.replace(str(run_dir_holder[0].output_dir) + os.sep, str(kept) + os.sep)
+                    error.args = (f"{message}; {note}",)
                 else:
                     logger.error(note)
         raise
@@ -288,7 +312,7 @@ def finish_run(plan: RunPlan, run_dir: RunDirectory, parts: RunParts, model: tor
 
 def last_checkpoint(output_dir: str) -> str | None:
     """The newest complete checkpoint in ``output_dir`` (for the divergence message), or None."""
-    from .run_dir import find_checkpoints, read_checkpoint_record
+    from .run_dir import find_checkpoints
 
     for checkpoint in find_checkpoints(output_dir):
         if read_checkpoint_record(checkpoint)[0] is not None:

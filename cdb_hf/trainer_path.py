@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from accelerate import PartialState
 from transformers import PreTrainedModel, Trainer, TrainerCallback
+from transformers.trainer_utils import rotate_checkpoints
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, logging
 
 from .callback import ChannelDropBackCallback, place_before_integrations
@@ -132,8 +133,10 @@ def train(plan: RunPlan) -> dict[str, float]:
         trainer_args.dataloader_pin_memory = args.dataloader_pin_memory and torch.cuda.is_available()
         guard = DivergenceGuard(parts.model)
         cdb_callback = ChannelDropBackCallback(plan.cdb_config) if plan.cdb_config is not None else None
+        run_watch = _RunWatch(plan, startup, guard, cdb_callback)
         trainer = _RunTrainer(
             guard,
+            run_watch,
             model=parts.model,
             args=trainer_args,
             train_dataset=parts.train_dataset,
@@ -141,7 +144,7 @@ def train(plan: RunPlan) -> dict[str, float]:
             processing_class=parts.image_processor,
             data_collator=parts.collate_fn,
             compute_metrics=build_compute_metrics(len(parts.labels)),
-            callbacks=[_EpochSetter(parts.train_dataset), _RunWatch(plan, startup, guard, cdb_callback)]
+            callbacks=[_EpochSetter(parts.train_dataset), run_watch]
             + ([cdb_callback] if cdb_callback is not None else []),
         )
         opened.append(open_run_dir(plan))
@@ -160,16 +163,33 @@ def train(plan: RunPlan) -> dict[str, float]:
 
 
 class _RunTrainer(CDBTrainer):
-    """The run's Trainer: every training loss goes through the divergence guard (on the device, no sync)."""
+    """The run's Trainer: every training loss goes through the divergence guard (on the device, no sync), and
+    each checkpoint is complete (has its record) before older ones are rotated out."""
 
-    def __init__(self, guard: DivergenceGuard, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, guard: DivergenceGuard, run_watch: _RunWatch, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.divergence_guard = guard
+        self.divergence_guard, self.run_watch = guard, run_watch
 
     def training_step(self, *args: Any, **kwargs: Any):
         loss = super().training_step(*args, **kwargs)
         self.divergence_guard.observe(loss)
         return loss
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's save, with the checkpoint's record written *before* older checkpoints are rotated
+        out: the Trainer rotates before its ``on_save`` callbacks run, so a kill in between would leave no
+        complete checkpoint at all."""
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        if self.is_world_process_zero():
+            self.run_watch.write_record(self.args, self.state)
+        if self.args.should_save:
+            rotate_checkpoints(self._get_output_dir(trial=trial), save_total_limit=limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
 
 
 class _RunWatch(TrainerCallback):
@@ -179,7 +199,7 @@ class _RunWatch(TrainerCallback):
       run-sized CDB configuration was checked against the resume checkpoint's;
     * wherever the Trainer is about to read values back anyway (a log, an evaluation, a save, the
       end), the divergence guard is checked, before anything is saved;
-    * after each checkpoint save, ``cdb_hf_checkpoint.json`` completes it.
+    * each checkpoint is completed by ``cdb_hf_checkpoint.json`` (:meth:`write_record`, from the save).
     """
 
     def __init__(self, plan: RunPlan, startup: Startup, guard: DivergenceGuard,
@@ -204,12 +224,14 @@ class _RunWatch(TrainerCallback):
         if control.should_log or control.should_evaluate or control.should_save:
             self.guard.check(state.global_step, last_checkpoint(args.output_dir))
 
+    def write_record(self, args, state) -> None:
+        """Complete ``checkpoint-<step>`` with its record (called by the Trainer's save, before rotation)."""
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        write_checkpoint_record(folder, trainer="hf", step=state.global_step,
+                                cdb=self.plan.cdb_config.to_dict() if self.plan.cdb_config else None,
+                                cdb_run=self._run_config())
+
     def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            write_checkpoint_record(folder, trainer="hf", step=state.global_step,
-                                    cdb=self.plan.cdb_config.to_dict() if self.plan.cdb_config else None,
-                                    cdb_run=self._run_config())
         PartialState().wait_for_everyone()
 
 
