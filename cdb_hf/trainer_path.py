@@ -18,10 +18,12 @@ from typing import Any
 import torch
 from accelerate import PartialState
 from transformers import PreTrainedModel, Trainer, TrainerCallback
+from transformers.trainer_utils import has_length
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, logging
 
 from .callback import ChannelDropBackCallback, place_before_integrations
 from .metrics import build_compute_metrics
+from .optimization import build_lr_scheduler, decay_parameter_names
 from .preflight import RunPlan, UsageError, check_resume_matches
 from .run import (
     DivergenceGuard,
@@ -105,13 +107,36 @@ class ResumeSafeTrainer(Trainer):
 
 class CDBTrainer(ResumeSafeTrainer):
     """:class:`ResumeSafeTrainer` that places every :class:`ChannelDropBackCallback` it is given ahead of
-    the ``report_to`` integrations, so the ``cdb/*`` statistics reach every tracker."""
+    the ``report_to`` integrations, so the ``cdb/*`` statistics reach every tracker.
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    ``run_args`` (a :class:`~cdb_hf.arguments.RunArguments`, optional) brings cdb_hf's optimizer settings,
+    built by :mod:`cdb_hf.optimization` exactly as the accelerate loop builds them: ``weight_decay_all``
+    (decay every parameter) and ``lr_schedule="multistep"`` (the official MultiStepLR at epoch milestones).
+    """
+
+    def __init__(self, *args: Any, run_args: Any = None, **kwargs: Any) -> None:
+        self.run_args = run_args
+        self._steps_per_epoch: int | None = None
         super().__init__(*args, **kwargs)
         for callback in list(self.callback_handler.callbacks):
             if isinstance(callback, ChannelDropBackCallback):
                 place_before_integrations(self, callback)
+
+    def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
+        return decay_parameter_names(model, bool(getattr(self.run_args, "weight_decay_all", False)))
+
+    def set_initial_training_values(self, args, dataloader, *rest: Any, **kwargs: Any):
+        values = super().set_initial_training_values(args, dataloader, *rest, **kwargs)
+        # The Trainer's own count (None without a dataloader length): the epoch the lr milestones refer to.
+        self._steps_per_epoch = values[1] if has_length(dataloader) else None
+        return values
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        if self.lr_scheduler is None and getattr(self.run_args, "lr_schedule", "trainer") != "trainer":
+            self.lr_scheduler = build_lr_scheduler(optimizer if optimizer is not None else self.optimizer,
+                                                   self.args, self.run_args, num_training_steps, self._steps_per_epoch)
+            self._created_lr_scheduler = True
+        return super().create_scheduler(num_training_steps, optimizer)
 
 
 def train(plan: RunPlan) -> dict[str, float]:
@@ -134,6 +159,7 @@ def train(plan: RunPlan) -> dict[str, float]:
         cdb_callback = ChannelDropBackCallback(plan.cdb_config) if plan.cdb_config is not None else None
         trainer = _RunTrainer(
             guard,
+            run_args=plan.run,
             model=parts.model,
             args=trainer_args,
             train_dataset=parts.train_dataset,
