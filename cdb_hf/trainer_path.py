@@ -21,7 +21,7 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_utils import has_length
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, logging
 
-from .callback import ChannelDropBackCallback, place_before_integrations
+from .callback import ChannelDropBackCallback, cdb_trial_params, place_before_integrations
 from .metrics import build_compute_metrics
 from .optimization import build_lr_scheduler, decay_parameter_names
 from .preflight import RunPlan, UsageError, check_resume_matches
@@ -121,6 +121,36 @@ class CDBTrainer(ResumeSafeTrainer):
         for callback in list(self.callback_handler.callbacks):
             if isinstance(callback, ChannelDropBackCallback):
                 place_before_integrations(self, callback)
+
+    def _hp_search_setup(self, trial: Any) -> None:
+        """A search trial's ``cdb``/``cdb_*`` parameters go to the ChannelDropBack callbacks (which build the
+        trial's config from them), not to ``TrainingArguments``, which would drop them with a warning."""
+        callbacks = [cb for cb in self.callback_handler.callbacks if isinstance(cb, ChannelDropBackCallback)]
+        params = self._trial_params(trial) if self.hp_search_backend is not None and trial is not None else {}
+        cdb_params = cdb_trial_params(params)
+        if cdb_params and not callbacks:
+            raise UsageError(f"the hyperparameter search sets {sorted(cdb_params)} but this Trainer has no "
+                             "ChannelDropBackCallback to apply them; pass callbacks=[ChannelDropBackCallback()]")
+        for callback in callbacks:
+            callback.trial_params = cdb_params if trial is not None else None
+        if not cdb_params:
+            return super()._hp_search_setup(trial)
+        if isinstance(trial, dict):  # ray, wandb: the trial is its parameters
+            super()._hp_search_setup({k: v for k, v in trial.items() if k not in cdb_params})
+            self._trial = trial
+            return None
+        hp_space = self.hp_space  # optuna: the parameters come from hp_space(trial)
+        self.hp_space = lambda t: {k: v for k, v in hp_space(t).items() if k not in cdb_params}
+        try:
+            return super()._hp_search_setup(trial)
+        finally:
+            self.hp_space = hp_space
+
+    def _trial_params(self, trial: Any) -> dict[str, Any]:
+        """The parameters ``Trainer._hp_search_setup`` assigns for ``trial`` (the same source per backend)."""
+        if isinstance(trial, dict):
+            return dict(trial)
+        return dict(self.hp_space(trial))
 
     def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
         return decay_parameter_names(model, bool(getattr(self.run_args, "weight_decay_all", False)))
