@@ -24,7 +24,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, loggi
 from .callback import ChannelDropBackCallback, cdb_trial_params, place_before_integrations
 from .metrics import build_compute_metrics
 from .optimization import build_lr_scheduler, decay_parameter_names
-from .preflight import RunPlan, UsageError, check_resume_matches
+from .preflight import RunPlan, UsageError, check_lr_schedule, check_resume_matches
 from .run import (
     DivergenceGuard,
     Startup,
@@ -118,6 +118,8 @@ class CDBTrainer(ResumeSafeTrainer):
         self.run_args = run_args
         self._steps_per_epoch: int | None = None
         super().__init__(*args, **kwargs)
+        if run_args is not None:  # the CLI checked this already; a script building the Trainer itself has not
+            check_lr_schedule(run_args, self.args)
         for callback in list(self.callback_handler.callbacks):
             if isinstance(callback, ChannelDropBackCallback):
                 place_before_integrations(self, callback)

@@ -106,3 +106,9 @@ def test_conflicting_or_bad_schedules_are_refused_before_any_work(extra, named, 
     with pytest.raises(UsageError, match=named.replace("[", r"\[").replace("]", r"\]")):
         plan_run(*_args("builtin:efficientnet_lite0", image_folder, tmp_path / "out", *extra))
     assert not (tmp_path / "out").exists()
+
+
+def test_cdb_trainer_refuses_a_schedule_its_run_args_would_override(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), lr_scheduler_type="cosine", use_cpu=True, report_to="none")
+    with pytest.raises(UsageError, match="--lr_scheduler_type 'cosine' conflicts with --lr_schedule multistep"):
+        trainer_path.CDBTrainer(model=_tiny_vit(), args=args, run_args=RunArguments(lr_schedule="multistep"))
