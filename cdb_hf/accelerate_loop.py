@@ -35,13 +35,13 @@ from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import Trainer, TrainingArguments, get_scheduler
-from transformers.trainer_pt_utils import get_parameter_names
+from transformers import TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from . import metrics as cdb_metrics
 from .core import ChannelDropBack, StatsWindow
 from .data import data_seed
+from .optimization import build_lr_scheduler, build_optimizer, optimizer_steps_per_epoch
 from .preflight import RunPlan, UsageError, check_resume_matches, loop_state_error, trackers_for
 from .run import (
     DivergenceGuard,
@@ -99,14 +99,12 @@ def train(plan: RunPlan) -> dict[str, float]:
                                          batch_size=args.per_device_eval_batch_size,
                                          num_workers=args.dataloader_num_workers)
 
-            optimizer = build_optimizer(model, args)
+            optimizer = build_optimizer(model, args, plan.run.weight_decay_all)
             model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
                 model, optimizer, train_dataloader, eval_dataloader)
-            steps_per_epoch = max(math.ceil(len(train_dataloader) / args.gradient_accumulation_steps), 1)
+            steps_per_epoch = optimizer_steps_per_epoch(len(train_dataloader), args.gradient_accumulation_steps)
             max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
-            lr_scheduler = accelerator.prepare(get_scheduler(
-                args.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=args.get_warmup_steps(max_steps),
-                num_training_steps=max_steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs or {}))
+            lr_scheduler = accelerator.prepare(build_lr_scheduler(optimizer, args, plan.run, max_steps, steps_per_epoch))
 
             # ChannelDropBack: build it from the model, attach it to the optimizer (its step hooks mask the rows).
             cdb_config = plan.cdb_config.for_run(max_steps, steps_per_epoch) if plan.cdb_config else None
@@ -379,21 +377,6 @@ def log_event(accelerator: Accelerator, logs: dict[str, float], step: int, epoch
 
 
 # ---------------------------------------------------------------------------- small helpers
-def build_optimizer(model: torch.nn.Module, args: TrainingArguments) -> torch.optim.Optimizer:
-    """The Trainer's optimizer: the same class and kwargs, no weight decay on biases and norms."""
-    # The same exclusions as Trainer.get_decay_parameter_names.
-    forbidden = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
-    decay = set(get_parameter_names(model, [torch.nn.LayerNorm], forbidden))
-    groups = [
-        {"params": [p for n, p in model.named_parameters() if n in decay and p.requires_grad],
-         "weight_decay": args.weight_decay},
-        {"params": [p for n, p in model.named_parameters() if n not in decay and p.requires_grad],
-         "weight_decay": 0.0},
-    ]
-    optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
-    return optimizer_cls([group for group in groups if group["params"]], **optimizer_kwargs)
-
-
 def _cdb_ran(cdb: ChannelDropBack, completed_steps: int, accelerator: Accelerator) -> bool:
     """Whether CDB's hooks ran in this optimizer step (they advance its step); an AMP overflow skip is the
     only legitimate reason for them not to, anything else would mean CDB silently did nothing."""

@@ -117,6 +117,26 @@ class RunArguments:
                           "MobileNet on CPU, no effect on Linear layers (ViT). The saved model is a plain "
                           "checkpoint either way. false = PyTorch's default layout."},
     )
+    lr_schedule: Literal["trainer", "multistep"] = field(
+        default="trainer",
+        metadata={"help": "'trainer': TrainingArguments' --lr_scheduler_type (with its warmup). 'multistep': the "
+                          "official scripts' MultiStepLR, stepped per epoch: the rate is multiplied by --lr_gamma "
+                          "from each --lr_milestones epoch on; --lr_scheduler_type must then stay unset and there "
+                          "is no warmup. Both training paths build it alike."},
+    )
+    lr_milestones: list[int] | None = field(
+        default=None,
+        metadata={"help": "Epochs (0-based) from which --lr_schedule multistep lowers the rate, e.g. 26 51 72. "
+                          "Unset: the official round(0.3E), round(0.6E), round(0.85E) for a run of E epochs."},
+    )
+    lr_gamma: float = field(
+        default=0.1, metadata={"help": "Factor --lr_schedule multistep applies at each milestone (official: 0.1)."})
+    weight_decay_all: bool = field(
+        default=False,
+        metadata={"help": "Apply --weight_decay to every parameter, biases and norm weights included, as the "
+                          "official optimizer does. false: the Trainer's rule (biases and norms not decayed). "
+                          "Both training paths honour it."},
+    )
 
     def __post_init__(self) -> None:
         # A recipe value bypasses argparse's bool conversion: refuse "yes" or 1 here, before any work.

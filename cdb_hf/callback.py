@@ -25,6 +25,13 @@ sets ``cdb.step = state.global_step`` before every step, so a resumed run draws 
 uninterrupted run would have drawn; nothing beyond the Trainer's own ``trainer_state.json`` has to be
 restored (the callback is also an ``ExportableState`` for visibility, but does not depend on
 ``restore_callback_states_from_checkpoint``).
+
+Hyperparameter search. ``cdb`` and ``cdb_*`` keys in a trial's parameters (``Trainer.hyperparameter_search``
+with optuna, ray or wandb) configure that trial's CDB: at ``on_train_begin`` the callback applies them on top
+of its own config, through the CLI's ``CDBArguments`` and ``to_config`` (so the same names and checks), and
+``cdb: false`` makes the trial a baseline. :class:`~cdb_hf.trainer_path.CDBTrainer` hands them over exactly as
+its ``hp_space`` returned them (and keeps them out of ``TrainingArguments``, which has no such fields); any
+other Trainer passes them through ``state.trial_params`` (optuna: name each suggestion after its key).
 """
 
 from __future__ import annotations
@@ -35,10 +42,12 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.trainer_callback import DefaultFlowCallback, ExportableState
 from transformers.utils import logging
 
+from .arguments import CDB_PREFIX, CDBArguments
 from .core import ChannelDropBack, ChannelDropBackConfig, StatsWindow
-from .preflight import check_supported_setup
+from .preflight import UsageError, check_supported_setup, usage_errors
 
-__all__ = ["ChannelDropBackCallback", "LOG_PREFIX", "add_channel_drop_back", "place_before_integrations"]
+__all__ = ["ChannelDropBackCallback", "LOG_PREFIX", "add_channel_drop_back", "cdb_trial_params",
+           "place_before_integrations", "trial_config"]
 
 logger = logging.get_logger(__name__)
 
@@ -73,12 +82,17 @@ class ChannelDropBackCallback(TrainerCallback, ExportableState):
         #: Set by :func:`place_before_integrations`: the statistics then reach the report_to trackers.
         self.reaches_trackers = False
         self._window = StatsWindow()
+        #: The current hyperparameter-search trial's cdb/cdb_* values, set by CDBTrainer (None: read
+        #: state.trial_params); ``_baseline_trial`` is True while a ``cdb: false`` trial trains.
+        self.trial_params: dict[str, Any] | None = None
+        self._baseline_trial = False
 
     # ------------------------------------------------------------------ checkpoint visibility
     def state(self) -> dict[str, Any]:
         """JSON-serialisable state written into each checkpoint's ``trainer_state.json``."""
         step = self.cdb.step if self.cdb is not None else self.cdb_step
-        return {"args": {"config": self.config.to_dict()}, "attributes": {"cdb_step": int(step)}}
+        config = self.cdb.config if self.cdb is not None else self.config
+        return {"args": {"config": config.to_dict()}, "attributes": {"cdb_step": int(step)}}
 
     # ------------------------------------------------------------------ lifecycle
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
@@ -93,7 +107,15 @@ class ChannelDropBackCallback(TrainerCallback, ExportableState):
         _refuse_sharded_model(model)
         if self._handle is not None:  # a second train() on the same Trainer: start from a clean optimizer
             self._handle.remove()
-        self.cdb = ChannelDropBack(model, self._run_config(state, args, train_dataloader))
+            self._handle = None
+        params = self.trial_params if self.trial_params is not None else cdb_trial_params(state.trial_params)
+        config = trial_config(self.config, params) if params else self.config
+        self._baseline_trial = config is None
+        if config is None:
+            self.cdb = None
+            logger.info(f"ChannelDropBack is off for this trial ({params})")
+            return
+        self.cdb = ChannelDropBack(model, self._run_config(config, state, args, train_dataloader))
         self._handle = self.cdb.attach(optimizer)
         self.cdb.step = state.global_step
         self._window = StatsWindow()
@@ -106,6 +128,8 @@ class ChannelDropBackCallback(TrainerCallback, ExportableState):
                            "so that it runs before the report_to integrations")
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self._baseline_trial:
+            return
         if self.cdb is None:
             raise RuntimeError("ChannelDropBackCallback was added after training began; add it before train()")
         # The selection depends only on (seed, step): pinning the step to the Trainer's counter makes
@@ -114,6 +138,8 @@ class ChannelDropBackCallback(TrainerCallback, ExportableState):
 
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                           optimizer=None, **kwargs):
+        if self._baseline_trial:
+            return
         if self.cdb.step == state.global_step + 1:
             self._window.add(self.cdb.last_stats)
         elif not getattr(optimizer, "step_was_skipped", False):  # an AMP overflow skip is legitimate
@@ -139,14 +165,38 @@ class ChannelDropBackCallback(TrainerCallback, ExportableState):
             self.cdb_step = self.cdb.step
 
     # ------------------------------------------------------------------ helpers
-    def _run_config(self, state: TrainerState, args: TrainingArguments, train_dataloader) -> ChannelDropBackConfig:
-        """The user's config with the schedule's length filled from this run, when left open."""
-        config = self.config
+    def _run_config(self, config: ChannelDropBackConfig, state: TrainerState, args: TrainingArguments,
+                    train_dataloader) -> ChannelDropBackConfig:
+        """``config`` with the schedule's length filled from this run, when left open."""
         needs_epoch_length = (config.schedule != "constant" and config.schedule_unit == "epochs"
                               and config.schedule_steps_per_epoch is None)
         steps_per_epoch = _update_steps_per_epoch(args, train_dataloader) if needs_epoch_length else None
         return config.for_run(state.max_steps, steps_per_epoch)
 
+
+
+def cdb_trial_params(params: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``cdb`` and ``cdb_*`` entries of a hyperparameter-search trial's parameters."""
+    return {key: value for key, value in (params or {}).items() if key == "cdb" or key.startswith(CDB_PREFIX)}
+
+
+def trial_config(base: ChannelDropBackConfig, params: dict[str, Any]) -> ChannelDropBackConfig | None:
+    """``base`` with a trial's ``cdb``/``cdb_*`` values applied, built as the CLI builds it (``CDBArguments``
+    -> ``to_config``, which checks every value); None when the trial sets ``cdb`` false.
+
+    Raises :class:`~cdb_hf.preflight.UsageError` naming an unknown key or a bad value.
+    """
+    arguments = CDBArguments(cdb=True, **{CDB_PREFIX + name: value for name, value in base.to_dict().items()})
+    unknown = sorted(set(params) - set(vars(arguments)))
+    if unknown:
+        raise UsageError(f"hyperparameter search key(s) {unknown} are not ChannelDropBack settings; the valid cdb "
+                         f"keys are {', '.join(sorted(vars(arguments)))}")
+    if not isinstance(params.get("cdb", True), bool):
+        raise UsageError(f"hyperparameter search value cdb={params['cdb']!r} is not valid; it must be true or false")
+    for key, value in params.items():
+        setattr(arguments, key, value)
+    with usage_errors():
+        return arguments.to_config()
 
 
 def place_before_integrations(trainer: Trainer, callback: ChannelDropBackCallback) -> None:

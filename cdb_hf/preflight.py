@@ -32,7 +32,7 @@ from .run_dir import (
 )
 
 __all__ = ["LOOP_OPTIMIZERS", "RunPlan", "UsageError", "check_cdb_against_model", "check_resume_matches",
-           "check_supported_setup", "plan_run", "resolve_resume_checkpoint", "trackers_for",
+           "check_lr_schedule", "check_supported_setup", "plan_run", "resolve_resume_checkpoint", "trackers_for",
            "usage_errors"]
 
 logger = logging.get_logger(__name__)
@@ -86,6 +86,7 @@ def plan_run(model_args, data_args, cdb_args, run_args, training_args: TrainingA
                              "or --train_dir (an image folder)")
         _check_finite_everywhere(model_args, data_args, cdb_args, run_args, training_args)
         _check_training_arguments(training_args)
+        check_lr_schedule(run_args, training_args)
         if run_args.trainer == "accelerate":
             _check_loop_arguments(training_args)
         cdb_config = cdb_args.to_config()  # the core validates every rate and mode
@@ -143,10 +144,49 @@ def _check_run_arguments(run_args) -> None:
         raise UsageError(f"--trainer {run_args.trainer!r} is not valid; choose 'hf' or 'accelerate'")
     if isinstance(run_args.ab_seeds, bool) or not isinstance(run_args.ab_seeds, int) or run_args.ab_seeds < 0:
         raise UsageError(f"--ab_seeds {run_args.ab_seeds!r} is not valid; it must be an integer >= 0")
-    for name in ("overwrite_output_dir", "channels_last", "resume_allow_cdb_changes"):
+    for name in ("overwrite_output_dir", "channels_last", "resume_allow_cdb_changes", "weight_decay_all"):
         value = getattr(run_args, name, False)
         if not isinstance(value, bool):
             raise UsageError(f"--{name} {value!r} is not valid; it must be true or false")
+
+
+def check_lr_schedule(run_args, args: TrainingArguments) -> None:
+    """``--lr_schedule``, its milestones and factor, and no conflicting ``TrainingArguments`` schedule.
+
+    ``multistep`` replaces ``lr_scheduler_type``: a non-default type, scheduler kwargs or a warmup next to it
+    would be silently ignored, so they are refused by name.
+    """
+    schedule = getattr(run_args, "lr_schedule", "trainer")
+    if schedule not in ("trainer", "multistep"):
+        raise UsageError(f"--lr_schedule {schedule!r} is not valid; choose 'trainer' (TrainingArguments' "
+                         "--lr_scheduler_type) or 'multistep' (the official MultiStepLR)")
+    gamma = run_args.lr_gamma
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
+        raise UsageError(f"--lr_gamma {gamma!r} is not valid; it must be a number in (0, 1] (official: 0.1)")
+    milestones = run_args.lr_milestones
+    if milestones is not None:
+        if (not isinstance(milestones, (list, tuple)) or not milestones
+                or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in milestones)
+                or list(milestones) != sorted(set(milestones))):
+            raise UsageError(f"--lr_milestones {milestones!r} is not valid; give increasing epochs >= 1 (the first "
+                             "epoch at each lower rate, e.g. 26 51 72), or leave it unset for the official "
+                             "round(0.3E), round(0.6E), round(0.85E)")
+    if schedule != "multistep":
+        if milestones is not None:
+            raise UsageError(f"--lr_milestones {list(milestones)} needs --lr_schedule multistep (the current "
+                             f"--lr_schedule {schedule!r} would ignore it)")
+        return
+    scheduler_type = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
+    default_type = TrainingArguments.__dataclass_fields__["lr_scheduler_type"].default
+    default_type = str(getattr(default_type, "value", default_type))
+    conflicts = {"lr_scheduler_type": scheduler_type != default_type, "lr_scheduler_kwargs": bool(args.lr_scheduler_kwargs),
+                 "warmup_steps": bool(args.warmup_steps), "warmup_ratio": bool(getattr(args, "warmup_ratio", 0))}
+    for name, conflicting in conflicts.items():
+        if conflicting:
+            value = getattr(args, name)
+            raise UsageError(f"--{name} {getattr(value, 'value', value)!r} conflicts with --lr_schedule multistep, which sets "
+                             f"the whole schedule (MultiStepLR, no warmup); drop --{name} or use --lr_schedule "
+                             "trainer")
 
 
 def _check_finite_everywhere(*argument_objects) -> None:

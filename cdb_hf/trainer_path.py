@@ -18,12 +18,13 @@ from typing import Any
 import torch
 from accelerate import PartialState
 from transformers import PreTrainedModel, Trainer, TrainerCallback
-from transformers.trainer_utils import rotate_checkpoints
+from transformers.trainer_utils import has_length, rotate_checkpoints
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, logging
 
-from .callback import ChannelDropBackCallback, place_before_integrations
+from .callback import ChannelDropBackCallback, cdb_trial_params, place_before_integrations
 from .metrics import build_compute_metrics
-from .preflight import RunPlan, UsageError, check_resume_matches
+from .optimization import build_lr_scheduler, decay_parameter_names
+from .preflight import RunPlan, UsageError, check_lr_schedule, check_resume_matches
 from .run import (
     DivergenceGuard,
     Startup,
@@ -106,13 +107,68 @@ class ResumeSafeTrainer(Trainer):
 
 class CDBTrainer(ResumeSafeTrainer):
     """:class:`ResumeSafeTrainer` that places every :class:`ChannelDropBackCallback` it is given ahead of
-    the ``report_to`` integrations, so the ``cdb/*`` statistics reach every tracker."""
+    the ``report_to`` integrations, so the ``cdb/*`` statistics reach every tracker.
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    ``run_args`` (a :class:`~cdb_hf.arguments.RunArguments`, optional) brings cdb_hf's optimizer settings,
+    built by :mod:`cdb_hf.optimization` exactly as the accelerate loop builds them: ``weight_decay_all``
+    (decay every parameter) and ``lr_schedule="multistep"`` (the official MultiStepLR at epoch milestones).
+    """
+
+    def __init__(self, *args: Any, run_args: Any = None, **kwargs: Any) -> None:
+        self.run_args = run_args
+        self._steps_per_epoch: int | None = None
         super().__init__(*args, **kwargs)
+        if run_args is not None:  # the CLI checked this already; a script building the Trainer itself has not
+            check_lr_schedule(run_args, self.args)
         for callback in list(self.callback_handler.callbacks):
             if isinstance(callback, ChannelDropBackCallback):
                 place_before_integrations(self, callback)
+
+    def _hp_search_setup(self, trial: Any) -> None:
+        """A search trial's ``cdb``/``cdb_*`` parameters go to the ChannelDropBack callbacks (which build the
+        trial's config from them), not to ``TrainingArguments``, which would drop them with a warning."""
+        callbacks = [cb for cb in self.callback_handler.callbacks if isinstance(cb, ChannelDropBackCallback)]
+        params = self._trial_params(trial) if self.hp_search_backend is not None and trial is not None else {}
+        cdb_params = cdb_trial_params(params)
+        if cdb_params and not callbacks:
+            raise UsageError(f"the hyperparameter search sets {sorted(cdb_params)} but this Trainer has no "
+                             "ChannelDropBackCallback to apply them; pass callbacks=[ChannelDropBackCallback()]")
+        for callback in callbacks:
+            callback.trial_params = cdb_params if trial is not None else None
+        if not cdb_params:
+            return super()._hp_search_setup(trial)
+        if isinstance(trial, dict):  # ray, wandb: the trial is its parameters
+            super()._hp_search_setup({k: v for k, v in trial.items() if k not in cdb_params})
+            self._trial = trial
+            return None
+        hp_space = self.hp_space  # optuna: the parameters come from hp_space(trial)
+        self.hp_space = lambda t: {k: v for k, v in hp_space(t).items() if k not in cdb_params}
+        try:
+            return super()._hp_search_setup(trial)
+        finally:
+            self.hp_space = hp_space
+
+    def _trial_params(self, trial: Any) -> dict[str, Any]:
+        """The parameters ``Trainer._hp_search_setup`` assigns for ``trial`` (the same source per backend)."""
+        if isinstance(trial, dict):
+            return dict(trial)
+        return dict(self.hp_space(trial))
+
+    def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
+        return decay_parameter_names(model, bool(getattr(self.run_args, "weight_decay_all", False)))
+
+    def set_initial_training_values(self, args, dataloader, *rest: Any, **kwargs: Any):
+        values = super().set_initial_training_values(args, dataloader, *rest, **kwargs)
+        # The Trainer's own count (None without a dataloader length): the epoch the lr milestones refer to.
+        self._steps_per_epoch = values[1] if has_length(dataloader) else None
+        return values
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        if self.lr_scheduler is None and getattr(self.run_args, "lr_schedule", "trainer") != "trainer":
+            self.lr_scheduler = build_lr_scheduler(optimizer if optimizer is not None else self.optimizer,
+                                                   self.args, self.run_args, num_training_steps, self._steps_per_epoch)
+            self._created_lr_scheduler = True
+        return super().create_scheduler(num_training_steps, optimizer)
 
 
 def train(plan: RunPlan) -> dict[str, float]:
@@ -137,6 +193,7 @@ def train(plan: RunPlan) -> dict[str, float]:
         trainer = _RunTrainer(
             guard,
             run_watch,
+            run_args=plan.run,
             model=parts.model,
             args=trainer_args,
             train_dataset=parts.train_dataset,

@@ -3,6 +3,7 @@ baseline is --cdb false); the offline recipe runs (truncated) end to end and is 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -38,8 +39,47 @@ DATASET_IDS = {"cifar10": "uoft-cs/cifar10", "cifar100": "uoft-cs/cifar100", "sv
 EVAL_SPLITS = {"cifar10": "test", "cifar100": "test", "svhn": "test", "imagenet": "validation"}
 
 
+#: Whether the core has the piecewise schedule the paper recipes use (developed alongside; see the skips).
+HAS_PIECEWISE = "schedule_milestones" in {f.name for f in dataclasses.fields(ChannelDropBackConfig)}
+NO_PIECEWISE = "ChannelDropBackConfig has no schedule_milestones/schedule_rates yet (schedule='piecewise' lands " \
+               "with the core's piecewise schedule); the rest of each recipe is checked without those keys"
+# The official StepLR_Dropback rates, in phase order.
+OFFICIAL_CDB_RATES = [0.03, 0.15, 0.3]
+
+
 def _raw(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
+
+
+def _parseable(path: Path, tmp_path: Path) -> Path:
+    """``path``, or, while the core lacks the piecewise schedule, a copy with the official 'step' schedule."""
+    raw = _raw(path)
+    if HAS_PIECEWISE or raw.get("cdb_schedule") != "piecewise":
+        return path
+    for key in ("cdb_schedule_milestones", "cdb_schedule_rates"):
+        raw.pop(key)
+    raw["cdb_schedule"] = "step"
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    copy = tmp_path / path.name
+    copy.write_text(yaml.safe_dump(raw))
+    return copy
+
+
+def _official_cdb_phase_starts(epochs: int) -> list[int]:
+    """The first epoch of each later phase of the official StepLR_Dropback (SGD_Dropback.py), simulated: its
+    rate starts at init and, stepped after every epoch, compares its epoch counter with round(0.3E), round(0.6E)
+    before incrementing it."""
+    milestones = [round(epochs * 0.3), round(epochs * 0.6)]
+    rates, rate = [], "init"
+    for counter in range(epochs):
+        rates.append(rate)
+        rate = "final" if counter > milestones[1] else "half" if counter > milestones[0] else "init"
+    return [rates.index(phase) for phase in ("half", "final") if phase in rates]
+
+
+def _official_lr_milestones(epochs: int) -> list[int]:
+    """fine_tune.py's MultiStepLR milestones (stepped once per epoch)."""
+    return [round(epochs * 0.3), round(epochs * 0.6), round(epochs * 0.85)]
 
 
 def _is_offline(path: Path) -> bool:
@@ -55,7 +95,7 @@ def test_the_expected_recipes_exist_once_each():
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_recipe_parses_and_validates(path, tmp_path):
-    model_args, data_args, cdb_args, run_args, training_args = cli.parse_args([str(path)])
+    model_args, data_args, cdb_args, run_args, training_args = cli.parse_args([str(_parseable(path, tmp_path))])
     assert model_args.model_name_or_path and (data_args.dataset_name or data_args.train_dir)
     assert cdb_args.cdb is True
     training_args.output_dir = str(tmp_path / "out")  # validation must not depend on the checkout
@@ -66,22 +106,34 @@ def test_recipe_parses_and_validates(path, tmp_path):
 
 
 @pytest.mark.parametrize("stem", PAPER_RECIPES)
-def test_paper_recipes_follow_the_official_fine_tuning_code(stem):
+def test_paper_recipes_follow_the_official_fine_tuning_code(stem, tmp_path):
     path = RECIPES_DIR / f"{stem}.yaml"
     raw = _raw(path)
     model_key, dataset_key = re.match(r"([a-z0-9-]+?)(?:-384)?_(\w+)$", stem).groups()
     assert raw["model_name_or_path"] == HUB_IDS[model_key] and raw["dataset_name"] == DATASET_IDS[dataset_key]
-    _, _, cdb_args, _, training_args = cli.parse_args([str(path)])
+    _, _, cdb_args, run_args, training_args = cli.parse_args([str(_parseable(path, tmp_path))])
     assert training_args.optim == "sgd" and training_args.optim_args == "momentum=0.9,nesterov=True"
     assert (training_args.learning_rate, training_args.weight_decay) == (0.01, 1e-4)
     batch = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
     assert batch == 1024 and training_args.num_train_epochs == 85
+    # MultiStepLR x0.1 at the official epochs, decay on every parameter, no clipping.
+    epochs = int(training_args.num_train_epochs)
+    assert (run_args.lr_schedule, run_args.lr_milestones, run_args.lr_gamma) == (
+        "multistep", _official_lr_milestones(epochs), 0.1)
+    assert run_args.weight_decay_all is True and training_args.max_grad_norm == 0
+    assert "lr_scheduler_type" not in raw and "warmup_steps" not in raw
     config = cdb_args.to_config()
     assert (config.layer_selection, config.axis, config.mode, config.rescale) == ("bernoulli", "cols", "grad", True)
-    assert (config.channel_rate, config.layer_rate_init, config.layer_rate, config.schedule) == (0.3, 0.03, 0.3, "step")
+    assert (config.channel_rate, config.layer_rate_init, config.layer_rate) == (0.3, 0.03, 0.3)
+    # The official per-epoch CDB rate schedule, from the official rule for this recipe's epoch count.
+    assert (raw["cdb_schedule"], raw["cdb_schedule_unit"]) == ("piecewise", "epochs")
+    assert raw["cdb_schedule_milestones"] == _official_cdb_phase_starts(epochs)
+    assert raw["cdb_schedule_rates"] == OFFICIAL_CDB_RATES
+    assert config.skip_first == (2 if model_key == "resnet50" else 1)
     assert raw["eval_split_name"] == EVAL_SPLITS[dataset_key] and "train_val_split" not in raw
     assert raw.get("image_size") == (384 if stem in PAPER_384 else None)
     header = path.read_text().split("\n\n")[0]
+    assert "Remaining differences from the official fine_tune.py" in header
     if stem in {**PAPER, **PAPER_384}:
         cdb_number, baseline_number = {**PAPER, **PAPER_384}[stem]
         assert f"CDB {cdb_number} vs baseline {baseline_number}" in header
@@ -89,10 +141,39 @@ def test_paper_recipes_follow_the_official_fine_tuning_code(stem):
         assert "no reported numbers" in header
 
 
+def test_the_official_boundaries_for_known_epoch_counts():
+    """METHOD.md's worked examples of the official schedules, so the simulations above cannot drift."""
+    assert _official_cdb_phase_starts(85) == [28, 53] and _official_cdb_phase_starts(10) == [5, 8]
+    assert _official_lr_milestones(85) == [26, 51, 72] and _official_lr_milestones(10) == [3, 6, 8]
+
+
+@pytest.mark.skipif(not HAS_PIECEWISE, reason=NO_PIECEWISE)
+@pytest.mark.parametrize("stem", PAPER_RECIPES)
+def test_paper_recipes_configure_the_official_cdb_schedule(stem, tmp_path):
+    """Through the CLI parser and pre-flight, the recipe's piecewise schedule is the official one per epoch."""
+    path = RECIPES_DIR / f"{stem}.yaml"
+    model_args, data_args, cdb_args, run_args, training_args = cli.parse_args([str(path)])
+    training_args.output_dir = str(tmp_path / "out")
+    config = plan_run(model_args, data_args, cdb_args, run_args, training_args).cdb_config
+    epochs = int(training_args.num_train_epochs)
+    assert (config.schedule, config.schedule_unit) == ("piecewise", "epochs")
+    assert list(config.schedule_milestones) == _official_cdb_phase_starts(epochs)
+    assert list(config.schedule_rates) == OFFICIAL_CDB_RATES
+    # The rate each epoch gets: 5 optimizer steps per epoch, read at each epoch's first and last step.
+    run_config = config.for_run(epochs * 5, 5)
+    phases = [0] * epochs
+    for boundary in _official_cdb_phase_starts(epochs):
+        phases = [phase + (epoch >= boundary) for epoch, phase in enumerate(phases)]
+    for epoch in range(epochs):
+        expected = OFFICIAL_CDB_RATES[phases[epoch]]
+        assert run_config.rate_at(epoch * 5) == pytest.approx(expected)
+        assert run_config.rate_at(epoch * 5 + 4) == pytest.approx(expected)
+
+
 def _official_eligible(model: nn.Module, skip: int) -> set[str]:
-    """The official SGD_Dropback rule: after the first `skip` named_parameters, no 'bias'/'bn', >= 2 dims."""
+    """The official SGD_Dropback rule: index in named_parameters() > skip, no 'bias'/'bn', >= 2 dims."""
     return {name for index, (name, param) in enumerate(model.named_parameters())
-            if index >= skip and "bias" not in name and "bn" not in name and param.dim() >= 2}
+            if index > skip and "bias" not in name and "bn" not in name and param.dim() >= 2}
 
 
 def _tiny(kind: str) -> nn.Module:
@@ -108,21 +189,25 @@ def _tiny(kind: str) -> nn.Module:
     if kind == "vit":
         return ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                                    intermediate_size=64, image_size=32, patch_size=8))
-    if kind == "resnet":
-        return ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+    if kind == "resnet50":
+        # ResNet-50's geometry in small: the stem's width differs from the first stage's (64 vs 256), so the
+        # first block has a shortcut convolution, registered before the block's own convolutions.
+        return ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[16, 32], depths=[1, 1],
                                                          layer_type="bottleneck"))
     return ConvNextForImageClassification(ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2))
 
 
-@pytest.mark.parametrize("kind", ["vit", "resnet", "convnext"])
-def test_skip_first_1_is_the_official_skip_init_layers_3(kind):
-    """The recipes' comment: on these architectures the official skip of 3 named_parameters entries and our
-    skip of 1 eligible layer leave the same Linear/Conv weights to CDB."""
+@pytest.mark.parametrize("kind", ["vit", "resnet50", "convnext"])
+def test_recipe_skip_first_is_the_official_skip_init_layers_3(kind):
+    """The recipes' skip comment: the official skip of named_parameters entries 0-3 and the recipe's
+    cdb_skip_first leave the same Linear/Conv weights to CDB."""
+    stem = {"vit": "vit-b16_cifar10", "resnet50": "resnet50_cifar10", "convnext": "convnext-tiny_cifar100"}[kind]
+    skip_first = _raw(RECIPES_DIR / f"{stem}.yaml")["cdb_skip_first"]
     model = _tiny(kind)
-    ours = ChannelDropBack(model, ChannelDropBackConfig(axis="cols", skip_first=1)).layers
+    ours = ChannelDropBack(model, ChannelDropBackConfig(axis="cols", skip_first=skip_first)).layers
     all_typed = ChannelDropBack(model, ChannelDropBackConfig(axis="cols")).layers
     assert set(ours) == _official_eligible(model, skip=3) & set(all_typed)
-    assert len(ours) == len(all_typed) - 1
+    assert len(ours) == len(all_typed) - skip_first
 
 
 @pytest.mark.parametrize("stem", PAPER_384)
@@ -137,7 +222,7 @@ def test_384_recipes_resize_a_224_px_patch16_checkpoint_to_a_24x24_grid(stem, tm
                                          intermediate_size=32, image_size=224, patch_size=16)).save_pretrained(tmp_path)
     ViTImageProcessor(size={"height": 224, "width": 224}, image_mean=[0.5] * 3, image_std=[0.5] * 3) \
         .save_pretrained(tmp_path)
-    model_args = cli.parse_args([str(RECIPES_DIR / f"{stem}.yaml")])[0]
+    model_args = cli.parse_args([str(_parseable(RECIPES_DIR / f"{stem}.yaml", tmp_path / "recipe"))])[0]
     model_args.model_name_or_path = str(tmp_path)
     model, processor = load_model_and_processor(model_args, ["a", "b"])
     assert model.vit.embeddings.position_embeddings.shape[1] == 1 + 24 * 24
