@@ -26,6 +26,7 @@ the global shape, as for a plain tensor, and applies it to each rank's local sha
 
 from __future__ import annotations
 
+import bisect
 import fnmatch
 import math
 import sys
@@ -47,7 +48,7 @@ _CHANNEL_SAMPLINGS = ("bernoulli", "exact")
 _AXES = {"rows": 0, "cols": 1}
 _MODES = ("grad", "exact")
 _ALL_DROPPED_RULES = ("keep_all", "keep_one")
-_SCHEDULES = ("constant", "step", "linear")
+_SCHEDULES = ("constant", "step", "linear", "piecewise")
 _SCHEDULE_UNITS = ("steps", "epochs")
 
 
@@ -127,10 +128,26 @@ class ChannelDropBackConfig:
         default=0,
         metadata={"help": "Skip the first k eligible layers in module order (official code: skip_init_layers)."},
     )
-    schedule: Literal["constant", "step", "linear"] = field(
+    schedule: Literal["constant", "step", "linear", "piecewise"] = field(
         default="constant",
-        metadata={"help": "layer_rate schedule: 'constant'; 'step' (official: layer_rate_init until 30%, "
-                          "layer_rate/2 until 60%, then layer_rate); 'linear' ramp from layer_rate_init."},
+        metadata={"help": "layer_rate schedule: 'constant'; 'step' (the official three stages, layer_rate_init "
+                          "until 30% of the run, layer_rate/2 until 60%, then layer_rate; it switches at exactly "
+                          "30%/60%, whereas the official code switches two epochs after round(0.3E)/round(0.6E), "
+                          "e.g. epochs 28 and 53 of 85 instead of 26 and 51: use 'piecewise' with "
+                          "schedule_milestones [round(0.3E)+2, round(0.6E)+2] and schedule_unit 'epochs' for "
+                          "the official boundaries); 'linear' ramp from layer_rate_init; 'piecewise': "
+                          "schedule_rates between schedule_milestones."},
+    )
+    schedule_milestones: list[int] | None = field(
+        default=None,
+        metadata={"help": "For schedule='piecewise': strictly increasing boundaries (>= 0) in schedule_unit "
+                          "(epochs or optimizer steps, 0-based); rate i applies from milestone i-1 (inclusive) "
+                          "to milestone i (exclusive)."},
+    )
+    schedule_rates: list[float] | None = field(
+        default=None,
+        metadata={"help": "For schedule='piecewise': the layer rates, one more than schedule_milestones, each in "
+                          "[0, 1] (replace layer_rate_init/layer_rate)."},
     )
     schedule_total_steps: int | None = field(
         default=None,
@@ -182,6 +199,31 @@ class ChannelDropBackConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name}={value!r} is not valid; it must be a positive integer or None")
+        self._check_piecewise()
+
+    def _check_piecewise(self) -> None:
+        milestones, rates = self.schedule_milestones, self.schedule_rates
+        if self.schedule != "piecewise":
+            for name in ("schedule_milestones", "schedule_rates"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name}={getattr(self, name)!r} is only used by schedule='piecewise' "
+                                     f"(schedule={self.schedule!r}); set schedule='piecewise' or leave it unset")
+            return
+        if milestones is None or rates is None:
+            raise ValueError("schedule='piecewise' needs schedule_milestones and schedule_rates (e.g. milestones "
+                             f"[28, 53] and rates [0.03, 0.15, 0.3]); got schedule_milestones={milestones!r}, "
+                             f"schedule_rates={rates!r}")
+        milestones, rates = list(milestones), list(rates)
+        if not all(isinstance(m, int) and not isinstance(m, bool) and m >= 0 for m in milestones) or any(
+                later <= earlier for earlier, later in zip(milestones, milestones[1:])):
+            raise ValueError(f"schedule_milestones={milestones!r} is not valid; it must be a list of strictly "
+                             f"increasing integers >= 0 ({self.schedule_unit})")
+        if len(rates) != len(milestones) + 1:
+            raise ValueError(f"schedule_rates={rates!r} is not valid; it needs len(schedule_milestones) + 1 = "
+                             f"{len(milestones) + 1} values (one before the first milestone, one after each)")
+        for rate in rates:
+            _check_rate("schedule_rates entry", rate)
+        self.schedule_milestones, self.schedule_rates = milestones, [float(r) for r in rates]
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy (for checkpoints, model cards and recipes)."""
@@ -204,7 +246,7 @@ class ChannelDropBackConfig:
         if self.schedule == "constant":
             return self
         overrides = {}
-        if self.schedule_total_steps is None:
+        if self.schedule_total_steps is None and self.schedule != "piecewise":  # piecewise has no length
             overrides["schedule_total_steps"] = max(int(total_steps), 1)
         if self.schedule_unit == "epochs" and self.schedule_steps_per_epoch is None and steps_per_epoch is not None:
             overrides["schedule_steps_per_epoch"] = max(int(steps_per_epoch), 1)
@@ -214,6 +256,14 @@ class ChannelDropBackConfig:
         """The scheduled ``layer_rate`` at optimizer step ``step`` (0-based)."""
         if self.schedule == "constant":
             return self.layer_rate
+        if self.schedule == "piecewise":
+            position = step
+            if self.schedule_unit == "epochs":
+                if self.schedule_steps_per_epoch is None:
+                    raise ValueError("schedule_unit='epochs' needs schedule_steps_per_epoch (optimizer steps per "
+                                     "epoch)")
+                position = step // self.schedule_steps_per_epoch
+            return self.schedule_rates[bisect.bisect_right(self.schedule_milestones, position)]
         if self.schedule_total_steps is None:
             raise ValueError(f"schedule={self.schedule!r} needs schedule_total_steps (the number of optimizer "
                              "steps of the run); the Trainer callback and the accelerate loop fill it in")
@@ -283,7 +333,7 @@ class ChannelDropBack:
     def __init__(self, model: nn.Module, config: ChannelDropBackConfig | None = None) -> None:
         self.config = config if config is not None else ChannelDropBackConfig()
         # The run's length is known only to the trainer, which fills these in before building the core.
-        if self.config.schedule != "constant" and self.config.schedule_total_steps is None:
+        if self.config.schedule not in ("constant", "piecewise") and self.config.schedule_total_steps is None:
             raise ValueError(f"schedule={self.config.schedule!r} needs schedule_total_steps (the number of "
                              "optimizer steps of the run); the Trainer callback and the accelerate loop fill "
                              "it in")

@@ -55,6 +55,10 @@ def masked_dim(cdb: ChannelDropBack) -> int:
     return 0 if cdb.config.axis == "rows" else 1
 
 
+def replace_(config: ChannelDropBackConfig, **changes) -> ChannelDropBackConfig:
+    return dataclasses.replace(config, **changes)
+
+
 def rows(tensor: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
     """The slices of ``tensor`` along ``dim`` where ``mask`` is True."""
     return tensor.index_select(dim, mask.nonzero().flatten())
@@ -450,6 +454,70 @@ def test_linear_schedule_and_epoch_unit():
     assert [round(by_epoch.rate_at(s), 6) for s in (0, 4, 5, 9)] == [0.0, 0.0, 0.2, 0.2]
 
 
+def _official_epoch_rates(epochs: int, init: float, final: float) -> list[float]:
+    """Transcription of the official StepLR_Dropback: built with milestones round(0.3E), round(0.6E), stepped
+    once after every epoch; step() tests its own epoch counter (the epoch just trained) against them."""
+    milestones = [round(0.3 * epochs), round(0.6 * epochs)]
+    rate, counter, used = init, 0, []
+    for _ in range(epochs):
+        used.append(rate)  # the rate the optimizer uses while training this epoch
+        if counter > milestones[1]:
+            rate = final
+        elif counter > milestones[0]:
+            rate = final / 2
+        else:
+            rate = init
+        counter += 1
+    return used
+
+
+@pytest.mark.parametrize("epochs,boundaries", [(10, (5, 8)), (85, (28, 53))])
+def test_piecewise_schedule_reproduces_the_official_epoch_boundaries(epochs, boundaries):
+    official = _official_epoch_rates(epochs, init=0.03, final=0.3)
+    first_half, first_final = official.index(0.15), official.index(0.3)
+    assert (first_half, first_final) == boundaries  # METHOD.md: 85 epochs 0-27/28-52/53-84, 10: 0-4/5-7/8-9
+    steps_per_epoch = 3
+    config = ChannelDropBackConfig(
+        schedule="piecewise", schedule_unit="epochs",
+        schedule_milestones=[round(0.3 * epochs) + 2, round(0.6 * epochs) + 2], schedule_rates=[0.03, 0.15, 0.3],
+    ).for_run(total_steps=epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch)
+    ours = [config.rate_at(step) for step in range(epochs * steps_per_epoch)]
+    assert ours == [rate for rate in official for _ in range(steps_per_epoch)]
+    # The 'step' schedule switches at 30 % / 60 % of the run instead: earlier than the official code.
+    step = ChannelDropBackConfig(schedule="step", layer_rate_init=0.03, layer_rate=0.3, schedule_unit="epochs",
+                                 schedule_total_steps=epochs * steps_per_epoch, schedule_steps_per_epoch=steps_per_epoch)
+    assert step.rate_at(first_half * steps_per_epoch - steps_per_epoch) == 0.15
+
+
+def test_piecewise_schedule_in_steps_and_in_the_core():
+    config = ChannelDropBackConfig(schedule="piecewise", schedule_milestones=[0, 2, 5],
+                                   schedule_rates=[0.9, 0.0, 1.0, 0.5])
+    assert [config.rate_at(s) for s in range(7)] == [0.0, 0.0, 1.0, 1.0, 1.0, 0.5, 0.5]
+    assert config.for_run(100) is config  # needs no run length in steps
+    model = mlp()
+    selections = _selections(ChannelDropBack(model, replace_(config, layer_selection="single")), model, 5)
+    assert [bool(s) for s in selections] == [False, False, True, True, True]
+
+
+def test_piecewise_flags_parse_from_the_command_line_and_yaml(tmp_path):
+    from transformers import HfArgumentParser
+
+    from cdb_hf.arguments import CDBArguments
+
+    parser = HfArgumentParser(CDBArguments)
+    (cli,) = parser.parse_args_into_dataclasses([
+        "--cdb_schedule", "piecewise", "--cdb_schedule_unit", "epochs",
+        "--cdb_schedule_milestones", "28", "53", "--cdb_schedule_rates", "0.03", "0.15", "0.3"])
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("cdb_schedule: piecewise\ncdb_schedule_unit: epochs\ncdb_schedule_milestones: [28, 53]\n"
+                      "cdb_schedule_rates: [0.03, 0.15, 0.3]\n")
+    (yaml,) = parser.parse_yaml_file(str(recipe))
+    for args in (cli, yaml):
+        config = args.to_config()
+        assert config.schedule_milestones == [28, 53] and config.schedule_rates == [0.03, 0.15, 0.3]
+        assert config.for_run(850, 10).rate_at(280) == 0.15
+
+
 def test_schedule_drives_selection_rate():
     model = mlp()
     config = ChannelDropBackConfig(schedule="step", layer_rate_init=0.0, layer_rate=1.0, schedule_total_steps=10)
@@ -476,6 +544,16 @@ def test_schedule_drives_selection_rate():
     ({"seed": 1.5}, "seed=1.5"),
     ({"include": []}, "include=\\[\\] is not valid"),
     ({"schedule_total_steps": 0}, "schedule_total_steps=0"),
+    ({"schedule": "piecewise"}, "schedule='piecewise' needs schedule_milestones and schedule_rates"),
+    ({"schedule": "piecewise", "schedule_milestones": [5, 5], "schedule_rates": [0, 0.1, 0.2]},
+     r"schedule_milestones=\[5, 5\] is not valid; it must be a list of strictly increasing integers >= 0"),
+    ({"schedule": "piecewise", "schedule_milestones": [-1], "schedule_rates": [0, 0.1]}, r"schedule_milestones=\[-1\]"),
+    ({"schedule": "piecewise", "schedule_milestones": [2.5], "schedule_rates": [0, 0.1]}, r"schedule_milestones=\[2.5\]"),
+    ({"schedule": "piecewise", "schedule_milestones": [3], "schedule_rates": [0.1]},
+     r"schedule_rates=\[0.1\] is not valid; it needs len\(schedule_milestones\) \+ 1 = 2 values"),
+    ({"schedule": "piecewise", "schedule_milestones": [3], "schedule_rates": [0.1, 1.5]},
+     "schedule_rates entry=1.5 is out of range"),
+    ({"schedule_milestones": [3]}, r"schedule_milestones=\[3\] is only used by schedule='piecewise'"),
 ])
 def test_invalid_config_values_raise_naming_the_value(kwargs, message):
     with pytest.raises(ValueError, match=message):
