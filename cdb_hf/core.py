@@ -37,7 +37,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-__all__ = ["ChannelDropBack", "ChannelDropBackConfig", "ELIGIBLE_MODULE_TYPES", "StatsWindow"]
+__all__ = ["ChannelDropBack", "ChannelDropBackConfig", "ELIGIBLE_MODULE_TYPES", "StatsWindow", "eligible_layers"]
 
 #: Module types whose ``weight`` is eligible. Eligibility is by type, not by parameter name, because
 #: names change between library versions (ViT's ``query`` became ``q_proj`` in transformers 5).
@@ -293,6 +293,50 @@ def _mix_seed(*values: int) -> int:
     return state & 0x7FFFFFFFFFFFFFFF
 
 
+def eligible_layers(model: nn.Module, config: ChannelDropBackConfig | None = None) -> dict[str, nn.Parameter]:
+    """The weights ChannelDropBack would act on, ``{parameter name: parameter}`` in module order.
+
+    Linear and Conv weights that require grad and have at least 2 slices along ``config.axis``,
+    refined by ``include``/``exclude`` and ``skip_first``. Pre-flight checks use it to validate a config
+    against a model without building a :class:`ChannelDropBack`; it raises ``ValueError`` naming the bad
+    pattern when the config selects nothing or a pattern matches nothing.
+    """
+    config = config if config is not None else ChannelDropBackConfig()
+    dim = _AXES[config.axis]
+    names = {id(p): n for n, p in model.named_parameters()}
+    typed: dict[str, nn.Parameter] = {}
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, ELIGIBLE_MODULE_TYPES) or not isinstance(weight, nn.Parameter):
+            continue
+        if not weight.requires_grad or id(weight) not in names or names[id(weight)] in typed:
+            continue
+        if weight.dim() <= dim or weight.shape[dim] < 2:
+            continue  # e.g. a depthwise conv along dim 1: a single channel cannot be dropped
+        typed[names[id(weight)]] = weight
+    if not typed:
+        raise ValueError(f"{type(model).__name__} has no eligible layer: ChannelDropBack needs Linear or Conv "
+                         f"weights that require grad with at least 2 channels along axis={config.axis!r}")
+
+    def matches(name: str, patterns: list[str]) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+    for kind, patterns in (("include", config.include), ("exclude", config.exclude)):
+        for pattern in patterns or []:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in typed):
+                raise ValueError(f"{kind} pattern {pattern!r} matches no eligible layer; eligible layers "
+                                 f"are e.g. {_preview(list(typed))}")
+    selected = {n: p for n, p in typed.items()
+                if (config.include is None or matches(n, config.include))
+                and not (config.exclude and matches(n, config.exclude))}
+    selected = dict(list(selected.items())[config.skip_first:])
+    if not selected:
+        raise ValueError(f"include={config.include!r}, exclude={config.exclude!r} and "
+                         f"skip_first={config.skip_first} leave no eligible layer out of {len(typed)} "
+                         f"(e.g. {_preview(list(typed))})")
+    return selected
+
+
 @dataclass
 class _Selected:
     """One selected layer at one step: the dropped indices along ``dim`` and the grad scale."""
@@ -342,7 +386,7 @@ class ChannelDropBack:
             raise ValueError("schedule_unit='epochs' needs schedule_steps_per_epoch (optimizer steps per epoch); "
                              "the Trainer callback and the accelerate loop fill it in")
         self.dim = _AXES[self.config.axis]
-        self.layers: dict[str, nn.Parameter] = self._eligible_layers(model)
+        self.layers: dict[str, nn.Parameter] = eligible_layers(model, self.config)
         self._names = list(self.layers)
         self._params = list(self.layers.values())
         self._shards = [_local_shard(name, param, self.dim) for name, param in self.layers.items()]
@@ -354,42 +398,6 @@ class ChannelDropBack:
         self._snapshots: list[tuple[_Selected, _DroppedRows, torch.Tensor, dict[str, torch.Tensor]]] = []
         self.last_stats: dict[str, float] = {"applied": 0.0, "layers": 0.0, "keep_fraction": 1.0,
                                              "layer_rate": self.config.rate_at(0)}
-
-    # ------------------------------------------------------------------ eligibility
-    def _eligible_layers(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        config = self.config
-        names = {id(p): n for n, p in model.named_parameters()}
-        typed: dict[str, nn.Parameter] = {}
-        for module in model.modules():
-            weight = getattr(module, "weight", None)
-            if not isinstance(module, ELIGIBLE_MODULE_TYPES) or not isinstance(weight, nn.Parameter):
-                continue
-            if not weight.requires_grad or id(weight) not in names or names[id(weight)] in typed:
-                continue
-            if weight.dim() <= self.dim or weight.shape[self.dim] < 2:
-                continue  # e.g. a depthwise conv along dim 1: a single channel cannot be dropped
-            typed[names[id(weight)]] = weight
-        if not typed:
-            raise ValueError(f"{type(model).__name__} has no eligible layer: ChannelDropBack needs Linear or Conv "
-                             f"weights that require grad with at least 2 channels along axis={config.axis!r}")
-
-        def matches(name: str, patterns: list[str]) -> bool:
-            return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-        for kind, patterns in (("include", config.include), ("exclude", config.exclude)):
-            for pattern in patterns or []:
-                if not any(fnmatch.fnmatchcase(n, pattern) for n in typed):
-                    raise ValueError(f"{kind} pattern {pattern!r} matches no eligible layer; eligible layers "
-                                     f"are e.g. {_preview(list(typed))}")
-        selected = {n: p for n, p in typed.items()
-                    if (config.include is None or matches(n, config.include))
-                    and not (config.exclude and matches(n, config.exclude))}
-        selected = dict(list(selected.items())[config.skip_first:])
-        if not selected:
-            raise ValueError(f"include={config.include!r}, exclude={config.exclude!r} and "
-                             f"skip_first={config.skip_first} leave no eligible layer out of {len(typed)} "
-                             f"(e.g. {_preview(list(typed))})")
-        return selected
 
     # ------------------------------------------------------------------ optimizer hooks
     def attach(self, optimizer: torch.optim.Optimizer) -> _HookHandle:

@@ -9,9 +9,17 @@ import pytest
 import timm
 import torch
 from torch import nn
-from transformers import ConvNextConfig, ConvNextForImageClassification, ViTConfig, ViTForImageClassification
+from transformers import (
+    ConvNextConfig,
+    ConvNextForImageClassification,
+    ResNetConfig,
+    ResNetForImageClassification,
+    ViTConfig,
+    ViTForImageClassification,
+)
 
 from cdb_hf import ChannelDropBack, ChannelDropBackConfig
+from cdb_hf.core import eligible_layers
 
 
 # ---------------------------------------------------------------------------- tiny models
@@ -97,6 +105,34 @@ def test_timm_model_eligibility():
     assert "patch_embed.proj.weight" in names and "head.weight" in names
     assert "pos_embed" not in names and "cls_token" not in names
     assert all(n.endswith(".weight") for n in names)
+
+
+def _official_eligible(model: nn.Module, skip_init_layers: int = 3) -> list[str]:
+    """Transcription of the official SGD_Dropback filter: the parameter's index in named_parameters() is
+    > skip_init_layers, its name contains neither "bias" nor "bn", and (at step time) it has >= 2 dims."""
+    return [name for index, (name, param) in enumerate(model.named_parameters())
+            if not any(word in name for word in ("bias", "bn")) and index > skip_init_layers and param.dim() >= 2]
+
+
+@pytest.mark.parametrize("build,skip_first,count", [
+    (lambda: ViTForImageClassification(ViTConfig(num_labels=10)), 1, 73),  # ViT-B/16 224
+    (lambda: ResNetForImageClassification(ResNetConfig(num_labels=10)), 2, 52),  # ResNet-50
+])
+def test_eligible_layers_match_the_official_filter_on_full_size_models(build, skip_first, count):
+    with torch.device("meta"):  # full-size architectures without allocating or downloading weights
+        model = build()
+    ours = eligible_layers(model, ChannelDropBackConfig(skip_first=skip_first))
+    assert list(ours) == _official_eligible(model, skip_init_layers=3)
+    assert len(ours) == count
+    assert all(ours[name] is param for name, param in model.named_parameters() if name in ours)
+
+
+def test_channel_drop_back_acts_on_eligible_layers():
+    model = tiny_vit()
+    config = ChannelDropBackConfig(skip_first=1, exclude=["*classifier*"])
+    assert ChannelDropBack(model, config).layers == eligible_layers(model, config)
+    with pytest.raises(ValueError, match="exclude pattern 'nothing' matches no eligible layer"):
+        eligible_layers(model, ChannelDropBackConfig(exclude=["nothing"]))
 
 
 def test_include_exclude_and_skip_first():
