@@ -337,7 +337,7 @@ def eligible_layers(model: nn.Module, config: ChannelDropBackConfig | None = Non
     return selected
 
 
-@dataclass
+@dataclass(slots=True)
 class _Selected:
     """One selected layer at one step: the dropped indices along ``dim`` and the grad scale."""
 
@@ -345,7 +345,8 @@ class _Selected:
     param: nn.Parameter
     dim: int
     size: int
-    dropped: torch.Tensor  # int64 indices on the parameter's device, length known on the host
+    count: int  # how many slices are dropped: known on the host
+    dropped: torch.Tensor | None  # ``count`` int64 indices on the parameter's device (None when 0)
     scale: float
     shard: tuple[int, int] | None  # (start, length) of this rank's slices when ``dim`` is sharded
 
@@ -390,12 +391,16 @@ class ChannelDropBack:
         self._names = list(self.layers)
         self._params = list(self.layers.values())
         self._shards = [_local_shard(name, param, self.dim) for name, param in self.layers.items()]
+        self._sizes = [param.shape[self.dim] for param in self._params]
         self.step = 0
         self._host_generator = torch.Generator(device="cpu")
+        # Which rows a selected layer drops comes from its device's generator, reseeded from (seed, step)
+        # once per step: a pure function of those two numbers (and the model), on every rank alike.
+        # (Created lazily: the model may move to its device after CDB is built.)
         self._device_generators: dict[torch.device, torch.Generator] = {}
         self._optimizer: torch.optim.Optimizer | None = None
         self._selected: list[_Selected] = []
-        self._snapshots: list[tuple[_Selected, _DroppedRows, torch.Tensor, dict[str, torch.Tensor]]] = []
+        self._snapshots: list[tuple[_Selected, _DroppedRows, dict[str | None, torch.Tensor]]] = []
         self.last_stats: dict[str, float] = {"applied": 0.0, "layers": 0.0, "keep_fraction": 1.0,
                                              "layer_rate": self.config.rate_at(0)}
 
@@ -432,49 +437,67 @@ class ChannelDropBack:
             self._names = [self._names[i] for i in keep]
             self._params = [self._params[i] for i in keep]
             self._shards = [self._shards[i] for i in keep]
+            self._sizes = [self._sizes[i] for i in keep]
             self.layers = dict(zip(self._names, self._params))
 
     @torch.no_grad()
     def before_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Draw this step's selection and mask the selected gradients (call right before ``step()``)."""
+        """Draw this step's selection and mask the selected gradients (call right before ``step()``).
+
+        The per-layer work is batched: one ``index_fill_`` per selected gradient (a fill, not a multiply, so
+        an fp16 inf in a dropped row cannot become NaN), then one ``torch._foreach_mul_`` per device/dtype
+        group for the rescale; exact mode saves the dropped rows of every selected weight and its
+        per-element optimizer state (one gather per tensor, one scatter back in :meth:`after_step`).
+        """
         optimizer = _unwrap_optimizer(optimizer) if optimizer is not None else self._optimizer
         if optimizer is None and self.config.mode == "exact":
             raise ValueError("mode='exact' restores the optimizer state of dropped rows: pass the optimizer to "
                              "before_step(optimizer)/after_step(optimizer), or attach(optimizer)")
         self._selected = self._draw(self.step)
+        # A shape, known on the host: a layer whose draw dropped nothing needs no kernel at all.
+        work = [sel for sel in self._selected if sel.count and sel.param.grad is not None]
         self._snapshots = []
-        for sel in self._selected:
-            grad = sel.param.grad
-            if grad is None or sel.dropped.numel() == 0:  # a shape, known on the host: nothing to mask
-                continue
-            rows = _DroppedRows(sel)
-            if self.config.mode == "exact":
-                self._snapshot(sel, rows, optimizer)
-            rows.zero_(grad)
+        if not work:
+            return
+        rows = [_DroppedRows(sel) for sel in work]
+        if self.config.mode == "exact":
+            self._snapshot(work, rows, optimizer)
+        scaled: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[float]]] = {}
+        for sel, dropped in zip(work, rows):
+            grad = _local(sel.param.grad)
+            dropped.zero_(grad)
             if sel.scale != 1.0:
-                _local(grad).mul_(sel.scale)
+                tensors, scales = scaled.setdefault((grad.device, grad.dtype), ([], []))
+                tensors.append(grad)
+                scales.append(sel.scale)
+        for tensors, scales in scaled.values():
+            torch._foreach_mul_(tensors, scales)
 
     @torch.no_grad()
     def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Restore the dropped rows in exact mode and advance the step counter (call after ``step()``)."""
         optimizer = _unwrap_optimizer(optimizer) if optimizer is not None else self._optimizer
-        for sel, rows, weight_rows, state_rows in self._snapshots:
-            rows.restore_(sel.param, weight_rows)
+        for sel, rows, saved in self._snapshots:
+            rows.restore_(sel.param, saved.pop(None))
             state = optimizer.state.get(sel.param, {}) if optimizer is not None else {}
             for key, value in state.items():
                 if not _is_per_element(value, sel.param):
                     continue
-                if key in state_rows:
-                    rows.restore_(value, state_rows[key])
+                if key in saved:
+                    rows.restore_(value, saved[key])
                 else:  # state created by this very step: "not happened" is its initial value, zero
                     rows.zero_(value)
         self._snapshots = []
         self.step += 1
 
-    def _snapshot(self, sel: _Selected, rows: _DroppedRows, optimizer: torch.optim.Optimizer | None) -> None:
-        state = optimizer.state.get(sel.param, {}) if optimizer is not None else {}
-        state_rows = {key: rows.save(value) for key, value in state.items() if _is_per_element(value, sel.param)}
-        self._snapshots.append((sel, rows, rows.save(sel.param), state_rows))
+    def _snapshot(self, work: list[_Selected], rows: list[_DroppedRows],
+                  optimizer: torch.optim.Optimizer | None) -> None:
+        """Save the dropped rows of each selected weight (key None) and of its per-element optimizer state."""
+        for sel, dropped in zip(work, rows):
+            state = optimizer.state.get(sel.param, {}) if optimizer is not None else {}
+            saved = {key: dropped.save(value) for key, value in state.items() if _is_per_element(value, sel.param)}
+            saved[None] = dropped.save(sel.param)
+            self._snapshots.append((sel, dropped, saved))
 
     # ------------------------------------------------------------------ selection
     def _draw(self, step: int) -> list[_Selected]:
@@ -493,7 +516,7 @@ class ChannelDropBack:
             self.last_stats = {"applied": 0.0, "layers": 0.0, "keep_fraction": 1.0, "layer_rate": rate}
             return []
 
-        sizes = [self._params[i].shape[self.dim] for i in chosen]
+        sizes = [self._sizes[i] for i in chosen]
         if config.channel_sampling == "exact":
             drops = [min(round(config.channel_rate * n), n - 1) for n in sizes]
         else:
@@ -505,30 +528,26 @@ class ChannelDropBack:
             rule = config.all_dropped
             drops = [(0 if rule == "keep_all" else n - 1) if d == n else d for d, n in zip(drops, sizes)]
 
-        selected, keep_fractions = [], []
+        selected, keep_fractions, reseeded = [], [], set()
         for index, size, dropped in zip(chosen, sizes, drops):
-            param = self._params[index]
+            indices = None
             if dropped:
-                device_gen = self._device_generator(param.device, step, index)
-                order = torch.randperm(size, generator=device_gen, device=param.device)
-                indices = order[:dropped]
-            else:
-                indices = torch.empty(0, dtype=torch.long, device=param.device)
+                device = self._params[index].device
+                generator = self._device_generators.get(device)
+                if generator is None:
+                    generator = self._device_generators[device] = torch.Generator(device=device)
+                if device not in reseeded:  # one reseed per device and step; the layers then draw in order
+                    generator.manual_seed(_mix_seed(config.seed, step, 1))
+                    reseeded.add(device)
+                indices = torch.randperm(size, generator=generator, device=device)[:dropped]
             keep = (size - dropped) / size
             scale = 1.0 / keep if config.rescale else 1.0
-            selected.append(_Selected(self._names[index], param, self.dim, size, indices, scale, self._shards[index]))
+            selected.append(_Selected(self._names[index], self._params[index], self.dim, size, dropped, indices,
+                                      scale, self._shards[index]))
             keep_fractions.append(keep)
         self.last_stats = {"applied": 1.0, "layers": float(len(selected)),
                            "keep_fraction": sum(keep_fractions) / len(keep_fractions), "layer_rate": rate}
         return selected
-
-    def _device_generator(self, device: torch.device, step: int, layer: int) -> torch.Generator:
-        """The device's generator, reseeded from (seed, step, layer): every layer's rows are an independent
-        draw that depends on nothing but those three numbers, whatever device the layer lives on."""
-        key = torch.device(device)
-        if key not in self._device_generators:
-            self._device_generators[key] = torch.Generator(device=key)
-        return self._device_generators[key].manual_seed(_mix_seed(self.config.seed, step, 1, layer))
 
     # ------------------------------------------------------------------ introspection & state
     @property
@@ -536,8 +555,8 @@ class ChannelDropBack:
         """``{parameter name: bool mask over the masked axis}`` (True = updated) of the last step."""
         masks = {}
         for sel in self._selected:
-            keep = torch.ones(sel.size, dtype=torch.bool, device=sel.dropped.device)
-            masks[sel.name] = keep.index_fill_(0, sel.dropped, False)
+            keep = torch.ones(sel.size, dtype=torch.bool, device=sel.param.device)
+            masks[sel.name] = keep if sel.dropped is None else keep.index_fill_(0, sel.dropped, False)
         return masks
 
     def state_dict(self) -> dict[str, Any]:
