@@ -401,6 +401,7 @@ class ChannelDropBack:
         self._optimizer: torch.optim.Optimizer | None = None
         self._selected: list[_Selected] = []
         self._snapshots: list[tuple[_Selected, _DroppedRows, dict[str | None, torch.Tensor]]] = []
+        self._warned_no_grad: set[str] = set()
         self.last_stats: dict[str, float] = {"applied": 0.0, "layers": 0.0, "keep_fraction": 1.0,
                                              "layer_rate": self.config.rate_at(0)}
 
@@ -453,9 +454,18 @@ class ChannelDropBack:
         if optimizer is None and self.config.mode == "exact":
             raise ValueError("mode='exact' restores the optimizer state of dropped rows: pass the optimizer to "
                              "before_step(optimizer)/after_step(optimizer), or attach(optimizer)")
-        self._selected = self._draw(self.step)
+        drawn = self._draw(self.step)
+        # A selected layer without a gradient this step (unused by the forward, frozen by the user) gets no
+        # update at all: it is left out of the selection and of the statistics, and named once.
+        self._selected = [sel for sel in drawn if sel.param.grad is not None]
+        if len(self._selected) < len(drawn):
+            self._warn_no_grad([sel.name for sel in drawn if sel.param.grad is None])
+        self.last_stats = {"applied": float(bool(self._selected)), "layers": float(len(self._selected)),
+                           "keep_fraction": (sum(1.0 - sel.count / sel.size for sel in self._selected)
+                                             / len(self._selected)) if self._selected else 1.0,
+                           "layer_rate": self.config.rate_at(self.step)}
         # A shape, known on the host: a layer whose draw dropped nothing needs no kernel at all.
-        work = [sel for sel in self._selected if sel.count and sel.param.grad is not None]
+        work = [sel for sel in self._selected if sel.count]
         self._snapshots = []
         if not work:
             return
@@ -490,6 +500,15 @@ class ChannelDropBack:
         self._snapshots = []
         self.step += 1
 
+    def _warn_no_grad(self, names: list[str]) -> None:
+        new = [name for name in names if name not in self._warned_no_grad]
+        if new:
+            self._warned_no_grad.update(new)
+            warnings.warn(f"ChannelDropBack selected layer(s) without a gradient: {_preview(new)}; they are not "
+                          "counted in cdb/layers or cdb/applied (unused by the forward pass, or frozen after CDB "
+                          "was built?). Leave them out with exclude=[...]; this warning is shown once per layer",
+                          stacklevel=3)
+
     def _snapshot(self, work: list[_Selected], rows: list[_DroppedRows],
                   optimizer: torch.optim.Optimizer | None) -> None:
         """Save the dropped rows of each selected weight (key None) and of its per-element optimizer state."""
@@ -513,7 +532,6 @@ class ChannelDropBack:
         else:
             chosen = (torch.rand(len(self._params), generator=host) < rate).nonzero().flatten().tolist()
         if not chosen:
-            self.last_stats = {"applied": 0.0, "layers": 0.0, "keep_fraction": 1.0, "layer_rate": rate}
             return []
 
         sizes = [self._sizes[i] for i in chosen]
@@ -528,7 +546,7 @@ class ChannelDropBack:
             rule = config.all_dropped
             drops = [(0 if rule == "keep_all" else n - 1) if d == n else d for d, n in zip(drops, sizes)]
 
-        selected, keep_fractions, reseeded = [], [], set()
+        selected, reseeded = [], set()
         for index, size, dropped in zip(chosen, sizes, drops):
             indices = None
             if dropped:
@@ -544,9 +562,6 @@ class ChannelDropBack:
             scale = 1.0 / keep if config.rescale else 1.0
             selected.append(_Selected(self._names[index], self._params[index], self.dim, size, dropped, indices,
                                       scale, self._shards[index]))
-            keep_fractions.append(keep)
-        self.last_stats = {"applied": 1.0, "layers": float(len(selected)),
-                           "keep_fraction": sum(keep_fractions) / len(keep_fractions), "layer_rate": rate}
         return selected
 
     # ------------------------------------------------------------------ introspection & state

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 
 import pytest
 import timm
@@ -19,7 +20,7 @@ from transformers import (
 )
 
 from cdb_hf import ChannelDropBack, ChannelDropBackConfig
-from cdb_hf.core import eligible_layers
+from cdb_hf.core import StatsWindow, eligible_layers
 
 
 # ---------------------------------------------------------------------------- tiny models
@@ -679,9 +680,46 @@ def test_for_run_fills_only_what_the_user_left_open():
     assert fixed.for_run(100, 10).schedule_total_steps == 7
 
 
-def test_stats_window_means_since_the_last_flush():
-    from cdb_hf.core import StatsWindow
+def test_stats_count_only_selected_layers_with_a_gradient_and_warn_once_by_name():
+    class PartlyUsed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used = nn.Linear(6, 8)
+            self.unused = nn.Linear(6, 8)  # e.g. a head this task never calls
 
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.used(x)
+
+    torch.manual_seed(0)
+    model = PartlyUsed()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    cdb = ChannelDropBack(model, ChannelDropBackConfig(layer_selection="bernoulli", layer_rate=1.0, mode="exact"))
+    cdb.attach(optimizer)
+    with pytest.warns(UserWarning, match=r"selected layer\(s\) without a gradient: \['unused.weight'\]"):
+        model(torch.randn(4, 6)).sum().backward()
+        optimizer.step()
+    assert cdb.last_stats["layers"] == 1.0 and cdb.last_stats["applied"] == 1.0
+    assert set(cdb.last_selection) == {"used.weight"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # named once, not every step
+        optimizer.zero_grad()
+        model(torch.randn(4, 6)).sum().backward()
+        optimizer.step()
+
+    only_unused = ChannelDropBack(model, ChannelDropBackConfig(include=["unused*"]))
+    model.zero_grad(set_to_none=True)
+    model(torch.randn(4, 6)).sum().backward()
+    with pytest.warns(UserWarning, match="unused.weight"):
+        only_unused.before_step()
+    only_unused.after_step()
+    assert only_unused.last_stats == {"applied": 0.0, "layers": 0.0, "keep_fraction": 1.0, "layer_rate": 1.0}
+    window = StatsWindow()
+    window.add(only_unused.last_stats)
+    window.add(cdb.last_stats)
+    assert window.flush()["cdb/applied"] == 0.5
+
+
+def test_stats_window_means_since_the_last_flush():
     window = StatsWindow()
     assert window.flush() == {}
     window.add({"applied": 1.0, "layers": 2.0, "keep_fraction": 0.6, "layer_rate": 0.3})
