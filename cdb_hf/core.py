@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import bisect
 import fnmatch
+import logging
 import math
 import sys
 import warnings
@@ -36,6 +37,8 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["ChannelDropBack", "ChannelDropBackConfig", "ELIGIBLE_MODULE_TYPES", "StatsWindow", "eligible_layers"]
 
@@ -297,23 +300,32 @@ def eligible_layers(model: nn.Module, config: ChannelDropBackConfig | None = Non
     """The weights ChannelDropBack would act on, ``{parameter name: parameter}`` in module order.
 
     Linear and Conv weights that require grad and have at least 2 slices along ``config.axis``,
-    refined by ``include``/``exclude`` and ``skip_first``. Pre-flight checks use it to validate a config
+    refined by ``include``/``exclude`` and ``skip_first``. A PEFT LoRA layer (found by its structure) is one
+    layer: its ``lora_B[adapter].weight`` for ``axis='rows'`` (``lora_A``'s for ``'cols'``); the other factor is
+    shared by every row (column) of the update ``B @ A`` and is never masked, and the frozen base weight is
+    not eligible. Trainable plain layers (e.g. a classifier in ``modules_to_save``) stay eligible as they are.
+    Pre-flight checks use it to validate a config
     against a model without building a :class:`ChannelDropBack`; it raises ``ValueError`` naming the bad
     pattern when the config selects nothing or a pattern matches nothing.
     """
     config = config if config is not None else ChannelDropBackConfig()
     dim = _AXES[config.axis]
     names = {id(p): n for n, p in model.named_parameters()}
+    lora_targets, lora_factors = _lora_structure(model, dim)
     typed: dict[str, nn.Parameter] = {}
     for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if not isinstance(module, ELIGIBLE_MODULE_TYPES) or not isinstance(weight, nn.Parameter):
+        if _is_lora_layer(module):  # one CDB layer per adapter: the factor that carries the masked axis
+            candidates = [lora_targets[id(m.weight)] for m in _lora_factor_modules(module, dim)]
+        elif isinstance(module, ELIGIBLE_MODULE_TYPES) and isinstance(getattr(module, "weight", None), nn.Parameter):
+            candidates = [module.weight] if id(module.weight) not in lora_factors else []
+        else:
             continue
-        if not weight.requires_grad or id(weight) not in names or names[id(weight)] in typed:
-            continue
-        if weight.dim() <= dim or weight.shape[dim] < 2:
-            continue  # e.g. a depthwise conv along dim 1: a single channel cannot be dropped
-        typed[names[id(weight)]] = weight
+        for weight in candidates:
+            if not weight.requires_grad or id(weight) not in names or names[id(weight)] in typed:
+                continue
+            if weight.dim() <= dim or weight.shape[dim] < 2:
+                continue  # e.g. a depthwise conv along dim 1: a single channel cannot be dropped
+            typed[names[id(weight)]] = weight
     if not typed:
         raise ValueError(f"{type(model).__name__} has no eligible layer: ChannelDropBack needs Linear or Conv "
                          f"weights that require grad with at least 2 channels along axis={config.axis!r}")
@@ -335,6 +347,35 @@ def eligible_layers(model: nn.Module, config: ChannelDropBackConfig | None = Non
                          f"skip_first={config.skip_first} leave no eligible layer out of {len(typed)} "
                          f"(e.g. {_preview(list(typed))})")
     return selected
+
+
+def _is_lora_layer(module: nn.Module) -> bool:
+    """A PEFT LoRA layer, recognised by structure (no peft import): a ``base_layer`` plus ``lora_A`` and
+    ``lora_B`` ModuleDicts keyed by adapter name, as peft's ``LoraLayer`` has."""
+    return (isinstance(getattr(module, "base_layer", None), nn.Module)
+            and isinstance(getattr(module, "lora_A", None), nn.ModuleDict)
+            and isinstance(getattr(module, "lora_B", None), nn.ModuleDict))
+
+
+def _lora_factor_modules(module: nn.Module, dim: int) -> list[nn.Module]:
+    """The factor of each adapter that carries the masked axis of the update ``B @ A``: ``lora_B`` (its rows are
+    the output rows) for rows, ``lora_A`` (its columns are the input columns) for cols."""
+    factors = module.lora_B if dim == 0 else module.lora_A
+    return [m for m in factors.values() if isinstance(getattr(m, "weight", None), nn.Parameter)]
+
+
+def _lora_structure(model: nn.Module, dim: int) -> tuple[dict[int, nn.Parameter], set[int]]:
+    """``({id: weight} of the LoRA factors CDB masks, ids of every lora_A/lora_B weight})``."""
+    targets: dict[int, nn.Parameter] = {}
+    factors: set[int] = set()
+    for module in model.modules():
+        if not _is_lora_layer(module):
+            continue
+        for child in (*module.lora_A.values(), *module.lora_B.values()):
+            if isinstance(getattr(child, "weight", None), nn.Parameter):
+                factors.add(id(child.weight))
+        targets.update({id(m.weight): m.weight for m in _lora_factor_modules(module, dim)})
+    return targets, factors
 
 
 @dataclass(slots=True)
@@ -388,6 +429,12 @@ class ChannelDropBack:
                              "the Trainer callback and the accelerate loop fill it in")
         self.dim = _AXES[self.config.axis]
         self.layers: dict[str, nn.Parameter] = eligible_layers(model, self.config)
+        lora_targets, _ = _lora_structure(model, self.dim)
+        if lora_targets:
+            adapted = sum(id(p) in lora_targets for p in self.layers.values())
+            factor = "rows of lora_B" if self.dim == 0 else "columns of lora_A"
+            logger.info("ChannelDropBack: PEFT LoRA model: %d adapted layers (%s), %d plain layer%s", adapted,
+                        factor, len(self.layers) - adapted, "" if len(self.layers) - adapted == 1 else "s")
         self._names = list(self.layers)
         self._params = list(self.layers.values())
         self._shards = [_local_shard(name, param, self.dim) for name, param in self.layers.items()]

@@ -136,6 +136,60 @@ def test_channel_drop_back_acts_on_eligible_layers():
         eligible_layers(model, ChannelDropBackConfig(exclude=["nothing"]))
 
 
+def _tiny_lora_vit():
+    peft = pytest.importorskip("peft")
+    model = tiny_vit()
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"],
+                             init_lora_weights=False)  # a non-zero B, so that A receives a gradient at once
+    return peft.get_peft_model(model, config)
+
+
+def test_peft_lora_layers_are_one_layer_each_masked_on_lora_b_rows(caplog):
+    model = _tiny_lora_vit()
+    with caplog.at_level("INFO", logger="cdb_hf.core"):
+        cdb = ChannelDropBack(model, ChannelDropBackConfig())
+    lora_b = [n for n, p in model.named_parameters() if ".lora_B." in n]
+    classifier = [n for n, p in model.named_parameters()
+                  if "classifier.modules_to_save" in n and n.endswith("weight")]
+    assert len(lora_b) == 2 and len(classifier) == 1  # q_proj and v_proj of the one block; the trained head
+    assert list(cdb.layers) == lora_b + classifier  # no lora_A, no frozen base weight
+    assert "PEFT LoRA model: 2 adapted layers (rows of lora_B), 1 plain layer" in caplog.text
+    cols = eligible_layers(model, ChannelDropBackConfig(axis="cols"))
+    assert [n for n in cols if ".lora_" in n] == [n.replace("lora_B", "lora_A") for n in lora_b]
+
+
+def test_peft_lora_exact_mode_freezes_dropped_lora_b_rows_and_state_while_lora_a_moves():
+    model = _tiny_lora_vit()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=0.01, weight_decay=0.1)
+    for _ in range(2):  # build up the AdamW moments first
+        image_loss(model).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    cdb = ChannelDropBack(model, ChannelDropBackConfig(mode="exact", layer_selection="bernoulli", layer_rate=1.0,
+                                                       channel_rate=0.5, channel_sampling="exact"))
+    cdb.attach(optimizer)
+    params = dict(model.named_parameters())
+    before = {n: p.detach().clone() for n, p in params.items()}
+    states = {n: _per_element_state(optimizer, p) for n, p in params.items()}
+    image_loss(model).backward()
+    optimizer.step()
+    selection = cdb.last_selection
+    lora_b = [n for n in selection if ".lora_B." in n]
+    assert len(lora_b) == 2
+    for name in lora_b:
+        keep = selection[name]
+        assert torch.equal(rows(params[name], ~keep, 0), rows(before[name], ~keep, 0))
+        assert not torch.equal(rows(params[name], keep, 0), rows(before[name], keep, 0))
+        after = _per_element_state(optimizer, params[name])
+        assert set(after) == {"exp_avg", "exp_avg_sq"}
+        for key, value in after.items():
+            assert torch.equal(rows(value, ~keep, 0), rows(states[name][key], ~keep, 0)), (name, key)
+        lora_a = name.replace("lora_B", "lora_A")
+        assert lora_a not in selection
+        assert not torch.equal(params[lora_a], before[lora_a]), "lora_A is shared by all rows: it moves"
+
+
 def test_include_exclude_and_skip_first():
     model = tiny_vit()
     all_layers = list(ChannelDropBack(model).layers)
