@@ -386,10 +386,14 @@ class _Selected:
     param: nn.Parameter
     dim: int
     size: int
-    count: int  # how many slices are dropped: known on the host
     dropped: torch.Tensor | None  # ``count`` int64 indices on the parameter's device (None when 0)
     scale: float
     shard: tuple[int, int] | None  # (start, length) of this rank's slices when ``dim`` is sharded
+    count: int | None = None  # how many slices are dropped: known on the host (a shape, never a device read)
+
+    def __post_init__(self) -> None:
+        if self.count is None:
+            self.count = 0 if self.dropped is None else self.dropped.numel()
 
 
 class _HookHandle:
@@ -607,8 +611,8 @@ class ChannelDropBack:
                 indices = torch.randperm(size, generator=generator, device=device)[:dropped]
             keep = (size - dropped) / size
             scale = 1.0 / keep if config.rescale else 1.0
-            selected.append(_Selected(self._names[index], self._params[index], self.dim, size, dropped, indices,
-                                      scale, self._shards[index]))
+            selected.append(_Selected(self._names[index], self._params[index], self.dim, size, indices, scale,
+                                      self._shards[index], count=dropped))
         return selected
 
     # ------------------------------------------------------------------ introspection & state
