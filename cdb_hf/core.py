@@ -27,11 +27,13 @@ the global shape, as for a plain tensor, and applies it to each rank's local sha
 from __future__ import annotations
 
 import bisect
+import contextlib
 import fnmatch
 import logging
 import math
 import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
@@ -520,34 +522,36 @@ class ChannelDropBack:
         self._snapshots = []
         if not work:
             return
-        rows = [_DroppedRows(sel) for sel in work]
-        if self.config.mode == "exact":
-            self._snapshot(work, rows, optimizer)
-        scaled: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[float]]] = {}
-        for sel, dropped in zip(work, rows):
-            grad = _local(sel.param.grad)
-            dropped.zero_(grad)
-            if sel.scale != 1.0:
-                tensors, scales = scaled.setdefault((grad.device, grad.dtype), ([], []))
-                tensors.append(grad)
-                scales.append(sel.scale)
-        for tensors, scales in scaled.values():
-            torch._foreach_mul_(tensors, scales)
+        with _one_cpu_thread(work):
+            rows = [_DroppedRows(sel) for sel in work]
+            if self.config.mode == "exact":
+                self._snapshot(work, rows, optimizer)
+            scaled: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[float]]] = {}
+            for sel, dropped in zip(work, rows):
+                grad = _local(sel.param.grad)
+                dropped.zero_(grad)
+                if sel.scale != 1.0:
+                    tensors, scales = scaled.setdefault((grad.device, grad.dtype), ([], []))
+                    tensors.append(grad)
+                    scales.append(sel.scale)
+            for tensors, scales in scaled.values():
+                torch._foreach_mul_(tensors, scales)
 
     @torch.no_grad()
     def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Restore the dropped rows in exact mode and advance the step counter (call after ``step()``)."""
         optimizer = _unwrap_optimizer(optimizer) if optimizer is not None else self._optimizer
-        for sel, rows, saved in self._snapshots:
-            rows.restore_(sel.param, saved.pop(None))
-            state = optimizer.state.get(sel.param, {}) if optimizer is not None else {}
-            for key, value in state.items():
-                if not _is_per_element(value, sel.param):
-                    continue
-                if key in saved:
-                    rows.restore_(value, saved[key])
-                else:  # state created by this very step: "not happened" is its initial value, zero
-                    rows.zero_(value)
+        with _one_cpu_thread([sel for sel, _, _ in self._snapshots]):
+            for sel, rows, saved in self._snapshots:
+                rows.restore_(sel.param, saved.pop(None))
+                state = optimizer.state.get(sel.param, {}) if optimizer is not None else {}
+                for key, value in state.items():
+                    if not _is_per_element(value, sel.param):
+                        continue
+                    if key in saved:
+                        rows.restore_(value, saved[key])
+                    else:  # state created by this very step: "not happened" is its initial value, zero
+                        rows.zero_(value)
         self._snapshots = []
         self.step += 1
 
@@ -768,6 +772,25 @@ class StatsWindow:
                  "layer_rate": self.layer_rate}
         self.__init__()
         return {prefix + name: value for name, value in means.items()}
+
+
+@contextlib.contextmanager
+def _one_cpu_thread(work: list[_Selected]) -> Iterator[None]:
+    """Run CDB's CPU kernels on the calling thread only.
+
+    They are many small, memory-bound fills and row copies: splitting each over intra-op threads costs
+    more in wake-ups than it saves (on a 2-core machine it doubled their time). The results do not
+    depend on the thread count; the setting (per calling thread under OpenMP) is restored afterwards.
+    """
+    threads = torch.get_num_threads()
+    if threads == 1 or not any(sel.param.device.type == "cpu" for sel in work):
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _is_per_element(value: Any, param: torch.Tensor) -> bool:

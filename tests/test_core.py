@@ -696,6 +696,26 @@ def test_step_path_never_synchronises_on_cuda():
         optimizer.zero_grad()
 
 
+def test_cpu_kernels_run_on_one_thread_and_the_thread_count_is_restored(monkeypatch):
+    model = mlp()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    cdb = ChannelDropBack(model, ChannelDropBackConfig(mode="exact", layer_selection="bernoulli"))
+    cdb.attach(optimizer)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    seen = []
+    index_select = torch.Tensor.index_select
+    monkeypatch.setattr(torch.Tensor, "index_select",
+                        lambda *a, **k: seen.append(torch.get_num_threads()) or index_select(*a, **k))
+    try:
+        mlp_loss(model).backward()
+        optimizer.step()
+        assert seen and set(seen) == {1}, "the row copies ran on one intra-op thread"
+        assert torch.get_num_threads() == 2, "and the caller's setting is back"
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_core_is_torch_only():
     """`import cdb_hf` (and the core) must not pull in transformers: the core is usable anywhere."""
     import subprocess
