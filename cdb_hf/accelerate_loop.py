@@ -234,7 +234,7 @@ def train_one_epoch(model: torch.nn.Module, batches, optimizer, lr_scheduler, ac
         if not accelerator.sync_gradients:
             continue
         progress.completed_steps += 1
-        if cdb is not None and _cdb_ran(cdb, progress.completed_steps, accelerator):
+        if cdb is not None and cdb.stepped(progress.completed_steps - 1, accelerator.optimizer_step_was_skipped):
             window.add_cdb(cdb.last_stats)
         after_step(progress.completed_steps % steps_per_epoch == 0 or progress.completed_steps >= max_steps)
         if progress.completed_steps >= max_steps:
@@ -377,17 +377,6 @@ def log_event(accelerator: Accelerator, logs: dict[str, float], step: int, epoch
 
 
 # ---------------------------------------------------------------------------- small helpers
-def _cdb_ran(cdb: ChannelDropBack, completed_steps: int, accelerator: Accelerator) -> bool:
-    """Whether CDB's hooks ran in this optimizer step (they advance its step); an AMP overflow skip is the
-    only legitimate reason for them not to, anything else would mean CDB silently did nothing."""
-    if cdb.step == completed_steps:
-        return True
-    if not accelerator.optimizer_step_was_skipped:
-        raise RuntimeError("ChannelDropBack's optimizer hooks did not run during this optimizer step (the optimizer "
-                           "was replaced, or stepped outside torch.optim); refusing to continue without CDB")
-    return False
-
-
 def _interval(value: float, max_steps: int) -> int:
     """TrainingArguments' convention: a value below 1 is a fraction of the run."""
     return max(math.ceil(value * max_steps), 1) if value < 1 else int(value)

@@ -140,12 +140,8 @@ class ChannelDropBackCallback(TrainerCallback, ExportableState):
                           optimizer=None, **kwargs):
         if self._baseline_trial:
             return
-        if self.cdb.step == state.global_step + 1:
+        if self.cdb.stepped(state.global_step, getattr(optimizer, "step_was_skipped", False)):
             self._window.add(self.cdb.last_stats)
-        elif not getattr(optimizer, "step_was_skipped", False):  # an AMP overflow skip is legitimate
-            raise RuntimeError("ChannelDropBack's optimizer hooks did not run during this optimizer step: the "
-                               "Trainer's optimizer was replaced after training began, or the step ran outside "
-                               "torch.optim (e.g. DeepSpeed). Refusing to continue without CDB.")
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
         if logs is None or "loss" not in logs or not self._window.steps:

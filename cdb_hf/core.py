@@ -26,17 +26,23 @@ the global shape, as for a plain tensor, and applies it to each rank's local sha
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import fnmatch
+import logging
 import math
 import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-__all__ = ["ChannelDropBack", "ChannelDropBackConfig", "ELIGIBLE_MODULE_TYPES", "StatsWindow"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["ChannelDropBack", "ChannelDropBackConfig", "ELIGIBLE_MODULE_TYPES", "StatsWindow", "eligible_layers"]
 
 #: Module types whose ``weight`` is eligible. Eligibility is by type, not by parameter name, because
 #: names change between library versions (ViT's ``query`` became ``q_proj`` in transformers 5).
@@ -47,7 +53,7 @@ _CHANNEL_SAMPLINGS = ("bernoulli", "exact")
 _AXES = {"rows": 0, "cols": 1}
 _MODES = ("grad", "exact")
 _ALL_DROPPED_RULES = ("keep_all", "keep_one")
-_SCHEDULES = ("constant", "step", "linear")
+_SCHEDULES = ("constant", "step", "linear", "piecewise")
 _SCHEDULE_UNITS = ("steps", "epochs")
 
 
@@ -127,10 +133,26 @@ class ChannelDropBackConfig:
         default=0,
         metadata={"help": "Skip the first k eligible layers in module order (official code: skip_init_layers)."},
     )
-    schedule: Literal["constant", "step", "linear"] = field(
+    schedule: Literal["constant", "step", "linear", "piecewise"] = field(
         default="constant",
-        metadata={"help": "layer_rate schedule: 'constant'; 'step' (official: layer_rate_init until 30%, "
-                          "layer_rate/2 until 60%, then layer_rate); 'linear' ramp from layer_rate_init."},
+        metadata={"help": "layer_rate schedule: 'constant'; 'step' (the official three stages, layer_rate_init "
+                          "until 30% of the run, layer_rate/2 until 60%, then layer_rate; it switches at exactly "
+                          "30%/60%, whereas the official code switches two epochs after round(0.3E)/round(0.6E), "
+                          "e.g. epochs 28 and 53 of 85 instead of 26 and 51: use 'piecewise' with "
+                          "schedule_milestones [round(0.3E)+2, round(0.6E)+2] and schedule_unit 'epochs' for "
+                          "the official boundaries); 'linear' ramp from layer_rate_init; 'piecewise': "
+                          "schedule_rates between schedule_milestones."},
+    )
+    schedule_milestones: list[int] | None = field(
+        default=None,
+        metadata={"help": "For schedule='piecewise': strictly increasing boundaries (>= 0) in schedule_unit "
+                          "(epochs or optimizer steps, 0-based); rate i applies from milestone i-1 (inclusive) "
+                          "to milestone i (exclusive)."},
+    )
+    schedule_rates: list[float] | None = field(
+        default=None,
+        metadata={"help": "For schedule='piecewise': the layer rates, one more than schedule_milestones, each in "
+                          "[0, 1] (replace layer_rate_init/layer_rate)."},
     )
     schedule_total_steps: int | None = field(
         default=None,
@@ -182,6 +204,31 @@ class ChannelDropBackConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name}={value!r} is not valid; it must be a positive integer or None")
+        self._check_piecewise()
+
+    def _check_piecewise(self) -> None:
+        milestones, rates = self.schedule_milestones, self.schedule_rates
+        if self.schedule != "piecewise":
+            for name in ("schedule_milestones", "schedule_rates"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name}={getattr(self, name)!r} is only used by schedule='piecewise' "
+                                     f"(schedule={self.schedule!r}); set schedule='piecewise' or leave it unset")
+            return
+        if milestones is None or rates is None:
+            raise ValueError("schedule='piecewise' needs schedule_milestones and schedule_rates (e.g. milestones "
+                             f"[28, 53] and rates [0.03, 0.15, 0.3]); got schedule_milestones={milestones!r}, "
+                             f"schedule_rates={rates!r}")
+        milestones, rates = list(milestones), list(rates)
+        if not all(isinstance(m, int) and not isinstance(m, bool) and m >= 0 for m in milestones) or any(
+                later <= earlier for earlier, later in zip(milestones, milestones[1:])):
+            raise ValueError(f"schedule_milestones={milestones!r} is not valid; it must be a list of strictly "
+                             f"increasing integers >= 0 ({self.schedule_unit})")
+        if len(rates) != len(milestones) + 1:
+            raise ValueError(f"schedule_rates={rates!r} is not valid; it needs len(schedule_milestones) + 1 = "
+                             f"{len(milestones) + 1} values (one before the first milestone, one after each)")
+        for rate in rates:
+            _check_rate("schedule_rates entry", rate)
+        self.schedule_milestones, self.schedule_rates = milestones, [float(r) for r in rates]
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy (for checkpoints, model cards and recipes)."""
@@ -204,7 +251,7 @@ class ChannelDropBackConfig:
         if self.schedule == "constant":
             return self
         overrides = {}
-        if self.schedule_total_steps is None:
+        if self.schedule_total_steps is None and self.schedule != "piecewise":  # piecewise has no length
             overrides["schedule_total_steps"] = max(int(total_steps), 1)
         if self.schedule_unit == "epochs" and self.schedule_steps_per_epoch is None and steps_per_epoch is not None:
             overrides["schedule_steps_per_epoch"] = max(int(steps_per_epoch), 1)
@@ -214,6 +261,14 @@ class ChannelDropBackConfig:
         """The scheduled ``layer_rate`` at optimizer step ``step`` (0-based)."""
         if self.schedule == "constant":
             return self.layer_rate
+        if self.schedule == "piecewise":
+            position = step
+            if self.schedule_unit == "epochs":
+                if self.schedule_steps_per_epoch is None:
+                    raise ValueError("schedule_unit='epochs' needs schedule_steps_per_epoch (optimizer steps per "
+                                     "epoch)")
+                position = step // self.schedule_steps_per_epoch
+            return self.schedule_rates[bisect.bisect_right(self.schedule_milestones, position)]
         if self.schedule_total_steps is None:
             raise ValueError(f"schedule={self.schedule!r} needs schedule_total_steps (the number of optimizer "
                              "steps of the run); the Trainer callback and the accelerate loop fill it in")
@@ -243,7 +298,89 @@ def _mix_seed(*values: int) -> int:
     return state & 0x7FFFFFFFFFFFFFFF
 
 
-@dataclass
+def eligible_layers(model: nn.Module, config: ChannelDropBackConfig | None = None) -> dict[str, nn.Parameter]:
+    """The weights ChannelDropBack would act on, ``{parameter name: parameter}`` in module order.
+
+    Linear and Conv weights that require grad and have at least 2 slices along ``config.axis``,
+    refined by ``include``/``exclude`` and ``skip_first``. A PEFT LoRA layer (found by its structure) is one
+    layer: its ``lora_B[adapter].weight`` for ``axis='rows'`` (``lora_A``'s for ``'cols'``); the other factor is
+    shared by every row (column) of the update ``B @ A`` and is never masked, and the frozen base weight is
+    not eligible. Trainable plain layers (e.g. a classifier in ``modules_to_save``) stay eligible as they are.
+    Pre-flight checks use it to validate a config
+    against a model without building a :class:`ChannelDropBack`; it raises ``ValueError`` naming the bad
+    pattern when the config selects nothing or a pattern matches nothing.
+    """
+    config = config if config is not None else ChannelDropBackConfig()
+    dim = _AXES[config.axis]
+    names = {id(p): n for n, p in model.named_parameters()}
+    lora_targets, lora_factors = _lora_structure(model, dim)
+    typed: dict[str, nn.Parameter] = {}
+    for module in model.modules():
+        if _is_lora_layer(module):  # one CDB layer per adapter: the factor that carries the masked axis
+            candidates = [lora_targets[id(m.weight)] for m in _lora_factor_modules(module, dim)]
+        elif isinstance(module, ELIGIBLE_MODULE_TYPES) and isinstance(getattr(module, "weight", None), nn.Parameter):
+            candidates = [module.weight] if id(module.weight) not in lora_factors else []
+        else:
+            continue
+        for weight in candidates:
+            if not weight.requires_grad or id(weight) not in names or names[id(weight)] in typed:
+                continue
+            if weight.dim() <= dim or weight.shape[dim] < 2:
+                continue  # e.g. a depthwise conv along dim 1: a single channel cannot be dropped
+            typed[names[id(weight)]] = weight
+    if not typed:
+        raise ValueError(f"{type(model).__name__} has no eligible layer: ChannelDropBack needs Linear or Conv "
+                         f"weights that require grad with at least 2 channels along axis={config.axis!r}")
+
+    def matches(name: str, patterns: list[str]) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+    for kind, patterns in (("include", config.include), ("exclude", config.exclude)):
+        for pattern in patterns or []:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in typed):
+                raise ValueError(f"{kind} pattern {pattern!r} matches no eligible layer; eligible layers "
+                                 f"are e.g. {_preview(list(typed))}")
+    selected = {n: p for n, p in typed.items()
+                if (config.include is None or matches(n, config.include))
+                and not (config.exclude and matches(n, config.exclude))}
+    selected = dict(list(selected.items())[config.skip_first:])
+    if not selected:
+        raise ValueError(f"include={config.include!r}, exclude={config.exclude!r} and "
+                         f"skip_first={config.skip_first} leave no eligible layer out of {len(typed)} "
+                         f"(e.g. {_preview(list(typed))})")
+    return selected
+
+
+def _is_lora_layer(module: nn.Module) -> bool:
+    """A PEFT LoRA layer, recognised by structure (no peft import): a ``base_layer`` plus ``lora_A`` and
+    ``lora_B`` ModuleDicts keyed by adapter name, as peft's ``LoraLayer`` has."""
+    return (isinstance(getattr(module, "base_layer", None), nn.Module)
+            and isinstance(getattr(module, "lora_A", None), nn.ModuleDict)
+            and isinstance(getattr(module, "lora_B", None), nn.ModuleDict))
+
+
+def _lora_factor_modules(module: nn.Module, dim: int) -> list[nn.Module]:
+    """The factor of each adapter that carries the masked axis of the update ``B @ A``: ``lora_B`` (its rows are
+    the output rows) for rows, ``lora_A`` (its columns are the input columns) for cols."""
+    factors = module.lora_B if dim == 0 else module.lora_A
+    return [m for m in factors.values() if isinstance(getattr(m, "weight", None), nn.Parameter)]
+
+
+def _lora_structure(model: nn.Module, dim: int) -> tuple[dict[int, nn.Parameter], set[int]]:
+    """``({id: weight} of the LoRA factors CDB masks, ids of every lora_A/lora_B weight})``."""
+    targets: dict[int, nn.Parameter] = {}
+    factors: set[int] = set()
+    for module in model.modules():
+        if not _is_lora_layer(module):
+            continue
+        for child in (*module.lora_A.values(), *module.lora_B.values()):
+            if isinstance(getattr(child, "weight", None), nn.Parameter):
+                factors.add(id(child.weight))
+        targets.update({id(m.weight): m.weight for m in _lora_factor_modules(module, dim)})
+    return targets, factors
+
+
+@dataclass(slots=True)
 class _Selected:
     """One selected layer at one step: the dropped indices along ``dim`` and the grad scale."""
 
@@ -251,9 +388,14 @@ class _Selected:
     param: nn.Parameter
     dim: int
     size: int
-    dropped: torch.Tensor  # int64 indices on the parameter's device, length known on the host
+    dropped: torch.Tensor | None  # ``count`` int64 indices on the parameter's device (None when 0)
     scale: float
     shard: tuple[int, int] | None  # (start, length) of this rank's slices when ``dim`` is sharded
+    count: int | None = None  # how many slices are dropped: known on the host (a shape, never a device read)
+
+    def __post_init__(self) -> None:
+        if self.count is None:
+            self.count = 0 if self.dropped is None else self.dropped.numel()
 
 
 class _HookHandle:
@@ -283,7 +425,7 @@ class ChannelDropBack:
     def __init__(self, model: nn.Module, config: ChannelDropBackConfig | None = None) -> None:
         self.config = config if config is not None else ChannelDropBackConfig()
         # The run's length is known only to the trainer, which fills these in before building the core.
-        if self.config.schedule != "constant" and self.config.schedule_total_steps is None:
+        if self.config.schedule not in ("constant", "piecewise") and self.config.schedule_total_steps is None:
             raise ValueError(f"schedule={self.config.schedule!r} needs schedule_total_steps (the number of "
                              "optimizer steps of the run); the Trainer callback and the accelerate loop fill "
                              "it in")
@@ -292,54 +434,29 @@ class ChannelDropBack:
             raise ValueError("schedule_unit='epochs' needs schedule_steps_per_epoch (optimizer steps per epoch); "
                              "the Trainer callback and the accelerate loop fill it in")
         self.dim = _AXES[self.config.axis]
-        self.layers: dict[str, nn.Parameter] = self._eligible_layers(model)
+        self.layers: dict[str, nn.Parameter] = eligible_layers(model, self.config)
+        lora_targets, _ = _lora_structure(model, self.dim)
+        if lora_targets:
+            adapted = sum(id(p) in lora_targets for p in self.layers.values())
+            factor = "rows of lora_B" if self.dim == 0 else "columns of lora_A"
+            logger.info("ChannelDropBack: PEFT LoRA model: %d adapted layers (%s), %d plain layer%s", adapted,
+                        factor, len(self.layers) - adapted, "" if len(self.layers) - adapted == 1 else "s")
         self._names = list(self.layers)
         self._params = list(self.layers.values())
         self._shards = [_local_shard(name, param, self.dim) for name, param in self.layers.items()]
+        self._sizes = [param.shape[self.dim] for param in self._params]
         self.step = 0
         self._host_generator = torch.Generator(device="cpu")
+        # Which rows a selected layer drops comes from its device's generator, reseeded from (seed, step)
+        # once per step: a pure function of those two numbers (and the model), on every rank alike.
+        # (Created lazily: the model may move to its device after CDB is built.)
         self._device_generators: dict[torch.device, torch.Generator] = {}
         self._optimizer: torch.optim.Optimizer | None = None
         self._selected: list[_Selected] = []
-        self._snapshots: list[tuple[_Selected, _DroppedRows, torch.Tensor, dict[str, torch.Tensor]]] = []
+        self._snapshots: list[tuple[_Selected, _DroppedRows, dict[str | None, torch.Tensor]]] = []
+        self._warned_no_grad: set[str] = set()
         self.last_stats: dict[str, float] = {"applied": 0.0, "layers": 0.0, "keep_fraction": 1.0,
                                              "layer_rate": self.config.rate_at(0)}
-
-    # ------------------------------------------------------------------ eligibility
-    def _eligible_layers(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        config = self.config
-        names = {id(p): n for n, p in model.named_parameters()}
-        typed: dict[str, nn.Parameter] = {}
-        for module in model.modules():
-            weight = getattr(module, "weight", None)
-            if not isinstance(module, ELIGIBLE_MODULE_TYPES) or not isinstance(weight, nn.Parameter):
-                continue
-            if not weight.requires_grad or id(weight) not in names or names[id(weight)] in typed:
-                continue
-            if weight.dim() <= self.dim or weight.shape[self.dim] < 2:
-                continue  # e.g. a depthwise conv along dim 1: a single channel cannot be dropped
-            typed[names[id(weight)]] = weight
-        if not typed:
-            raise ValueError(f"{type(model).__name__} has no eligible layer: ChannelDropBack needs Linear or Conv "
-                             f"weights that require grad with at least 2 channels along axis={config.axis!r}")
-
-        def matches(name: str, patterns: list[str]) -> bool:
-            return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-        for kind, patterns in (("include", config.include), ("exclude", config.exclude)):
-            for pattern in patterns or []:
-                if not any(fnmatch.fnmatchcase(n, pattern) for n in typed):
-                    raise ValueError(f"{kind} pattern {pattern!r} matches no eligible layer; eligible layers "
-                                     f"are e.g. {_preview(list(typed))}")
-        selected = {n: p for n, p in typed.items()
-                    if (config.include is None or matches(n, config.include))
-                    and not (config.exclude and matches(n, config.exclude))}
-        selected = dict(list(selected.items())[config.skip_first:])
-        if not selected:
-            raise ValueError(f"include={config.include!r}, exclude={config.exclude!r} and "
-                             f"skip_first={config.skip_first} leave no eligible layer out of {len(typed)} "
-                             f"(e.g. {_preview(list(typed))})")
-        return selected
 
     # ------------------------------------------------------------------ optimizer hooks
     def attach(self, optimizer: torch.optim.Optimizer) -> _HookHandle:
@@ -374,49 +491,87 @@ class ChannelDropBack:
             self._names = [self._names[i] for i in keep]
             self._params = [self._params[i] for i in keep]
             self._shards = [self._shards[i] for i in keep]
+            self._sizes = [self._sizes[i] for i in keep]
             self.layers = dict(zip(self._names, self._params))
 
     @torch.no_grad()
     def before_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Draw this step's selection and mask the selected gradients (call right before ``step()``)."""
+        """Draw this step's selection and mask the selected gradients (call right before ``step()``).
+
+        The per-layer work is batched: one ``index_fill_`` per selected gradient (a fill, not a multiply, so
+        an fp16 inf in a dropped row cannot become NaN), then one ``torch._foreach_mul_`` per device/dtype
+        group for the rescale; exact mode saves the dropped rows of every selected weight and its
+        per-element optimizer state (one gather per tensor, one scatter back in :meth:`after_step`).
+        """
         optimizer = _unwrap_optimizer(optimizer) if optimizer is not None else self._optimizer
         if optimizer is None and self.config.mode == "exact":
             raise ValueError("mode='exact' restores the optimizer state of dropped rows: pass the optimizer to "
                              "before_step(optimizer)/after_step(optimizer), or attach(optimizer)")
-        self._selected = self._draw(self.step)
+        drawn = self._draw(self.step)
+        # A selected layer without a gradient this step (unused by the forward, frozen by the user) gets no
+        # update at all: it is left out of the selection and of the statistics, and named once.
+        self._selected = [sel for sel in drawn if sel.param.grad is not None]
+        if len(self._selected) < len(drawn):
+            self._warn_no_grad([sel.name for sel in drawn if sel.param.grad is None])
+        self.last_stats = {"applied": float(bool(self._selected)), "layers": float(len(self._selected)),
+                           "keep_fraction": (sum(1.0 - sel.count / sel.size for sel in self._selected)
+                                             / len(self._selected)) if self._selected else 1.0,
+                           "layer_rate": self.config.rate_at(self.step)}
+        # A shape, known on the host: a layer whose draw dropped nothing needs no kernel at all.
+        work = [sel for sel in self._selected if sel.count]
         self._snapshots = []
-        for sel in self._selected:
-            grad = sel.param.grad
-            if grad is None or sel.dropped.numel() == 0:  # a shape, known on the host: nothing to mask
-                continue
-            rows = _DroppedRows(sel)
+        if not work:
+            return
+        with _one_cpu_thread(work):
+            rows = [_DroppedRows(sel) for sel in work]
             if self.config.mode == "exact":
-                self._snapshot(sel, rows, optimizer)
-            rows.zero_(grad)
-            if sel.scale != 1.0:
-                _local(grad).mul_(sel.scale)
+                self._snapshot(work, rows, optimizer)
+            scaled: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[float]]] = {}
+            for sel, dropped in zip(work, rows):
+                grad = _local(sel.param.grad)
+                dropped.zero_(grad)
+                if sel.scale != 1.0:
+                    tensors, scales = scaled.setdefault((grad.device, grad.dtype), ([], []))
+                    tensors.append(grad)
+                    scales.append(sel.scale)
+            for tensors, scales in scaled.values():
+                torch._foreach_mul_(tensors, scales)
 
     @torch.no_grad()
     def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Restore the dropped rows in exact mode and advance the step counter (call after ``step()``)."""
         optimizer = _unwrap_optimizer(optimizer) if optimizer is not None else self._optimizer
-        for sel, rows, weight_rows, state_rows in self._snapshots:
-            rows.restore_(sel.param, weight_rows)
-            state = optimizer.state.get(sel.param, {}) if optimizer is not None else {}
-            for key, value in state.items():
-                if not _is_per_element(value, sel.param):
-                    continue
-                if key in state_rows:
-                    rows.restore_(value, state_rows[key])
-                else:  # state created by this very step: "not happened" is its initial value, zero
-                    rows.zero_(value)
+        with _one_cpu_thread([sel for sel, _, _ in self._snapshots]):
+            for sel, rows, saved in self._snapshots:
+                rows.restore_(sel.param, saved.pop(None))
+                state = optimizer.state.get(sel.param, {}) if optimizer is not None else {}
+                for key, value in state.items():
+                    if not _is_per_element(value, sel.param):
+                        continue
+                    if key in saved:
+                        rows.restore_(value, saved[key])
+                    else:  # state created by this very step: "not happened" is its initial value, zero
+                        rows.zero_(value)
         self._snapshots = []
         self.step += 1
 
-    def _snapshot(self, sel: _Selected, rows: _DroppedRows, optimizer: torch.optim.Optimizer | None) -> None:
-        state = optimizer.state.get(sel.param, {}) if optimizer is not None else {}
-        state_rows = {key: rows.save(value) for key, value in state.items() if _is_per_element(value, sel.param)}
-        self._snapshots.append((sel, rows, rows.save(sel.param), state_rows))
+    def _warn_no_grad(self, names: list[str]) -> None:
+        new = [name for name in names if name not in self._warned_no_grad]
+        if new:
+            self._warned_no_grad.update(new)
+            warnings.warn(f"ChannelDropBack selected layer(s) without a gradient: {_preview(new)}; they are not "
+                          "counted in cdb/layers or cdb/applied (unused by the forward pass, or frozen after CDB "
+                          "was built?). Leave them out with exclude=[...]; this warning is shown once per layer",
+                          stacklevel=3)
+
+    def _snapshot(self, work: list[_Selected], rows: list[_DroppedRows],
+                  optimizer: torch.optim.Optimizer | None) -> None:
+        """Save the dropped rows of each selected weight (key None) and of its per-element optimizer state."""
+        for sel, dropped in zip(work, rows):
+            state = optimizer.state.get(sel.param, {}) if optimizer is not None else {}
+            saved = {key: dropped.save(value) for key, value in state.items() if _is_per_element(value, sel.param)}
+            saved[None] = dropped.save(sel.param)
+            self._snapshots.append((sel, dropped, saved))
 
     # ------------------------------------------------------------------ selection
     def _draw(self, step: int) -> list[_Selected]:
@@ -432,10 +587,9 @@ class ChannelDropBack:
         else:
             chosen = (torch.rand(len(self._params), generator=host) < rate).nonzero().flatten().tolist()
         if not chosen:
-            self.last_stats = {"applied": 0.0, "layers": 0.0, "keep_fraction": 1.0, "layer_rate": rate}
             return []
 
-        sizes = [self._params[i].shape[self.dim] for i in chosen]
+        sizes = [self._sizes[i] for i in chosen]
         if config.channel_sampling == "exact":
             drops = [min(round(config.channel_rate * n), n - 1) for n in sizes]
         else:
@@ -447,30 +601,38 @@ class ChannelDropBack:
             rule = config.all_dropped
             drops = [(0 if rule == "keep_all" else n - 1) if d == n else d for d, n in zip(drops, sizes)]
 
-        selected, keep_fractions = [], []
+        selected, reseeded = [], set()
         for index, size, dropped in zip(chosen, sizes, drops):
-            param = self._params[index]
+            indices = None
             if dropped:
-                device_gen = self._device_generator(param.device, step, index)
-                order = torch.randperm(size, generator=device_gen, device=param.device)
-                indices = order[:dropped]
-            else:
-                indices = torch.empty(0, dtype=torch.long, device=param.device)
+                device = self._params[index].device
+                generator = self._device_generators.get(device)
+                if generator is None:
+                    generator = self._device_generators[device] = torch.Generator(device=device)
+                if device not in reseeded:  # one reseed per device and step; the layers then draw in order
+                    generator.manual_seed(_mix_seed(config.seed, step, 1))
+                    reseeded.add(device)
+                indices = torch.randperm(size, generator=generator, device=device)[:dropped]
             keep = (size - dropped) / size
             scale = 1.0 / keep if config.rescale else 1.0
-            selected.append(_Selected(self._names[index], param, self.dim, size, indices, scale, self._shards[index]))
-            keep_fractions.append(keep)
-        self.last_stats = {"applied": 1.0, "layers": float(len(selected)),
-                           "keep_fraction": sum(keep_fractions) / len(keep_fractions), "layer_rate": rate}
+            selected.append(_Selected(self._names[index], self._params[index], self.dim, size, indices, scale,
+                                      self._shards[index], count=dropped))
         return selected
 
-    def _device_generator(self, device: torch.device, step: int, layer: int) -> torch.Generator:
-        """The device's generator, reseeded from (seed, step, layer): every layer's rows are an independent
-        draw that depends on nothing but those three numbers, whatever device the layer lives on."""
-        key = torch.device(device)
-        if key not in self._device_generators:
-            self._device_generators[key] = torch.Generator(device=key)
-        return self._device_generators[key].manual_seed(_mix_seed(self.config.seed, step, 1, layer))
+    def stepped(self, steps_before: int, step_was_skipped: bool = False) -> bool:
+        """Whether the hooks ran for the optimizer step that followed ``steps_before`` completed steps.
+
+        Trainers call it after each optimizer step: an AMP overflow skip (``step_was_skipped``) is the one
+        legitimate reason for the hooks not to run; anything else (the optimizer was replaced, or stepped
+        outside ``torch.optim``) would mean CDB silently did nothing, and raises ``RuntimeError``.
+        """
+        if self.step == steps_before + 1:
+            return True
+        if step_was_skipped:
+            return False
+        raise RuntimeError("ChannelDropBack's optimizer hooks did not run during this optimizer step: the optimizer "
+                           "was replaced after training began, or the step ran outside torch.optim (e.g. "
+                           "DeepSpeed). Refusing to continue without CDB.")
 
     # ------------------------------------------------------------------ introspection & state
     @property
@@ -478,8 +640,8 @@ class ChannelDropBack:
         """``{parameter name: bool mask over the masked axis}`` (True = updated) of the last step."""
         masks = {}
         for sel in self._selected:
-            keep = torch.ones(sel.size, dtype=torch.bool, device=sel.dropped.device)
-            masks[sel.name] = keep.index_fill_(0, sel.dropped, False)
+            keep = torch.ones(sel.size, dtype=torch.bool, device=sel.param.device)
+            masks[sel.name] = keep if sel.dropped is None else keep.index_fill_(0, sel.dropped, False)
         return masks
 
     def state_dict(self) -> dict[str, Any]:
@@ -625,6 +787,25 @@ class StatsWindow:
                  "layer_rate": self.layer_rate}
         self.__init__()
         return {prefix + name: value for name, value in means.items()}
+
+
+@contextlib.contextmanager
+def _one_cpu_thread(work: list[_Selected]) -> Iterator[None]:
+    """Run CDB's CPU kernels on the calling thread only.
+
+    They are many small, memory-bound fills and row copies: splitting each over intra-op threads costs
+    more in wake-ups than it saves (on a 2-core machine it doubled their time). The results do not
+    depend on the thread count; the setting (per calling thread under OpenMP) is restored afterwards.
+    """
+    threads = torch.get_num_threads()
+    if threads == 1 or not any(sel.param.device.type == "cpu" for sel in work):
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _is_per_element(value: Any, param: torch.Tensor) -> bool:

@@ -22,7 +22,7 @@ from transformers import TrainingArguments
 from transformers.utils import logging
 
 from . import builtin
-from .core import ChannelDropBack, ChannelDropBackConfig
+from .core import ChannelDropBackConfig, eligible_layers
 from .run_dir import (
     find_checkpoints,
     is_finite_number,
@@ -457,7 +457,7 @@ def check_cdb_against_model(model, cdb_config: ChannelDropBackConfig | None) -> 
     """Raise UsageError now if include/exclude/skip_first leave no layer of this model (None: baseline)."""
     if cdb_config is not None:
         with usage_errors():
-            ChannelDropBack(model, cdb_config.for_run(total_steps=1, steps_per_epoch=1))
+            eligible_layers(model, cdb_config)
 
 
 def loop_state_error(path: str, state: Any, max_steps: int | None = None) -> str | None:

@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 
 import pytest
 import timm
 import torch
 from torch import nn
-from transformers import ConvNextConfig, ConvNextForImageClassification, ViTConfig, ViTForImageClassification
+from transformers import (
+    ConvNextConfig,
+    ConvNextForImageClassification,
+    ResNetConfig,
+    ResNetForImageClassification,
+    ViTConfig,
+    ViTForImageClassification,
+)
 
 from cdb_hf import ChannelDropBack, ChannelDropBackConfig
+from cdb_hf.core import StatsWindow, eligible_layers
 
 
 # ---------------------------------------------------------------------------- tiny models
@@ -55,6 +64,10 @@ def masked_dim(cdb: ChannelDropBack) -> int:
     return 0 if cdb.config.axis == "rows" else 1
 
 
+def replace_(config: ChannelDropBackConfig, **changes) -> ChannelDropBackConfig:
+    return dataclasses.replace(config, **changes)
+
+
 def rows(tensor: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
     """The slices of ``tensor`` along ``dim`` where ``mask`` is True."""
     return tensor.index_select(dim, mask.nonzero().flatten())
@@ -93,6 +106,88 @@ def test_timm_model_eligibility():
     assert "patch_embed.proj.weight" in names and "head.weight" in names
     assert "pos_embed" not in names and "cls_token" not in names
     assert all(n.endswith(".weight") for n in names)
+
+
+def _official_eligible(model: nn.Module, skip_init_layers: int = 3) -> list[str]:
+    """Transcription of the official SGD_Dropback filter: the parameter's index in named_parameters() is
+    > skip_init_layers, its name contains neither "bias" nor "bn", and (at step time) it has >= 2 dims."""
+    return [name for index, (name, param) in enumerate(model.named_parameters())
+            if not any(word in name for word in ("bias", "bn")) and index > skip_init_layers and param.dim() >= 2]
+
+
+@pytest.mark.parametrize("build,skip_first,count", [
+    (lambda: ViTForImageClassification(ViTConfig(num_labels=10)), 1, 73),  # ViT-B/16 224
+    (lambda: ResNetForImageClassification(ResNetConfig(num_labels=10)), 2, 52),  # ResNet-50
+])
+def test_eligible_layers_match_the_official_filter_on_full_size_models(build, skip_first, count):
+    with torch.device("meta"):  # full-size architectures without allocating or downloading weights
+        model = build()
+    ours = eligible_layers(model, ChannelDropBackConfig(skip_first=skip_first))
+    assert list(ours) == _official_eligible(model, skip_init_layers=3)
+    assert len(ours) == count
+    assert all(ours[name] is param for name, param in model.named_parameters() if name in ours)
+
+
+def test_channel_drop_back_acts_on_eligible_layers():
+    model = tiny_vit()
+    config = ChannelDropBackConfig(skip_first=1, exclude=["*classifier*"])
+    assert ChannelDropBack(model, config).layers == eligible_layers(model, config)
+    with pytest.raises(ValueError, match="exclude pattern 'nothing' matches no eligible layer"):
+        eligible_layers(model, ChannelDropBackConfig(exclude=["nothing"]))
+
+
+def _tiny_lora_vit():
+    peft = pytest.importorskip("peft")
+    model = tiny_vit()
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"],
+                             init_lora_weights=False)  # a non-zero B, so that A receives a gradient at once
+    return peft.get_peft_model(model, config)
+
+
+def test_peft_lora_layers_are_one_layer_each_masked_on_lora_b_rows(caplog):
+    model = _tiny_lora_vit()
+    with caplog.at_level("INFO", logger="cdb_hf.core"):
+        cdb = ChannelDropBack(model, ChannelDropBackConfig())
+    lora_b = [n for n, p in model.named_parameters() if ".lora_B." in n]
+    classifier = [n for n, p in model.named_parameters()
+                  if "classifier.modules_to_save" in n and n.endswith("weight")]
+    assert len(lora_b) == 2 and len(classifier) == 1  # q_proj and v_proj of the one block; the trained head
+    assert list(cdb.layers) == lora_b + classifier  # no lora_A, no frozen base weight
+    assert "PEFT LoRA model: 2 adapted layers (rows of lora_B), 1 plain layer" in caplog.text
+    cols = eligible_layers(model, ChannelDropBackConfig(axis="cols"))
+    assert [n for n in cols if ".lora_" in n] == [n.replace("lora_B", "lora_A") for n in lora_b]
+
+
+def test_peft_lora_exact_mode_freezes_dropped_lora_b_rows_and_state_while_lora_a_moves():
+    model = _tiny_lora_vit()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=0.01, weight_decay=0.1)
+    for _ in range(2):  # build up the AdamW moments first
+        image_loss(model).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    cdb = ChannelDropBack(model, ChannelDropBackConfig(mode="exact", layer_selection="bernoulli", layer_rate=1.0,
+                                                       channel_rate=0.5, channel_sampling="exact"))
+    cdb.attach(optimizer)
+    params = dict(model.named_parameters())
+    before = {n: p.detach().clone() for n, p in params.items()}
+    states = {n: _per_element_state(optimizer, p) for n, p in params.items()}
+    image_loss(model).backward()
+    optimizer.step()
+    selection = cdb.last_selection
+    lora_b = [n for n in selection if ".lora_B." in n]
+    assert len(lora_b) == 2
+    for name in lora_b:
+        keep = selection[name]
+        assert torch.equal(rows(params[name], ~keep, 0), rows(before[name], ~keep, 0))
+        assert not torch.equal(rows(params[name], keep, 0), rows(before[name], keep, 0))
+        after = _per_element_state(optimizer, params[name])
+        assert set(after) == {"exp_avg", "exp_avg_sq"}
+        for key, value in after.items():
+            assert torch.equal(rows(value, ~keep, 0), rows(states[name][key], ~keep, 0)), (name, key)
+        lora_a = name.replace("lora_B", "lora_A")
+        assert lora_a not in selection
+        assert not torch.equal(params[lora_a], before[lora_a]), "lora_A is shared by all rows: it moves"
 
 
 def test_include_exclude_and_skip_first():
@@ -450,6 +545,70 @@ def test_linear_schedule_and_epoch_unit():
     assert [round(by_epoch.rate_at(s), 6) for s in (0, 4, 5, 9)] == [0.0, 0.0, 0.2, 0.2]
 
 
+def _official_epoch_rates(epochs: int, init: float, final: float) -> list[float]:
+    """Transcription of the official StepLR_Dropback: built with milestones round(0.3E), round(0.6E), stepped
+    once after every epoch; step() tests its own epoch counter (the epoch just trained) against them."""
+    milestones = [round(0.3 * epochs), round(0.6 * epochs)]
+    rate, counter, used = init, 0, []
+    for _ in range(epochs):
+        used.append(rate)  # the rate the optimizer uses while training this epoch
+        if counter > milestones[1]:
+            rate = final
+        elif counter > milestones[0]:
+            rate = final / 2
+        else:
+            rate = init
+        counter += 1
+    return used
+
+
+@pytest.mark.parametrize("epochs,boundaries", [(10, (5, 8)), (85, (28, 53))])
+def test_piecewise_schedule_reproduces_the_official_epoch_boundaries(epochs, boundaries):
+    official = _official_epoch_rates(epochs, init=0.03, final=0.3)
+    first_half, first_final = official.index(0.15), official.index(0.3)
+    assert (first_half, first_final) == boundaries  # METHOD.md: 85 epochs 0-27/28-52/53-84, 10: 0-4/5-7/8-9
+    steps_per_epoch = 3
+    config = ChannelDropBackConfig(
+        schedule="piecewise", schedule_unit="epochs",
+        schedule_milestones=[round(0.3 * epochs) + 2, round(0.6 * epochs) + 2], schedule_rates=[0.03, 0.15, 0.3],
+    ).for_run(total_steps=epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch)
+    ours = [config.rate_at(step) for step in range(epochs * steps_per_epoch)]
+    assert ours == [rate for rate in official for _ in range(steps_per_epoch)]
+    # The 'step' schedule switches at 30 % / 60 % of the run instead: earlier than the official code.
+    step = ChannelDropBackConfig(schedule="step", layer_rate_init=0.03, layer_rate=0.3, schedule_unit="epochs",
+                                 schedule_total_steps=epochs * steps_per_epoch, schedule_steps_per_epoch=steps_per_epoch)
+    assert step.rate_at(first_half * steps_per_epoch - steps_per_epoch) == 0.15
+
+
+def test_piecewise_schedule_in_steps_and_in_the_core():
+    config = ChannelDropBackConfig(schedule="piecewise", schedule_milestones=[0, 2, 5],
+                                   schedule_rates=[0.9, 0.0, 1.0, 0.5])
+    assert [config.rate_at(s) for s in range(7)] == [0.0, 0.0, 1.0, 1.0, 1.0, 0.5, 0.5]
+    assert config.for_run(100) is config  # needs no run length in steps
+    model = mlp()
+    selections = _selections(ChannelDropBack(model, replace_(config, layer_selection="single")), model, 5)
+    assert [bool(s) for s in selections] == [False, False, True, True, True]
+
+
+def test_piecewise_flags_parse_from_the_command_line_and_yaml(tmp_path):
+    from transformers import HfArgumentParser
+
+    from cdb_hf.arguments import CDBArguments
+
+    parser = HfArgumentParser(CDBArguments)
+    (cli,) = parser.parse_args_into_dataclasses([
+        "--cdb_schedule", "piecewise", "--cdb_schedule_unit", "epochs",
+        "--cdb_schedule_milestones", "28", "53", "--cdb_schedule_rates", "0.03", "0.15", "0.3"])
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("cdb_schedule: piecewise\ncdb_schedule_unit: epochs\ncdb_schedule_milestones: [28, 53]\n"
+                      "cdb_schedule_rates: [0.03, 0.15, 0.3]\n")
+    (yaml,) = parser.parse_yaml_file(str(recipe))
+    for args in (cli, yaml):
+        config = args.to_config()
+        assert config.schedule_milestones == [28, 53] and config.schedule_rates == [0.03, 0.15, 0.3]
+        assert config.for_run(850, 10).rate_at(280) == 0.15
+
+
 def test_schedule_drives_selection_rate():
     model = mlp()
     config = ChannelDropBackConfig(schedule="step", layer_rate_init=0.0, layer_rate=1.0, schedule_total_steps=10)
@@ -476,6 +635,16 @@ def test_schedule_drives_selection_rate():
     ({"seed": 1.5}, "seed=1.5"),
     ({"include": []}, "include=\\[\\] is not valid"),
     ({"schedule_total_steps": 0}, "schedule_total_steps=0"),
+    ({"schedule": "piecewise"}, "schedule='piecewise' needs schedule_milestones and schedule_rates"),
+    ({"schedule": "piecewise", "schedule_milestones": [5, 5], "schedule_rates": [0, 0.1, 0.2]},
+     r"schedule_milestones=\[5, 5\] is not valid; it must be a list of strictly increasing integers >= 0"),
+    ({"schedule": "piecewise", "schedule_milestones": [-1], "schedule_rates": [0, 0.1]}, r"schedule_milestones=\[-1\]"),
+    ({"schedule": "piecewise", "schedule_milestones": [2.5], "schedule_rates": [0, 0.1]}, r"schedule_milestones=\[2.5\]"),
+    ({"schedule": "piecewise", "schedule_milestones": [3], "schedule_rates": [0.1]},
+     r"schedule_rates=\[0.1\] is not valid; it needs len\(schedule_milestones\) \+ 1 = 2 values"),
+    ({"schedule": "piecewise", "schedule_milestones": [3], "schedule_rates": [0.1, 1.5]},
+     "schedule_rates entry=1.5 is out of range"),
+    ({"schedule_milestones": [3]}, r"schedule_milestones=\[3\] is only used by schedule='piecewise'"),
 ])
 def test_invalid_config_values_raise_naming_the_value(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -527,6 +696,26 @@ def test_step_path_never_synchronises_on_cuda():
         optimizer.zero_grad()
 
 
+def test_cpu_kernels_run_on_one_thread_and_the_thread_count_is_restored(monkeypatch):
+    model = mlp()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    cdb = ChannelDropBack(model, ChannelDropBackConfig(mode="exact", layer_selection="bernoulli"))
+    cdb.attach(optimizer)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    seen = []
+    index_select = torch.Tensor.index_select
+    monkeypatch.setattr(torch.Tensor, "index_select",
+                        lambda *a, **k: seen.append(torch.get_num_threads()) or index_select(*a, **k))
+    try:
+        mlp_loss(model).backward()
+        optimizer.step()
+        assert seen and set(seen) == {1}, "the row copies ran on one intra-op thread"
+        assert torch.get_num_threads() == 2, "and the caller's setting is back"
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_core_is_torch_only():
     """`import cdb_hf` (and the core) must not pull in transformers: the core is usable anywhere."""
     import subprocess
@@ -565,9 +754,46 @@ def test_for_run_fills_only_what_the_user_left_open():
     assert fixed.for_run(100, 10).schedule_total_steps == 7
 
 
-def test_stats_window_means_since_the_last_flush():
-    from cdb_hf.core import StatsWindow
+def test_stats_count_only_selected_layers_with_a_gradient_and_warn_once_by_name():
+    class PartlyUsed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used = nn.Linear(6, 8)
+            self.unused = nn.Linear(6, 8)  # e.g. a head this task never calls
 
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.used(x)
+
+    torch.manual_seed(0)
+    model = PartlyUsed()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    cdb = ChannelDropBack(model, ChannelDropBackConfig(layer_selection="bernoulli", layer_rate=1.0, mode="exact"))
+    cdb.attach(optimizer)
+    with pytest.warns(UserWarning, match=r"selected layer\(s\) without a gradient: \['unused.weight'\]"):
+        model(torch.randn(4, 6)).sum().backward()
+        optimizer.step()
+    assert cdb.last_stats["layers"] == 1.0 and cdb.last_stats["applied"] == 1.0
+    assert set(cdb.last_selection) == {"used.weight"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # named once, not every step
+        optimizer.zero_grad()
+        model(torch.randn(4, 6)).sum().backward()
+        optimizer.step()
+
+    only_unused = ChannelDropBack(model, ChannelDropBackConfig(include=["unused*"]))
+    model.zero_grad(set_to_none=True)
+    model(torch.randn(4, 6)).sum().backward()
+    with pytest.warns(UserWarning, match="unused.weight"):
+        only_unused.before_step()
+    only_unused.after_step()
+    assert only_unused.last_stats == {"applied": 0.0, "layers": 0.0, "keep_fraction": 1.0, "layer_rate": 1.0}
+    window = StatsWindow()
+    window.add(only_unused.last_stats)
+    window.add(cdb.last_stats)
+    assert window.flush()["cdb/applied"] == 0.5
+
+
+def test_stats_window_means_since_the_last_flush():
     window = StatsWindow()
     assert window.flush() == {}
     window.add({"applied": 1.0, "layers": 2.0, "keep_fraction": 0.6, "layer_rate": 0.3})
@@ -575,3 +801,17 @@ def test_stats_window_means_since_the_last_flush():
     assert window.flush("cdb/") == pytest.approx({"cdb/applied": 0.5, "cdb/layers": 1.0,
                                                   "cdb/keep_fraction": 0.6, "cdb/layer_rate": 0.5})
     assert window.flush() == {}
+
+
+def test_stepped_tells_a_skipped_step_from_hooks_that_did_not_run():
+    """The one check both training faces use after each optimizer step."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    cdb = ChannelDropBack(model)
+    cdb.attach(optimizer)
+    model(torch.randn(3, 4)).sum().backward()
+    optimizer.step()
+    assert cdb.stepped(0) is True
+    assert cdb.stepped(1, step_was_skipped=True) is False  # an AMP overflow skip: the hooks had nothing to do
+    with pytest.raises(RuntimeError, match="hooks did not run"):
+        cdb.stepped(1)
