@@ -31,7 +31,8 @@ from .run_dir import (
     set_aside_runs,
 )
 
-__all__ = ["LOOP_OPTIMIZERS", "RunPlan", "UsageError", "check_cdb_against_model", "check_resume_matches",
+__all__ = ["LOOP_OPTIMIZERS", "RunPlan", "UsageError", "check_cdb_against_model", "check_lora_arguments",
+           "check_resume_matches",
            "check_supported_setup", "plan_run", "resolve_resume_checkpoint", "trackers_for",
            "usage_errors"]
 
@@ -82,6 +83,7 @@ def plan_run(model_args, data_args, cdb_args, run_args, training_args: TrainingA
             raise UsageError("no training data: pass --dataset_name (Hub id, local dataset folder or builtin:...) "
                              "or --train_dir (an image folder)")
         _check_finite_everywhere(model_args, data_args, cdb_args, run_args, training_args)
+        check_lora_arguments(model_args)
         _check_training_arguments(training_args)
         if run_args.trainer == "accelerate":
             _check_loop_arguments(training_args)
@@ -144,6 +146,42 @@ def _check_run_arguments(run_args) -> None:
         value = getattr(run_args, name, False)
         if not isinstance(value, bool):
             raise UsageError(f"--{name} {value!r} is not valid; it must be true or false")
+
+
+def check_lora_arguments(model_args) -> None:
+    """The ``--lora_*`` values (:class:`~cdb_hf.arguments.ModelArguments`), and peft being installed.
+
+    A LoRA flag without ``--lora_r`` would silently do nothing, so it is refused too. Whether the target
+    modules exist needs the checkpoint's config: :func:`cdb_hf.models.check_lora_targets`.
+    """
+    rank = getattr(model_args, "lora_r", 0)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise UsageError(f"--lora_r {rank!r} is not valid; it must be an integer >= 0 (0 = no LoRA, e.g. 8 or 16)")
+    alpha, dropout = model_args.lora_alpha, model_args.lora_dropout
+    targets, merge = model_args.lora_target_modules, model_args.lora_merge
+    if rank == 0:
+        given = [flag for flag, is_set in (("lora_alpha", alpha is not None), ("lora_dropout", dropout != 0),
+                                           ("lora_target_modules", targets is not None), ("lora_merge", merge))
+                 if is_set]
+        if given:
+            raise UsageError(f"--{given[0]} only applies to LoRA fine-tuning; pass --lora_r (e.g. 8) or drop "
+                             f"{', '.join('--' + flag for flag in given)}")
+        return
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, int) or alpha <= 0):
+        raise UsageError(f"--lora_alpha {alpha!r} is not valid; it must be an integer > 0 (or unset: lora_r)")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise UsageError(f"--lora_dropout {dropout!r} is not valid; it must be a number in [0, 1)")
+    if targets is not None and (isinstance(targets, str) or not targets
+                                or not all(isinstance(t, str) and t.strip() for t in targets)):
+        raise UsageError(f"--lora_target_modules {targets!r} is not valid; give one or more layer names or dotted "
+                         "name suffixes (e.g. q_proj v_proj), or leave it unset for the architecture's default")
+    if not isinstance(merge, bool):
+        raise UsageError(f"--lora_merge {merge!r} is not valid; it must be true or false")
+    try:
+        import peft  # noqa: F401
+    except ImportError as error:
+        raise UsageError("--lora_r needs the peft library, which is not installed: pip install 'cdb_hf[peft]'") \
+            from error
 
 
 def _check_finite_everywhere(*argument_objects) -> None:
