@@ -399,9 +399,44 @@ def _check_resume_checkpoint(checkpoint: str, plan: RunPlan) -> dict[str, Any] |
                          f"it with --trainer {record['trainer']}")
     if trainer == "hf":
         _check_trainer_state(checkpoint)
+    _check_resume_lora(checkpoint, plan.model)
     check_resume_matches(record, "cdb", plan.cdb_config.to_dict() if plan.cdb_config else None, plan.run,
                          checkpoint)
     return record
+
+
+def _check_resume_lora(checkpoint: str, model_args) -> None:
+    """A LoRA checkpoint resumes only as LoRA with the same rank and alpha, and a full one only without LoRA."""
+    folder = Path(checkpoint)
+    adapter_config = folder / "adapter_config.json"
+    if adapter_config.is_file():  # the Trainer's checkpoint of a peft model
+        saved = _read_json_object(adapter_config)
+    elif (folder / "model.safetensors").is_file():  # accelerate's save_state: peft's keys tell
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(folder / "model.safetensors"), framework="pt") as weights:
+                saved = {} if any(".lora_A." in key for key in weights.keys()) else None
+        except Exception:  # a damaged file is reported when it is loaded
+            return
+    else:
+        return
+    rank = getattr(model_args, "lora_r", 0)
+    if (saved is None) != (rank == 0):
+        what = "a LoRA adapter" if saved is not None else "a full fine-tuning (no LoRA)"
+        raise UsageError(f"--resume_from_checkpoint {checkpoint!r} holds {what}; resume it "
+                         f"{'with the same --lora_r' if saved is not None else 'without --lora_r'}")
+    alpha = model_args.lora_alpha if model_args.lora_alpha is not None else rank
+    for name, now in (("r", rank), ("lora_alpha", alpha)):
+        if saved and name in saved and saved[name] != now:
+            raise UsageError(f"--resume_from_checkpoint {checkpoint!r} was saved with LoRA {name}={saved[name]!r}, "
+                             f"this run has {now!r}; resume with the same --lora_{name.removeprefix('lora_')}")
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    from .run_dir import _read_json_dict
+
+    return _read_json_dict(path) or {}
 
 
 def _check_trainer_state(checkpoint: str) -> None:

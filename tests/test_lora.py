@@ -195,6 +195,20 @@ def test_lora_trainer_checkpoints_hold_the_adapter_and_resume_identically(lora_r
     assert all(torch.equal(left[name], right[name]) for name in left), "the resumed adapter differs"
 
 
+def test_resuming_with_other_lora_settings_is_refused(lora_run, tiny_vit_dir, image_folder, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copytree(lora_run.output_dir / "checkpoint-2", run / "checkpoint-2")
+    before = sorted(p.as_posix() for p in run.rglob("*"))
+    plain = finetune_argv(tiny_vit_dir, image_folder, run, "--cdb_channel_rate", "0.5", "--learning_rate", "1e-2",
+                          "--resume_from_checkpoint", "true")
+    code, printed = run_quietly(plain)
+    assert code == 2 and "holds a LoRA adapter; resume it with the same --lora_r" in printed, printed
+    code, printed = run_quietly(lora_run.argv_for(run, "--lora_r", "8", "--resume_from_checkpoint", "true"))
+    assert code == 2 and "saved with LoRA r=4, this run has 8" in printed, printed
+    assert sorted(p.as_posix() for p in run.rglob("*")) == before
+
+
 def test_lora_on_the_accelerate_loop_trains_and_resumes_identically(tmp_path, tiny_convnext_dir, image_folder):
     def argv_for(out, *extra):
         return finetune_argv(tiny_convnext_dir, image_folder, out, "--trainer", "accelerate", "--lora_r", "2",
@@ -212,3 +226,8 @@ def test_lora_on_the_accelerate_loop_trains_and_resumes_identically(tmp_path, ti
     assert code == 0, printed
     again = adapter_weights(resumed)
     assert all(torch.equal(weights[name], again[name]) for name in weights), "the resumed adapter differs"
+    # save_state holds the whole model: a full fine-tuning cannot resume it, and is told so up front
+    code, printed = run_quietly(finetune_argv(tiny_convnext_dir, image_folder, tmp_path / "run", "--trainer",
+                                              "accelerate", "--cdb_channel_rate", "0.5", "--resume_from_checkpoint",
+                                              str(tmp_path / "run" / "checkpoint-2")))
+    assert code == 2 and "holds a LoRA adapter" in printed, printed
