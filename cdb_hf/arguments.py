@@ -45,6 +45,37 @@ class ModelArguments:
                           "processor is set to it, and ViT/DeiT position embeddings are resized (bicubic) so the "
                           "saved model is a plain model at this size (e.g. 384 for the paper's ViT 384 rows)."},
     )
+    # LoRA (peft): model flags, so that the CLI, the recipes and both training paths read one dataclass.
+    lora_r: int = field(
+        default=0,
+        metadata={"help": "LoRA rank: > 0 fine-tunes low-rank adapters (peft, `pip install cdb_hf[peft]`) on a "
+                          "frozen base model, with the classification head trained fully; 0 = off (full "
+                          "fine-tuning). output_dir then holds the adapter (adapter_config.json, "
+                          "adapter_model.safetensors)."},
+    )
+    lora_alpha: int | None = field(
+        default=None,
+        metadata={"help": "LoRA scaling: the adapter's update is multiplied by lora_alpha / lora_r. Default: "
+                          "lora_r (scale 1)."},
+    )
+    lora_dropout: float = field(
+        default=0.0,
+        metadata={"help": "Dropout on the input of each LoRA branch, in [0, 1). The default 0 keeps the forward "
+                          "pass deterministic, as ChannelDropBack intends."},
+    )
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Layers that get LoRA adapters, by name or dotted name suffix (e.g. q_proj v_proj, "
+                          "attention.o_proj, blocks.0.attn.qkv). Default, by the layer names the model has: "
+                          "attention q_proj/v_proj (ViT, DeiT, ...; query/value in older ones), qkv (timm ViT), "
+                          "pwconv1/pwconv2 (ConvNeXt), conv_pw/conv_pwl (timm EfficientNet/MobileNet), mlp.fc1/"
+                          "mlp.fc2 (timm ConvNeXt), convolution (ResNet), conv2 (timm ResNet)."},
+    )
+    lora_merge: bool = field(
+        default=False,
+        metadata={"help": "With --lora_r: also write the merged plain model (base + adapter, loadable with "
+                          "AutoModelForImageClassification and no peft) to output_dir/merged."},
+    )
 
     def __post_init__(self) -> None:
         # Fails at parse time, before any data is read; the checkpoint-dependent checks (a multiple of

@@ -2,7 +2,10 @@
 
 The output directory is a plain transformers checkpoint (safetensors weights, config, image processor)
 plus cdb_hf's records (``cdb_config.json``, metrics JSON, ``trainer_state.json``) and transformers'
-standard model card, so anyone can load it with ``AutoModelForImageClassification`` and no cdb_hf.
+standard model card, so anyone can load it with ``AutoModelForImageClassification`` and no cdb_hf. A LoRA
+run (``--lora_r``) saves the peft adapter instead (``adapter_config.json``, ``adapter_model.safetensors``,
+the fine-tuned model's config in ``model_config/``), and with ``--lora_merge`` the merged plain model in
+``merged/``.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from .builtin import looks_like_hub_id
 from .core import ChannelDropBackConfig
 from .run_dir import RUN_MARKER, write_json_atomic
 
-__all__ = ["CDB_CONFIG_NAME", "UPLOAD_IGNORE_PATTERNS", "check_can_push", "push_outputs", "save_outputs",
-           "write_model_card"]
+__all__ = ["CDB_CONFIG_NAME", "LORA_MERGED_DIR", "LORA_MODEL_CONFIG_DIR", "UPLOAD_IGNORE_PATTERNS", "check_can_push",
+           "is_peft_model", "push_outputs", "save_merged_model", "save_outputs", "write_model_card"]
 
 logger = logging.get_logger(__name__)
 
@@ -33,6 +36,16 @@ CDB_CONFIG_NAME = "cdb_config.json"
 #: Intermediate checkpoints hold optimizer state and pickled TrainingArguments (which may hold a token).
 UPLOAD_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "training_args.bin", "_*", RUN_MARKER]
 _PAPER = "https://arxiv.org/abs/2411.10891"
+#: A LoRA run's fine-tuned config (labels, resolution): not at the top level, where a config.json makes
+#: transformers take the adapter folder for a full checkpoint (and fail to find its weights).
+LORA_MODEL_CONFIG_DIR = "model_config"
+#: Where ``--lora_merge`` writes the merged plain model.
+LORA_MERGED_DIR = "merged"
+
+
+def is_peft_model(model) -> bool:
+    """Whether ``model`` is a peft model (duck-typed: peft stays an optional dependency)."""
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
 def save_outputs(output_dir: str | os.PathLike, model, image_processor, cdb_config: ChannelDropBackConfig | None,
@@ -47,10 +60,13 @@ def save_outputs(output_dir: str | os.PathLike, model, image_processor, cdb_conf
     output_dir.mkdir(parents=True, exist_ok=True)
     # safetensors (transformers 5 writes nothing else). save_pretrained packs every tensor contiguously, so a
     # model trained in channels_last (RunArguments.channels_last) saves as a plain checkpoint, unchanged in memory.
-    model.save_pretrained(output_dir)
+    model.save_pretrained(output_dir)  # a peft model: adapter_config.json + adapter_model.safetensors
+    written = []
+    if is_peft_model(model):
+        model.get_base_model().config.save_pretrained(output_dir / LORA_MODEL_CONFIG_DIR)
+        written.append(f"{LORA_MODEL_CONFIG_DIR}/config.json")
     if image_processor is not None:
         image_processor.save_pretrained(output_dir)
-    written = []
     if cdb_config is not None:
         _write_json(output_dir / CDB_CONFIG_NAME, cdb_config.to_dict())
         written.append(CDB_CONFIG_NAME)
@@ -69,6 +85,20 @@ def save_outputs(output_dir: str | os.PathLike, model, image_processor, cdb_conf
             _write_json(output_dir / "trainer_state.json", trainer_state)
         written.append("trainer_state.json")
     return written
+
+
+def save_merged_model(output_dir: str | os.PathLike, model, image_processor) -> Path:
+    """Merge a peft model's adapters into its base and save that plain model in ``output_dir/merged``.
+
+    The merge happens in place (peft's ``merge_and_unload``: no second copy of the model in memory), so
+    call it after the adapter was saved. The result loads with ``AutoModelForImageClassification``.
+    """
+    target = Path(output_dir) / LORA_MERGED_DIR
+    merged = model.merge_and_unload()
+    merged.save_pretrained(target)
+    if image_processor is not None:
+        image_processor.save_pretrained(target)
+    return target
 
 
 def write_model_card(output_dir: str | os.PathLike, model_args, data_args, cdb_config: ChannelDropBackConfig | None,
@@ -101,7 +131,8 @@ def write_model_card(output_dir: str | os.PathLike, model_args, data_args, cdb_c
                        if training_args is not None else None)
     summary = TrainingSummary(
         model_name=model_name,
-        tags=["image-classification", "channeldropback", "cdb_hf", "generated_from_trainer"],
+        tags=["image-classification", "channeldropback", "cdb_hf", "generated_from_trainer"]
+        + (["peft", "lora"] if is_peft_model(model) else []),
         finetuned_from=base_model,
         tasks="image-classification",
         dataset=dataset,
@@ -118,6 +149,8 @@ def write_model_card(output_dir: str | os.PathLike, model_args, data_args, cdb_c
         text = re.sub(r"^base_model: .*\n", "", text, count=1, flags=re.MULTILINE)
     text = text.replace("\n## Model description\n\nMore information needed\n",
                         "\n## Model description\n\n" + _description(model, base_model, cdb_config, metrics))
+    if is_peft_model(model):  # an adapter: the Hub shows peft's loading snippet for it
+        text = re.sub(r"^library_name: transformers$", "library_name: peft", text, count=1, flags=re.MULTILINE)
     card = ModelCard(text)  # parses and checks the YAML metadata block
     output_dir.mkdir(parents=True, exist_ok=True)
     card.save(output_dir / "README.md")
@@ -159,14 +192,20 @@ def push_outputs(output_dir: str | os.PathLike, training_args: TrainingArguments
 # ---------------------------------------------------------------------- helpers
 def _description(model, base_model: str | None, cdb_config: ChannelDropBackConfig | None,
                  metrics: dict[str, float]) -> str:
-    architecture = type(model).__name__ if model is not None else "AutoModelForImageClassification"
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    lines = [
+    lora = is_peft_model(model)
+    base = model.get_base_model() if lora else model
+    architecture = type(base).__name__ if base is not None else "AutoModelForImageClassification"
+    model_type = getattr(getattr(base, "config", None), "model_type", None)
+    lines = [] if lora else [
         f"A standard `{architecture}`{f' (`{model_type}`)' if model_type else ''} checkpoint: it loads with "
         "`AutoModelForImageClassification.from_pretrained(...)` and needs no extra code and no cdb_hf. "
         "ChannelDropBack only changes which weights each optimizer step updates; the architecture and the "
         "forward pass are unchanged, so the deployed network is exactly the trained one.",
         "",
+    ]
+    if lora:
+        lines += _lora_description(model, architecture, model_type)
+    lines += [
         f"Base model: `{base_model}`.",
         "",
         "### ChannelDropBack",
@@ -184,6 +223,32 @@ def _description(model, base_model: str | None, cdb_config: ChannelDropBackConfi
         lines += ["", "### Final metrics", "", "| metric | value |", "|:--|--:|"]
         lines.extend(f"| {key} | {_round(value)} |" for key, value in final.items())
     return "\n".join(lines) + "\n"
+
+
+def _lora_description(model, architecture: str, model_type: str | None) -> list[str]:
+    config = next(iter(model.peft_config.values()))
+    targets = sorted(config.target_modules) if isinstance(config.target_modules, (set, list)) \
+        else config.target_modules
+    return [
+        f"A LoRA adapter (peft) for a `{architecture}`{f' (`{model_type}`)' if model_type else ''}: rank "
+        f"{config.r}, alpha {config.lora_alpha}, dropout {config.lora_dropout}, on `{targets}`; the classification "
+        f"head (`{sorted(config.modules_to_save or [])}`) is trained and saved in full, the rest of the base model "
+        "is frozen. Load it with:",
+        "",
+        "```python",
+        "from peft import PeftConfig, PeftModel",
+        "from transformers import AutoConfig, AutoModelForImageClassification",
+        "",
+        "adapter = \"path/or/repo-of-this-adapter\"",
+        f"config = AutoConfig.from_pretrained(adapter, subfolder=\"{LORA_MODEL_CONFIG_DIR}\")  # labels",
+        "base = AutoModelForImageClassification.from_pretrained(",
+        "    PeftConfig.from_pretrained(adapter).base_model_name_or_path, config=config, ignore_mismatched_sizes=True)",
+        "model = PeftModel.from_pretrained(base, adapter)",
+        "```",
+        "",
+        f"If `{LORA_MERGED_DIR}/` is present, it holds the merged plain model (no peft needed).",
+        "",
+    ]
 
 
 def _title(key: str) -> str:

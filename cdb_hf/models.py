@@ -68,6 +68,7 @@ def load_model_and_processor(model_args, labels: list[str]) -> tuple[PreTrainedM
     image_size = getattr(model_args, "image_size", None)
     if image_size is not None:
         _check_image_size(config, image_size)
+        _check_lora_image_size(config, model_args)
     # The processor first: it is cheap, and a missing one should fail before the weights are read.
     image_processor = _call_hub("image processor", model_args.image_processor_name or model_args.model_name_or_path,
                                 AutoImageProcessor.from_pretrained, processor_path, **hub_kwargs)
@@ -82,7 +83,139 @@ def load_model_and_processor(model_args, labels: list[str]) -> tuple[PreTrainedM
                       ignore_mismatched_sizes=new_head or bool(model_args.ignore_mismatched_sizes), **hub_kwargs)
     if image_size is not None:
         resize_model_input(model, image_size)
+    if lora_enabled(model_args):
+        model = apply_lora(model, model_args)
     return model, image_processor
+
+
+# ------------------------------------------------------------------------------------------------ LoRA
+#: Default LoRA targets, tried in order: the first group whose every name matches some layer, and all of
+#: whose matches peft can adapt, is used. Names, not model types, so that timm models and renamed
+#: transformers layers (ViT's query became q_proj in transformers 5) are covered alike.
+LORA_DEFAULT_TARGETS: tuple[tuple[str, ...], ...] = (
+    ("q_proj", "v_proj"),        # ViT, DeiT, ... in transformers 5
+    ("query", "value"),          # Swin, BEiT, older ViT
+    ("qkv",),                    # timm ViT, Swin, EVA
+    ("pwconv1", "pwconv2"),      # transformers ConvNeXt / ConvNeXt V2 (Linear pointwise layers)
+    ("conv_pw", "conv_pwl"),     # timm EfficientNet / MobileNet (1x1 convolutions)
+    ("mlp.fc1", "mlp.fc2"),      # timm ConvNeXt
+    ("convolution",),            # transformers ResNet, RegNet
+    ("conv2",),                  # timm ResNet (the 3x3 convolution of each block)
+)
+#: Heads trained fully (peft modules_to_save) when they are top-level children of the model.
+_HEAD_NAMES = ("classifier", "distillation_classifier")
+
+
+def lora_enabled(model_args) -> bool:
+    """Whether ``model_args`` asks for LoRA fine-tuning (``lora_r > 0``)."""
+    return bool(getattr(model_args, "lora_r", 0))
+
+
+def apply_lora(model: PreTrainedModel, model_args) -> torch.nn.Module:
+    """Wrap ``model`` in peft LoRA adapters: the base frozen, the adapters and the classification head trained.
+
+    The targets are ``model_args.lora_target_modules`` or the architecture's default
+    (:data:`LORA_DEFAULT_TARGETS`); the head (``classifier``, or a timm model's ``get_classifier()``) is a
+    peft ``modules_to_save`` module, since a new head must be trained in full. Raises ValueError naming
+    the layers the model has when the targets match nothing LoRA can adapt.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    heads = classifier_module_names(model)
+    targets = resolve_lora_targets(model, model_args.lora_target_modules, exclude=heads)
+    rank = int(model_args.lora_r)
+    alpha = model_args.lora_alpha if model_args.lora_alpha is not None else rank
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=float(model_args.lora_dropout),
+                        target_modules=targets, modules_to_save=heads)
+    peft_model = get_peft_model(model, config)
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    logger.info(f"LoRA r={rank}, alpha={alpha} on {targets}, heads trained fully: {heads}; {trainable:,} of "
+                f"{total:,} parameters trainable ({100 * trainable / max(total, 1):.2f}%).")
+    return peft_model
+
+
+def classifier_module_names(model: torch.nn.Module) -> list[str]:
+    """The classification head(s) of an image classifier, by module name (trained fully under LoRA)."""
+    names = [name for name, _ in model.named_children() if name in _HEAD_NAMES]
+    timm_model = getattr(model, "timm_model", None)
+    if timm_model is not None and hasattr(timm_model, "get_classifier"):
+        head = timm_model.get_classifier()
+        names += [f"timm_model.{name}" for name, module in timm_model.named_modules() if module is head and name]
+    if not names:
+        raise ValueError(f"--lora_r: cannot find the classification head of {type(model).__name__} (a top-level "
+                         f"module named {' or '.join(_HEAD_NAMES)}, or a timm model's get_classifier()), which "
+                         "LoRA fine-tuning trains in full; fine-tune it without --lora_r")
+    return names
+
+
+def resolve_lora_targets(model: torch.nn.Module, requested: list[str] | None, *,
+                         exclude: Iterable[str] = ()) -> list[str]:
+    """The LoRA target names for ``model``: ``requested`` (checked) or the first default group that fits.
+
+    A name matches a module whose dotted name equals it or ends with ``.<name>`` (peft's rule). Modules
+    inside ``exclude`` (the heads) never count. Raises ValueError naming the flag and the layer names the
+    model has when a requested name matches nothing, or matches a layer LoRA cannot adapt.
+    """
+    excluded = tuple(exclude)
+    modules = {name: module for name, module in model.named_modules()
+               if name and not any(name == head or name.startswith(head + ".") for head in excluded)}
+
+    def matches(target: str) -> list[str]:
+        return [name for name in modules if name == target or name.endswith("." + target)]
+
+    if requested:
+        requested = [str(target) for target in requested]
+        for target in requested:
+            found = matches(target)
+            unsupported = [name for name in found if not _lora_can_adapt(modules[name])]
+            if not found:
+                raise ValueError(f"--lora_target_modules {target!r} matches no layer of this "
+                                 f"{type(model).__name__}; {_layer_preview(modules)}")
+            if unsupported:
+                raise ValueError(f"--lora_target_modules {target!r} matches layers LoRA cannot adapt (not a Linear, "
+                                 f"or a convolution with groups > 1): {_names_preview(unsupported)}; "
+                                 f"{_layer_preview(modules)}")
+        return requested
+    for group in LORA_DEFAULT_TARGETS:
+        found = [matches(target) for target in group]
+        if all(found) and all(_lora_can_adapt(modules[name]) for names in found for name in names):
+            return list(group)
+    raise ValueError(f"--lora_target_modules: no default LoRA targets for {type(model).__name__}; pass the layers "
+                     f"to adapt. {_layer_preview(modules)}")
+
+
+def _lora_can_adapt(module: torch.nn.Module) -> bool:
+    # peft's LoRA layers for these types; a grouped (depthwise) convolution needs a rank divisible by its
+    # groups and cannot be merged, so it is never a sensible target.
+    if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
+        return module.groups == 1
+    return isinstance(module, (torch.nn.Linear, torch.nn.Embedding))
+
+
+def _layer_preview(modules: dict[str, torch.nn.Module], limit: int = 12) -> str:
+    """The adaptable layer names of a model, shortened to their last part, with counts."""
+    counts: dict[str, int] = {}
+    for name, module in modules.items():
+        if _lora_can_adapt(module):
+            short = name.rsplit(".", 1)[-1]
+            counts[short] = counts.get(short, 0) + 1
+    shown = [f"{name} (x{count})" if count > 1 else name for name, count in list(counts.items())[:limit]]
+    more = f", ... ({len(counts) - limit} more)" if len(counts) > limit else ""
+    return f"its Linear/convolution layers are named {', '.join(shown) or 'nothing'}{more}"
+
+
+def _names_preview(names: list[str], limit: int = 3) -> str:
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def _check_lora_image_size(config, model_args) -> None:
+    """Resized position embeddings belong to the frozen base, so an adapter saved without them would not
+    reproduce the fine-tuned model: refuse the combination before the weights are read."""
+    if lora_enabled(model_args) and (config.model_type in POSITION_EMBEDDING_MODEL_TYPES
+                                     or config.model_type == "timm_wrapper"):
+        raise ValueError(f"--image_size {model_args.image_size} with --lora_r is not supported for "
+                         f"{config.model_type!r} checkpoints: the resized position embeddings would not be part of "
+                         "the saved adapter; fine-tune at the checkpoint's resolution, or without --lora_r")
 
 
 def check_image_size(model_args) -> None:
@@ -98,6 +231,28 @@ def check_image_size(model_args) -> None:
                        cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token,
                        trust_remote_code=bool(model_args.trust_remote_code))
     _check_image_size(config, model_args.image_size)
+    _check_lora_image_size(config, model_args)
+
+
+def check_lora_targets(model_args) -> None:
+    """Refuse LoRA targets the checkpoint has no layer for, reading only its config.
+
+    The model is built on the meta device (no memory, no weights), so a misspelt
+    ``--lora_target_modules`` fails before a large dataset loads; :func:`apply_lora` runs the same check
+    on the loaded model. Does nothing without ``lora_r``.
+    """
+    if not lora_enabled(model_args) or not model_args.model_name_or_path:
+        return
+    name = model_args.config_name or model_args.model_name_or_path
+    config = _call_hub("model", name, AutoConfig.from_pretrained, resolve_model_path(name, "model_name_or_path"),
+                       cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token,
+                       trust_remote_code=bool(model_args.trust_remote_code))
+    _check_has_image_classification_model(config, name)
+    _drop_duplicate_timm_num_classes(config)
+    with torch.device("meta"):
+        model = AutoModelForImageClassification.from_config(config,
+                                                            trust_remote_code=bool(model_args.trust_remote_code))
+    resolve_lora_targets(model, model_args.lora_target_modules, exclude=classifier_module_names(model))
 
 
 def processor_at_size(image_processor, image_size: int):

@@ -31,8 +31,9 @@ from .run_dir import (
     set_aside_runs,
 )
 
-__all__ = ["LOOP_OPTIMIZERS", "RunPlan", "UsageError", "check_cdb_against_model", "check_resume_matches",
-           "check_lr_schedule", "check_supported_setup", "plan_run", "resolve_resume_checkpoint", "trackers_for",
+__all__ = ["LOOP_OPTIMIZERS", "RunPlan", "UsageError", "check_cdb_against_model", "check_lora_arguments",
+           "check_lr_schedule", "check_resume_matches", "check_supported_setup", "plan_run",
+           "resolve_resume_checkpoint", "trackers_for",
            "usage_errors"]
 
 logger = logging.get_logger(__name__)
@@ -85,6 +86,7 @@ def plan_run(model_args, data_args, cdb_args, run_args, training_args: TrainingA
             raise UsageError("no training data: pass --dataset_name (Hub id, local dataset folder or builtin:...) "
                              "or --train_dir (an image folder)")
         _check_finite_everywhere(model_args, data_args, cdb_args, run_args, training_args)
+        check_lora_arguments(model_args)
         _check_training_arguments(training_args)
         check_lr_schedule(run_args, training_args)
         if run_args.trainer == "accelerate":
@@ -187,6 +189,42 @@ def check_lr_schedule(run_args, args: TrainingArguments) -> None:
             raise UsageError(f"--{name} {getattr(value, 'value', value)!r} conflicts with --lr_schedule multistep, which sets "
                              f"the whole schedule (MultiStepLR, no warmup); drop --{name} or use --lr_schedule "
                              "trainer")
+
+
+def check_lora_arguments(model_args) -> None:
+    """The ``--lora_*`` values (:class:`~cdb_hf.arguments.ModelArguments`), and peft being installed.
+
+    A LoRA flag without ``--lora_r`` would silently do nothing, so it is refused too. Whether the target
+    modules exist needs the checkpoint's config: :func:`cdb_hf.models.check_lora_targets`.
+    """
+    rank = getattr(model_args, "lora_r", 0)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise UsageError(f"--lora_r {rank!r} is not valid; it must be an integer >= 0 (0 = no LoRA, e.g. 8 or 16)")
+    alpha, dropout = model_args.lora_alpha, model_args.lora_dropout
+    targets, merge = model_args.lora_target_modules, model_args.lora_merge
+    if rank == 0:
+        given = [flag for flag, is_set in (("lora_alpha", alpha is not None), ("lora_dropout", dropout != 0),
+                                           ("lora_target_modules", targets is not None), ("lora_merge", merge))
+                 if is_set]
+        if given:
+            raise UsageError(f"--{given[0]} only applies to LoRA fine-tuning; pass --lora_r (e.g. 8) or drop "
+                             f"{', '.join('--' + flag for flag in given)}")
+        return
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, int) or alpha <= 0):
+        raise UsageError(f"--lora_alpha {alpha!r} is not valid; it must be an integer > 0 (or unset: lora_r)")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise UsageError(f"--lora_dropout {dropout!r} is not valid; it must be a number in [0, 1)")
+    if targets is not None and (isinstance(targets, str) or not targets
+                                or not all(isinstance(t, str) and t.strip() for t in targets)):
+        raise UsageError(f"--lora_target_modules {targets!r} is not valid; give one or more layer names or dotted "
+                         "name suffixes (e.g. q_proj v_proj), or leave it unset for the architecture's default")
+    if not isinstance(merge, bool):
+        raise UsageError(f"--lora_merge {merge!r} is not valid; it must be true or false")
+    try:
+        import peft  # noqa: F401
+    except ImportError as error:
+        raise UsageError("--lora_r needs the peft library, which is not installed: pip install 'cdb_hf[peft]'") \
+            from error
 
 
 def _check_finite_everywhere(*argument_objects) -> None:
@@ -407,9 +445,44 @@ def _check_resume_checkpoint(checkpoint: str, plan: RunPlan) -> dict[str, Any] |
                          f"it with --trainer {record['trainer']}")
     if trainer == "hf":
         _check_trainer_state(checkpoint)
+    _check_resume_lora(checkpoint, plan.model)
     check_resume_matches(record, "cdb", plan.cdb_config.to_dict() if plan.cdb_config else None, plan.run,
                          checkpoint)
     return record
+
+
+def _check_resume_lora(checkpoint: str, model_args) -> None:
+    """A LoRA checkpoint resumes only as LoRA with the same rank and alpha, and a full one only without LoRA."""
+    folder = Path(checkpoint)
+    adapter_config = folder / "adapter_config.json"
+    if adapter_config.is_file():  # the Trainer's checkpoint of a peft model
+        saved = _read_json_object(adapter_config)
+    elif (folder / "model.safetensors").is_file():  # accelerate's save_state: peft's keys tell
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(folder / "model.safetensors"), framework="pt") as weights:
+                saved = {} if any(".lora_A." in key for key in weights.keys()) else None
+        except Exception:  # a damaged file is reported when it is loaded
+            return
+    else:
+        return
+    rank = getattr(model_args, "lora_r", 0)
+    if (saved is None) != (rank == 0):
+        what = "a LoRA adapter" if saved is not None else "a full fine-tuning (no LoRA)"
+        raise UsageError(f"--resume_from_checkpoint {checkpoint!r} holds {what}; resume it "
+                         f"{'with the same --lora_r' if saved is not None else 'without --lora_r'}")
+    alpha = model_args.lora_alpha if model_args.lora_alpha is not None else rank
+    for name, now in (("r", rank), ("lora_alpha", alpha)):
+        if saved and name in saved and saved[name] != now:
+            raise UsageError(f"--resume_from_checkpoint {checkpoint!r} was saved with LoRA {name}={saved[name]!r}, "
+                             f"this run has {now!r}; resume with the same --lora_{name.removeprefix('lora_')}")
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    from .run_dir import _read_json_dict
+
+    return _read_json_dict(path) or {}
 
 
 def _check_trainer_state(checkpoint: str) -> None:

@@ -34,8 +34,8 @@ from transformers import set_seed
 
 from . import data as data_module
 from .core import ChannelDropBackConfig
-from .hub import push_outputs, save_outputs, write_model_card
-from .models import check_image_size, load_model_and_processor
+from .hub import push_outputs, save_merged_model, save_outputs, write_model_card
+from .models import check_image_size, check_lora_targets, load_model_and_processor
 from .perf import apply_memory_format
 from .preflight import RunPlan, UsageError, check_cdb_against_model, usage_errors
 from .run_dir import RunDirectory, read_checkpoint_record
@@ -174,6 +174,7 @@ def prepare_run(plan: RunPlan) -> RunParts:
     state = PartialState()
     with usage_errors():
         check_image_size(model_args)  # reads only the config: fail before a large dataset loads
+        check_lora_targets(model_args)  # the same, on a model built on the meta device
         set_seed(args.seed)  # a new classification head is drawn from the global RNG
         with state.main_process_first():  # the main process fills the datasets cache first
             dataset = data_module.load_image_datasets(data_args, seed=args.seed, cache_dir=model_args.cache_dir,
@@ -305,6 +306,8 @@ def finish_run(plan: RunPlan, run_dir: RunDirectory, parts: RunParts, model: tor
     save_outputs(args.output_dir, model, parts.image_processor, cdb_config, metrics, trainer_state=trainer_state)
     write_model_card(args.output_dir, plan.model, plan.data, cdb_config, metrics, training_args=args,
                      log_history=log_history, model=model)
+    if getattr(plan.model, "lora_merge", False):
+        save_merged_model(args.output_dir, model, parts.image_processor)  # merges in place: the model's last use
     if args.push_to_hub:
         push_outputs(args.output_dir, args)
     run_dir.complete()
