@@ -5,7 +5,9 @@ run proves nothing. For every seed ``s`` this runner trains two arms that share 
 controls (validation split, training subset, new-head initialisation, data order, augmentation):
 
 * ``baseline``: the same arguments with ``cdb = False``;
-* ``cdb``: ``cdb = True`` and ``cdb_seed = s``.
+* ``cdb``: ``cdb = True`` and ``cdb_seed = s``;
+* ``extra`` (with ``--ab_extra_arm 'weight_decay=0.05'``): the baseline with those TrainingArguments
+  values changed, a standard regularizer to hold CDB against at the same budget.
 
 CDB never touches the global RNG, so the two arms of a pair differ only by CDB. The report gives
 per-seed results, mean ± std of each arm, and the mean paired difference (CDB - baseline) with a
@@ -41,15 +43,17 @@ from . import launch
 from .preflight import RunPlan, UsageError
 from .run import failed_run, open_run_dir
 
-__all__ = ["ARMS", "ArmRun", "METRICS", "arm_plan", "format_number", "load_eval_curve", "paired_difference", "plot_ab",
+__all__ = ["ARMS", "EXTRA_ARM", "ArmRun", "arms_of", "METRICS", "arm_plan", "final_train_loss", "format_number", "load_eval_curve", "paired_difference", "plot_ab",
            "render_report", "run_ab", "summarize", "write_results"]
 
 logger = logging.get_logger(__name__)
 
 ARMS = ("baseline", "cdb")
+#: The optional third arm: the baseline with ``--ab_extra_arm``'s values.
+EXTRA_ARM = "extra"
 #: The metrics compared, in report order; ``eval_accuracy`` is the primary one.
-METRICS = ("eval_accuracy", "eval_loss", "train_runtime")
-_HIGHER_IS_BETTER = {"eval_accuracy": True, "eval_loss": False, "train_runtime": False}
+METRICS = ("eval_accuracy", "eval_loss", "final_train_loss", "train_runtime")
+_HIGHER_IS_BETTER = {"eval_accuracy": True, "eval_loss": False, "final_train_loss": False, "train_runtime": False}
 _ERROR_TAIL_LINES = 6
 
 TrainFn = Callable[[RunPlan], dict[str, float]]
@@ -113,11 +117,13 @@ def _mean_std(values: Sequence[float]) -> dict[str, float]:
             "std": float(array.std(ddof=1)) if array.size > 1 else math.nan}
 
 
-def summarize(runs: Sequence[ArmRun], metrics: Sequence[str] = METRICS, confidence: float = 0.95) -> dict[str, Any]:
+def summarize(runs: Sequence[ArmRun], metrics: Sequence[str] = METRICS, confidence: float = 0.95,
+              arms: Sequence[str] = ARMS) -> dict[str, Any]:
     """Per-arm mean ± std and the paired difference for each metric, over complete pairs only.
 
-    A pair is complete when both arms finished and reported the metric; every other seed is listed
-    under ``incomplete_seeds`` so that a lost run can never silently flatter one arm.
+    A pair is complete when every arm finished and reported the metric; every other seed is listed
+    under ``incomplete_seeds`` so that a lost run can never silently flatter one arm. ``difference`` is
+    CDB - baseline; with the extra arm, ``extra_difference`` is extra - baseline on the same seeds.
     """
     by_seed: dict[int, dict[str, ArmRun]] = {}
     for run in runs:
@@ -125,21 +131,24 @@ def summarize(runs: Sequence[ArmRun], metrics: Sequence[str] = METRICS, confiden
     seeds = sorted(by_seed)
     failed = [{"seed": r.seed, "arm": r.arm, "error": r.error} for r in runs if r.status != "ok"]
     complete = [s for s in seeds if all(by_seed[s].get(arm) is not None and by_seed[s][arm].status == "ok"
-                                        for arm in ARMS)]
+                                        for arm in arms)]
     summary: dict[str, Any] = {
         "seeds": seeds, "complete_seeds": complete,
         "incomplete_seeds": [s for s in seeds if s not in complete],
-        "failed_runs": failed, "metrics": {},
+        "failed_runs": failed, "arms": list(arms), "metrics": {},
     }
     for metric in metrics:
-        pairs = [s for s in complete if all(_finite(by_seed[s][arm].metrics.get(metric)) for arm in ARMS)]
-        values = {arm: [float(by_seed[s][arm].metrics[metric]) for s in pairs] for arm in ARMS}
+        pairs = [s for s in complete if all(_finite(by_seed[s][arm].metrics.get(metric)) for arm in arms)]
+        values = {arm: [float(by_seed[s][arm].metrics[metric]) for s in pairs] for arm in arms}
         summary["metrics"][metric] = {
             "seeds": pairs,
-            **{arm: _mean_std(values[arm]) for arm in ARMS},
+            **{arm: _mean_std(values[arm]) for arm in arms},
             "difference": paired_difference(values["baseline"], values["cdb"], confidence),
             "higher_is_better": _HIGHER_IS_BETTER.get(metric, True),
         }
+        if EXTRA_ARM in arms:
+            summary["metrics"][metric]["extra_difference"] = paired_difference(values["baseline"], values[EXTRA_ARM],
+                                                                               confidence)
     return summary
 
 
@@ -150,13 +159,21 @@ def _finite(value: Any) -> bool:
 # ------------------------------------------------------------------------------------------- running
 
 
+def arms_of(plan: RunPlan) -> tuple[str, ...]:
+    """The arms a comparison trains: baseline and CDB, and the extra arm when ``--ab_extra_arm`` is set."""
+    return (*ARMS, EXTRA_ARM) if plan.extra_arm else ARMS
+
+
 def arm_plan(plan: RunPlan, arm: str, seed: int) -> RunPlan:
     """The plan of one arm: the shared seed, its own (fresh) output folder, CDB on or off."""
-    if arm not in ARMS:
-        raise ValueError(f"arm={arm!r} is not valid; choose one of {ARMS}")
+    if arm not in arms_of(plan):
+        raise ValueError(f"arm={arm!r} is not valid; choose one of {arms_of(plan)}")
     root = Path(plan.training.output_dir)
     cdb_args = dataclasses.replace(plan.cdb, cdb=arm == "cdb", cdb_seed=seed if arm == "cdb" else plan.cdb.cdb_seed)
     training = copy.deepcopy(plan.training)
+    if arm == EXTRA_ARM:
+        for name, value in plan.extra_arm.items():
+            setattr(training, name, value)
     training.seed = seed
     training.output_dir = str(root / f"seed{seed}" / arm)
     training.run_name = f"{plan.training.run_name or root.name}-seed{seed}-{arm}"
@@ -196,7 +213,7 @@ def run_ab(plan: RunPlan, *, train_fn: TrainFn | None = None, confidence: float 
         runs: list[ArmRun] = []
         started = time.time()
         for seed in seeds:
-            for arm in ARMS:
+            for arm in arms_of(plan):
                 arm_run_plan = arm_plan(plan, arm, seed)
                 run = ArmRun(seed=seed, arm=arm, output_dir=arm_run_plan.training.output_dir)
                 logger.info(f"A/B: seed {seed}, arm {arm} -> {run.output_dir}")
@@ -205,6 +222,9 @@ def run_ab(plan: RunPlan, *, train_fn: TrainFn | None = None, confidence: float 
                     metrics = train_fn(arm_run_plan)
                     run.metrics = {k: float(v) for k, v in (metrics or {}).items() if _finite(v)}
                     run.curve = load_eval_curve(run.output_dir)
+                    train_loss = final_train_loss(run.output_dir)
+                    if train_loss is not None:  # how far the run fitted its training set (a regularizer's room)
+                        run.metrics["final_train_loss"] = train_loss
                 except UsageError:  # bad input fails every arm alike: stop, as a single run would
                     raise
                 except Exception as error:  # a failed run is a result to report, not a reason to lose the others
@@ -216,7 +236,7 @@ def run_ab(plan: RunPlan, *, train_fn: TrainFn | None = None, confidence: float 
                 run.wall_time_s = time.time() - tic
                 runs.append(run)
 
-        summary = summarize(runs, confidence=confidence)
+        summary = summarize(runs, confidence=confidence, arms=arms_of(plan))
         summary["setup"] = _setup(plan, seeds, time.time() - started)
         # Under torchrun/accelerate launch every process runs the arms; one of them reports, after all finished.
         state = PartialState()
@@ -256,6 +276,16 @@ def load_eval_curve(output_dir: str | os.PathLike) -> list[dict[str, float]]:
     return [unique[step] for step in sorted(unique)]
 
 
+def final_train_loss(output_dir: str | os.PathLike) -> float | None:
+    """The last logged training loss (a window of ``logging_steps``) in a run's ``trainer_state.json``."""
+    try:
+        history = json.loads((Path(output_dir) / "trainer_state.json").read_text()).get("log_history", [])
+    except (OSError, ValueError, AttributeError):
+        return None
+    losses = [float(entry["loss"]) for entry in history if isinstance(entry, dict) and _finite(entry.get("loss"))]
+    return losses[-1] if losses else None
+
+
 def _setup(plan: RunPlan, seeds, wall_time_s) -> dict[str, Any]:
     import torch
 
@@ -268,8 +298,10 @@ def _setup(plan: RunPlan, seeds, wall_time_s) -> dict[str, Any]:
         "max_eval_samples": data_args.max_eval_samples,
         "eval_split_name": data_args.eval_split_name,
         "image_size": model_args.image_size,
+        "train_augmentation": data_args.train_augmentation,
         "trainer": plan.run.trainer,
         "seeds": seeds,
+        "extra_arm": ",".join(f"{k}={v}" for k, v in plan.extra_arm.items()) or None,
         "cdb_config": cdb_config,
         "training": {key: _plain(getattr(training_args, key)) for key in (
             "optim", "optim_args", "learning_rate", "weight_decay", "lr_scheduler_type", "num_train_epochs",
@@ -338,55 +370,80 @@ def _fmt(value: float, metric: str, signed: bool = False) -> str:
     return format_number(value, digits, scale, signed)
 
 
-_LABELS = {"eval_accuracy": "accuracy (%)", "eval_loss": "eval loss", "train_runtime": "train time (s)"}
+_LABELS = {"eval_accuracy": "accuracy (%)", "eval_loss": "eval loss", "final_train_loss": "final train loss",
+           "train_runtime": "train time (s)"}
+_ARM_NAMES = {"baseline": "baseline", "cdb": "CDB", EXTRA_ARM: "extra"}
+
+
+def _arm_names(summary: dict[str, Any]) -> dict[str, str]:
+    """Display names; the extra arm is named by what it changes (e.g. ``weight_decay=0.05``)."""
+    extra = summary.get("setup", {}).get("extra_arm")
+    return {**_ARM_NAMES, **({EXTRA_ARM: extra} if extra else {})}
 
 
 def render_report(runs: Sequence[ArmRun], summary: dict[str, Any]) -> str:
     """A Markdown report: per-seed table, mean ± std per arm, paired differences with their CI."""
+    arms = tuple(summary.get("arms", ARMS))
+    names = _arm_names(summary)
     by_key = {(r.seed, r.arm): r for r in runs}
-    lines = ["## A/B: baseline vs ChannelDropBack (paired seeds)", "",
-             "| seed | " + " | ".join(f"{_LABELS[m]} base | {_LABELS[m]} CDB" for m in METRICS)
-             + " | Δ accuracy (pt) |",
-             "|---:|" + "---:|" * (2 * len(METRICS) + 1)]
+    title = "baseline vs ChannelDropBack" + (f" vs {names[EXTRA_ARM]}" if EXTRA_ARM in arms else "")
+    compared = [arm for arm in arms if arm != "baseline"]
+    lines = [f"## A/B: {title} (paired seeds)", "",
+             "| seed | " + " | ".join(f"{_LABELS[m]} {names[arm]}" for m in METRICS for arm in arms)
+             + " | " + " | ".join(f"Δ accuracy {names[arm]} (pt)" for arm in compared) + " |",
+             "|---:|" + "---:|" * (len(arms) * len(METRICS) + len(compared))]
     for seed in summary["seeds"]:
         cells = []
         for metric in METRICS:
-            for arm in ARMS:
+            for arm in arms:
                 run = by_key.get((seed, arm))
                 cells.append("FAILED" if run is None or run.status != "ok" else _fmt(run.metrics.get(metric), metric))
-        base, cdb = by_key.get((seed, "baseline")), by_key.get((seed, "cdb"))
-        delta = (cdb.metrics.get("eval_accuracy", math.nan) - base.metrics.get("eval_accuracy", math.nan)
-                 if base and cdb and base.status == cdb.status == "ok" else math.nan)
-        lines.append(f"| {seed} | " + " | ".join(cells) + f" | {_fmt(delta, 'eval_accuracy', signed=True)} |")
+        base = by_key.get((seed, "baseline"))
+        for arm in compared:
+            other = by_key.get((seed, arm))
+            delta = (other.metrics.get("eval_accuracy", math.nan) - base.metrics.get("eval_accuracy", math.nan)
+                     if base and other and base.status == other.status == "ok" else math.nan)
+            cells.append(_fmt(delta, "eval_accuracy", signed=True))
+        lines.append(f"| {seed} | " + " | ".join(cells) + " |")
 
     confidence = None
-    lines += ["", "| metric | baseline mean ± std | CDB mean ± std | CDB - baseline (mean) | CI | p | pairs |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "| metric | " + " | ".join(f"{names[arm]} mean ± std" for arm in arms) + " | comparison | "
+              "difference (mean) | CI | p | pairs |", "|---|" + "---:|" * len(arms) + "---|---:|---:|---:|---:|"]
     for metric, stats in summary["metrics"].items():
-        diff = stats["difference"]
-        confidence = diff["confidence"]
-        arm_cells = [f"{_fmt(stats[arm]['mean'], metric)} ± {_fmt(stats[arm]['std'], metric)}" for arm in ARMS]
-        interval = (f"[{_fmt(diff['ci_low'], metric, True)}, {_fmt(diff['ci_high'], metric, True)}]"
-                    if _finite(diff["ci_low"]) else "n/a")
-        p_value = f"{diff['p_value']:.3f}" if _finite(diff["p_value"]) else "n/a"
-        lines.append(f"| {_LABELS.get(metric, metric)} | {arm_cells[0]} | {arm_cells[1]} | "
-                     f"{_fmt(diff['mean'], metric, True)} | {interval} | {p_value} | {diff['n']} |")
+        arm_cells = [f"{_fmt(stats[arm]['mean'], metric)} ± {_fmt(stats[arm]['std'], metric)}" for arm in arms]
+        for arm, key in (("cdb", "difference"), (EXTRA_ARM, "extra_difference")):
+            if key not in stats:
+                continue
+            diff = stats[key]
+            confidence = diff["confidence"]
+            interval = (f"[{_fmt(diff['ci_low'], metric, True)}, {_fmt(diff['ci_high'], metric, True)}]"
+                        if _finite(diff["ci_low"]) else "n/a")
+            p_value = f"{diff['p_value']:.3f}" if _finite(diff["p_value"]) else "n/a"
+            lines.append(f"| {_LABELS.get(metric, metric)} | " + " | ".join(arm_cells) + f" | {names[arm]} - baseline"
+                         f" | {_fmt(diff['mean'], metric, True)} | {interval} | {p_value} | {diff['n']} |")
+            arm_cells = [""] * len(arms)  # the arms' columns once per metric
     if confidence is not None:
         lines += ["", f"CI: {100 * confidence:.0f}% Student-t interval of the mean paired difference "
                       "(accuracy differences in percentage points)."]
 
-    accuracy = summary["metrics"].get("eval_accuracy", {}).get("difference", {})
-    if _finite(accuracy.get("ci_low")):
-        if accuracy["ci_low"] > 0:
-            verdict = "CDB's accuracy is higher than the baseline's, and the interval excludes zero."
-        elif accuracy["ci_high"] < 0:
-            verdict = "CDB's accuracy is lower than the baseline's, and the interval excludes zero."
+    accuracy = summary["metrics"].get("eval_accuracy", {})
+    verdicts = []
+    for arm, key in (("cdb", "difference"), (EXTRA_ARM, "extra_difference")):
+        diff = accuracy.get(key, {})
+        if not _finite(diff.get("ci_low")):
+            continue
+        if diff["ci_low"] > 0:
+            verdicts.append(f"{names[arm]}'s accuracy is higher than the baseline's, and the interval excludes zero.")
+        elif diff["ci_high"] < 0:
+            verdicts.append(f"{names[arm]}'s accuracy is lower than the baseline's, and the interval excludes zero.")
         else:
-            verdict = "The interval includes zero: no detectable accuracy difference at this number of seeds."
-        lines += ["", f"Verdict: {verdict}"]
+            verdicts.append(f"{names[arm]} vs baseline: the interval includes zero: no detectable accuracy "
+                            "difference at this number of seeds.")
+    if verdicts:
+        lines += ["", "Verdict: " + " ".join(verdicts)]
     lost = summary["incomplete_seeds"]
     if summary["failed_runs"]:
-        lines += ["", f"{len(summary['failed_runs'])} run(s) FAILED; {len(lost)} pair(s) left out of the "
+        lines += ["", f"{len(summary['failed_runs'])} run(s) FAILED; {len(lost)} seed(s) left out of the "
                       f"statistics (seeds {lost}):"]
         lines += [f"- seed {f['seed']}, {f['arm']}: {f['error']}" for f in summary["failed_runs"]]
     return "\n".join(lines)
@@ -399,32 +456,34 @@ def plot_ab(runs: Sequence[ArmRun], summary: dict[str, Any], path: str | os.Path
     matplotlib.use("Agg")  # files only; never needs a display
     import matplotlib.pyplot as plt
 
-    colours = {"baseline": "tab:blue", "cdb": "tab:orange"}
-    names = {"baseline": "baseline", "cdb": "CDB"}
+    arms = tuple(summary.get("arms", ARMS))
+    colours = {"baseline": "tab:blue", "cdb": "tab:orange", EXTRA_ARM: "tab:green"}
+    names = _arm_names(summary)
     by_key = {(r.seed, r.arm): r for r in runs if r.status == "ok"}
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
 
     for seed in summary["seeds"]:
-        pair = [by_key.get((seed, arm)) for arm in ARMS]
+        pair = [by_key.get((seed, arm)) for arm in arms]
         values = [100 * r.metrics["eval_accuracy"] if r and "eval_accuracy" in r.metrics else None for r in pair]
         if all(v is not None for v in values):
-            left.plot([0, 1], values, color="0.7", linewidth=1, zorder=1)
-        for x, (arm, value) in enumerate(zip(ARMS, values)):
+            left.plot(range(len(arms)), values, color="0.7", linewidth=1, zorder=1)
+        for x, (arm, value) in enumerate(zip(arms, values)):
             if value is not None:
                 left.scatter([x], [value], color=colours[arm], zorder=2)
     stats = summary["metrics"].get("eval_accuracy", {})
-    for x, arm in enumerate(ARMS):
+    for x, arm in enumerate(arms):
         mean = stats.get(arm, {}).get("mean", math.nan)
         if _finite(mean):
             left.hlines(100 * mean, x - 0.15, x + 0.15, color=colours[arm], linewidth=3)
-    diff = stats.get("difference", {})
     title = "final validation accuracy per seed"
-    if _finite(diff.get("ci_low")):
-        title += (f"\nΔ = {100 * diff['mean']:+.2f} pt, {100 * diff['confidence']:.0f}% CI "
-                  f"[{100 * diff['ci_low']:+.2f}, {100 * diff['ci_high']:+.2f}]")
+    for arm, key in (("cdb", "difference"), (EXTRA_ARM, "extra_difference")):
+        diff = stats.get(key, {})
+        if _finite(diff.get("ci_low")):
+            title += (f"\n{names[arm]} - baseline = {100 * diff['mean']:+.2f} pt, {100 * diff['confidence']:.0f}% CI "
+                      f"[{100 * diff['ci_low']:+.2f}, {100 * diff['ci_high']:+.2f}]")
     left.set_title(title, fontsize=10)
-    left.set_xticks([0, 1], [names[arm] for arm in ARMS])
-    left.set_xlim(-0.5, 1.5)
+    left.set_xticks(range(len(arms)), [names[arm] for arm in arms])
+    left.set_xlim(-0.5, len(arms) - 0.5)
     left.set_ylabel("accuracy (%)")
 
     drawn = set()

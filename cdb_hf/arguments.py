@@ -109,6 +109,13 @@ class DataArguments:
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Truncate the training set (seeded shuffle first) for quick runs."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the validation set."})
+    train_augmentation: Literal["crop_flip", "crop", "none"] = field(
+        default="crop_flip",
+        metadata={"help": "Training augmentation. 'crop_flip': RandomResizedCrop to the checkpoint's input size and "
+                          "a horizontal flip (transformers' image-classification example). 'crop': no flip (for "
+                          "digits, text, anything a mirror changes the meaning of). 'none': the evaluation "
+                          "preprocessing, so the model can fit its training set (e.g. to study a regularizer)."},
+    )
     image_column_name: str | None = field(
         default=None, metadata={"help": "Image column; detected automatically when omitted."})
     label_column_name: str | None = field(
@@ -127,6 +134,13 @@ class RunArguments:
     ab_seeds: int = field(
         default=0,
         metadata={"help": "If > 0, run an A/B comparison: baseline vs CDB for this many paired seeds."},
+    )
+    ab_extra_arm: str | None = field(
+        default=None,
+        metadata={"help": "With --ab_seeds: a third arm, the baseline with these TrainingArguments values changed "
+                          "(comma-separated name=value pairs, e.g. 'weight_decay=0.05' or "
+                          "'label_smoothing_factor=0.1'), trained on the same seeds, so that CDB can be compared "
+                          "with a standard regularizer at the same budget."},
     )
     overwrite_output_dir: bool = field(
         default=False,

@@ -517,14 +517,25 @@ def _training_geometry(image_processor) -> dict[str, Any]:
     }
 
 
-def build_transforms(image_processor) -> tuple[Callable[[Any], torch.Tensor], Callable[[Any], torch.Tensor]]:
+#: ``--train_augmentation`` values: what the training transform does before the checkpoint's normalization.
+TRAIN_AUGMENTATIONS = ("crop_flip", "crop", "none")
+
+
+def build_transforms(image_processor, augmentation: str = "crop_flip"
+                     ) -> tuple[Callable[[Any], torch.Tensor], Callable[[Any], torch.Tensor]]:
     """``(train_transform, eval_transform)``: each maps one image (any PIL mode) to a float CHW tensor.
 
-    Train: RandomResizedCrop to the checkpoint's input size (its interpolation), horizontal flip, and its
-    normalization. Eval: the checkpoint's image processor itself (resize, center crop / crop_pct,
+    Train (``augmentation``): ``crop_flip``, RandomResizedCrop to the checkpoint's input size (its
+    interpolation) and a horizontal flip, then its normalization; ``crop``, the same without the flip;
+    ``none``, the evaluation transform itself. Eval: the checkpoint's image processor itself (resize, center crop / crop_pct,
     normalization), so evaluation sees exactly what the checkpoint was made for. Works for transformers'
     processors (ViT, ConvNeXt, DeiT, BEiT, ...) and timm checkpoints (TimmWrapperImageProcessor).
     """
+    if augmentation not in TRAIN_AUGMENTATIONS:
+        raise ValueError(f"--train_augmentation {augmentation!r} is not valid; choose one of {TRAIN_AUGMENTATIONS}")
+    eval_transform = _ProcessorEval(image_processor)
+    if augmentation == "none":
+        return eval_transform, eval_transform
     geometry = _training_geometry(image_processor)
     # ToDtype(scale=True) yields x/255; folding the processor's own rescale factor into Normalize keeps
     # the pipeline free of lambdas (picklable for DataLoader workers): (x*a - m)/s == (x - m/a)/(s/a).
@@ -532,12 +543,12 @@ def build_transforms(image_processor) -> tuple[Callable[[Any], torch.Tensor], Ca
     train_transform = v2.Compose([
         ToRGB(),
         v2.RandomResizedCrop(geometry["size"], interpolation=geometry["interpolation"], antialias=True),
-        v2.RandomHorizontalFlip(),
+        *([v2.RandomHorizontalFlip()] if augmentation == "crop_flip" else []),
         v2.PILToTensor(),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(mean=[m / factor for m in geometry["mean"]], std=[s / factor for s in geometry["std"]]),
     ])
-    return train_transform, _ProcessorEval(image_processor)
+    return train_transform, eval_transform
 
 
 class _ExampleTransform:
@@ -551,14 +562,15 @@ class _ExampleTransform:
                 "labels": list(batch["label"])}
 
 
-def apply_transforms(dataset_dict: datasets.DatasetDict, image_processor) -> datasets.DatasetDict:
+def apply_transforms(dataset_dict: datasets.DatasetDict, image_processor,
+                     augmentation: str = "crop_flip") -> datasets.DatasetDict:
     """New DatasetDict whose examples are ``{"pixel_values": FloatTensor CHW, "labels": int}``, decoded lazily.
 
-    ``train`` gets the random training transform, every other split the checkpoint's eval transform.
+    ``train`` gets the training transform (``augmentation``, see :func:`build_transforms`), every other split the checkpoint's eval transform.
     The input is not modified. With the Trainer, set ``remove_unused_columns=False``: the model's
     inputs only exist after the transform.
     """
-    train_transform, eval_transform = build_transforms(image_processor)
+    train_transform, eval_transform = build_transforms(image_processor, augmentation)
     return datasets.DatasetDict({
         name: split.with_transform(_ExampleTransform(train_transform if name == "train" else eval_transform))
         for name, split in dataset_dict.items()

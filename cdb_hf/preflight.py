@@ -11,6 +11,7 @@ loaded, still before anything is written.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -22,6 +23,7 @@ from transformers import TrainingArguments
 from transformers.utils import logging
 
 from . import builtin
+from . import data as data_module
 from .core import ChannelDropBackConfig, eligible_layers
 from .run_dir import (
     find_checkpoints,
@@ -68,6 +70,8 @@ class RunPlan:
     #: half-written (no record); the resumed run removes them before it saves over their step numbers.
     incomplete_checkpoints: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: ``--ab_extra_arm`` parsed: the TrainingArguments values of the A/B runner's third arm (empty: none).
+    extra_arm: dict[str, Any] = field(default_factory=dict)
 
     @property
     def args(self) -> tuple[Any, Any, Any, Any, TrainingArguments]:
@@ -86,6 +90,9 @@ def plan_run(model_args, data_args, cdb_args, run_args, training_args: TrainingA
             raise UsageError("no training data: pass --dataset_name (Hub id, local dataset folder or builtin:...) "
                              "or --train_dir (an image folder)")
         _check_finite_everywhere(model_args, data_args, cdb_args, run_args, training_args)
+        if data_args.train_augmentation not in data_module.TRAIN_AUGMENTATIONS:  # a recipe bypasses argparse's choices
+            raise UsageError(f"--train_augmentation {data_args.train_augmentation!r} is not valid; choose one of "
+                             f"{', '.join(data_module.TRAIN_AUGMENTATIONS)}")
         check_lora_arguments(model_args)
         _check_training_arguments(training_args)
         check_lr_schedule(run_args, training_args)
@@ -97,7 +104,8 @@ def plan_run(model_args, data_args, cdb_args, run_args, training_args: TrainingA
         from .hub import check_can_push
 
         check_can_push(training_args)
-        plan = RunPlan(model_args, data_args, cdb_args, run_args, training_args, cdb_config)
+        extra_arm = parse_extra_arm(run_args, training_args)
+        plan = RunPlan(model_args, data_args, cdb_args, run_args, training_args, cdb_config, extra_arm=extra_arm)
         _plan_output_dir(plan)
     return plan
 
@@ -150,6 +158,57 @@ def _check_run_arguments(run_args) -> None:
         value = getattr(run_args, name, False)
         if not isinstance(value, bool):
             raise UsageError(f"--{name} {value!r} is not valid; it must be true or false")
+
+
+#: TrainingArguments an extra arm may not change: they define the pairing or where results go.
+_EXTRA_ARM_FIXED = ("seed", "data_seed", "output_dir", "run_name", "logging_dir", "push_to_hub", "hub_model_id",
+                    "hub_token", "resume_from_checkpoint", "do_train", "do_eval", "report_to")
+
+
+def parse_extra_arm(run_args, training_args: TrainingArguments) -> dict[str, Any]:
+    """``--ab_extra_arm 'name=value,...'`` as typed TrainingArguments values, checked like the run's own.
+
+    Only scalar (bool/int/float/str) TrainingArguments values that do not define the pairing may change;
+    the arm's arguments go through the same checks as the run's, so a bad value fails now, not mid-study.
+    """
+    spec = run_args.ab_extra_arm
+    if spec is None or spec == "":
+        return {}
+    if not run_args.ab_seeds:
+        raise UsageError(f"--ab_extra_arm {spec!r} needs --ab_seeds N (it adds an arm to an A/B comparison)")
+    overrides: dict[str, Any] = {}
+    for item in str(spec).split(","):
+        name, equals, raw = (part.strip() for part in item.partition("="))
+        if not equals or not name:
+            raise UsageError(f"--ab_extra_arm {spec!r} is not valid: expected name=value pairs separated by commas, "
+                             "e.g. 'weight_decay=0.05'")
+        current = getattr(training_args, name, None) if hasattr(training_args, name) else None
+        if not hasattr(training_args, name) or name in _EXTRA_ARM_FIXED or name.startswith("cdb"):
+            raise UsageError(f"--ab_extra_arm: {name!r} is not a TrainingArguments value an extra arm may change "
+                             f"(not allowed: unknown names, cdb_* flags, {', '.join(_EXTRA_ARM_FIXED)})")
+        kind = type(getattr(current, "value", current))
+        try:
+            if kind is bool:
+                if raw.lower() not in (*_TRUE_STRINGS, "false", "no", "0"):
+                    raise ValueError(raw)
+                value: Any = raw.lower() in _TRUE_STRINGS
+            elif kind in (int, float, str):
+                value = kind(raw)
+            else:
+                raise TypeError(name)
+        except (TypeError, ValueError):
+            raise UsageError(f"--ab_extra_arm: {name}={raw!r} is not valid; {name} takes a "
+                             f"{kind.__name__ if kind in (bool, int, float, str) else 'non-scalar'} value "
+                             f"(now {current!r})") from None
+        overrides[name] = value
+    arm_args = copy.deepcopy(training_args)
+    for name, value in overrides.items():
+        setattr(arm_args, name, value)
+    _check_finite_everywhere(arm_args)
+    _check_training_arguments(arm_args)
+    if run_args.trainer == "accelerate":
+        _check_loop_arguments(arm_args)
+    return overrides
 
 
 def check_lr_schedule(run_args, args: TrainingArguments) -> None:

@@ -185,7 +185,7 @@ def prepare_run(plan: RunPlan) -> RunParts:
         model, image_processor = load_model_and_processor(model_args, labels)
         check_cdb_against_model(model, plan.cdb_config)
         apply_memory_format(model, run_args.channels_last)  # before the optimizer, so its state shares the layout
-        processed = data_module.apply_transforms(dataset, image_processor)
+        processed = data_module.apply_transforms(dataset, image_processor, data_args.train_augmentation)
     # Augmentation draws from the global RNG at fetch time, which prefetching and a resume's skipped
     # batches shift; seeding each example by (seed, epoch, index) makes resumed runs crop identically.
     train_dataset = data_module.PerExampleSeeded(processed["train"], seed=data_module.data_seed(args))
