@@ -37,6 +37,10 @@ DEFAULT_OUTPUT_DIR = "demo_outputs/demo"
 #: What the quick demo changes in the benchmark recipe; any flag on the command line wins over both.
 DEMO_OVERRIDES: dict[str, Any] = {
     "ab_seeds": 1,
+    "max_train_samples": 300,
+    "num_train_epochs": 6,
+    "max_eval_samples": 1000,
+    "ab_extra_arm": "",  # baseline vs CDB only
 }
 #: Always: the checkpoint's native 224 px would take minutes per run on a CPU.
 DEMO_IMAGE_SIZE = 32
