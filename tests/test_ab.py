@@ -257,3 +257,54 @@ def test_cli_exit_code_is_1_when_an_ab_run_failed(tmp_path, monkeypatch, capsys)
             str(tmp_path / "ab"), "--ab_seeds", "2"]
     assert cli.main(argv) == 1
     assert "2 A/B run(s) failed" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ extra arm
+
+
+def test_extra_arm_is_parsed_typed_and_trained_on_the_same_seeds(tmp_path):
+    plan = _args(tmp_path, "--ab_seeds", "2", "--ab_extra_arm", "weight_decay=0.05, label_smoothing_factor=0.1")
+    assert plan.extra_arm == {"weight_decay": 0.05, "label_smoothing_factor": 0.1}
+    extra = arm_plan(plan, "extra", 8)
+    assert (extra.training.seed, extra.cdb.cdb, extra.cdb_config) == (8, False, None)
+    assert (extra.training.weight_decay, extra.training.label_smoothing_factor) == (0.05, 0.1)
+    assert extra.training.output_dir == str(tmp_path / "ab" / "seed8" / "extra")
+    assert plan.training.weight_decay == 0.0 and arm_plan(plan, "baseline", 8).training.weight_decay == 0.0
+
+    seen = []
+
+    def fake_train(arm_run_plan):
+        seen.append((arm_run_plan.training.seed, arm_run_plan.cdb.cdb, arm_run_plan.training.weight_decay))
+        bonus = 0.02 if arm_run_plan.cdb.cdb else 0.01 if arm_run_plan.training.weight_decay else 0.0
+        return {"eval_accuracy": 0.5 + 0.01 * arm_run_plan.training.seed + bonus, "eval_loss": 1.0}
+
+    result = run_ab(plan, train_fn=fake_train, print_report=False)
+    assert seen == [(7, False, 0.0), (7, True, 0.0), (7, False, 0.05),
+                    (8, False, 0.0), (8, True, 0.0), (8, False, 0.05)]
+    accuracy = result["metrics"]["eval_accuracy"]
+    assert accuracy["difference"]["mean"] == pytest.approx(0.02)
+    assert accuracy["extra_difference"]["mean"] == pytest.approx(0.01)
+    assert "weight_decay=0.05" in result["report"] and result["report"].count("Verdict") == 1
+    assert "vs weight_decay=0.05" in result["report"].splitlines()[0] + result["report"]
+    rows = list(csv.DictReader((tmp_path / "ab" / "results.csv").open()))
+    assert sorted({row["arm"] for row in rows}) == ["baseline", "cdb", "extra"]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("weight_decay", "name=value"),
+    ("no_such_field=1", "not a TrainingArguments value"),
+    ("seed=3", "not a TrainingArguments value"),
+    ("cdb_channel_rate=0.1", "not a TrainingArguments value"),
+    ("weight_decay=abc", "takes a float"),
+    ("learning_rate=-1", "learning_rate"),
+    ("weight_decay=nan", "weight_decay"),
+])
+def test_extra_arm_refuses_bad_specs_before_any_work(tmp_path, spec, message):
+    with pytest.raises(UsageError, match=message):
+        _args(tmp_path, "--ab_seeds", "2", "--ab_extra_arm", spec)
+    assert not (tmp_path / "ab").exists()
+
+
+def test_extra_arm_needs_an_ab_comparison(tmp_path):
+    with pytest.raises(UsageError, match="needs --ab_seeds"):
+        _args(tmp_path, "--ab_extra_arm", "weight_decay=0.05")

@@ -297,6 +297,8 @@ BAD_INPUTS = {
     "corrupt image": (lambda root, images: copy_folder_with(images, root, corrupt_image), "not readable images"),
     "cdb rate out of range": (["--cdb_channel_rate", "1.5"], "channel_rate=1.5 is out of range"),
     "unknown cdb mode": (["--cdb_mode", "sideways"], "invalid choice: 'sideways'"),
+    "unknown augmentation": (["--train_augmentation", "rotate"], "invalid choice: 'rotate'"),
+    "extra arm without ab": (["--ab_extra_arm", "weight_decay=0.1"], "needs --ab_seeds"),
     "include matches nothing": (["--cdb_include", "*no_such_layer*"], "include pattern '*no_such_layer*' matches no"),
     "exclude matches nothing": (["--cdb_exclude", "*no_such_layer*"], "exclude pattern '*no_such_layer*' matches no"),
     "missing resume checkpoint": (["--resume_from_checkpoint", "/no/such/checkpoint-7"], "not a checkpoint folder"),

@@ -552,3 +552,25 @@ def test_data_seed_follows_the_trainers_rule():
 
     assert data_seed(SimpleNamespace(seed=3, data_seed=None)) == 3
     assert data_seed(SimpleNamespace(seed=3, data_seed=11)) == 11
+
+
+def test_train_augmentation_none_is_the_eval_transform_and_crop_never_flips():
+    from cdb_hf.data import build_transforms
+
+    processor = ViTImageProcessor(size={"height": 16, "width": 16})
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 20, 3), dtype=np.uint8))
+    train, evaluation = build_transforms(processor, "none")
+    torch.testing.assert_close(train(image), evaluation(image))
+    # A left-to-right ramp: any crop keeps it rising, a mirrored crop makes it fall.
+    ramp = Image.fromarray(np.tile(np.linspace(0, 255, 64).astype(np.uint8)[None, :, None], (64, 1, 3)))
+
+    def rising(transform) -> list[bool]:
+        return [bool(out[0, :, -1].mean() > out[0, :, 0].mean()) for out in (transform(ramp) for _ in range(30))]
+
+    crop, _ = build_transforms(processor, "crop")
+    flip, _ = build_transforms(processor, "crop_flip")
+    assert all(rising(crop))
+    flipped = rising(flip)
+    assert any(flipped) and not all(flipped)
+    with pytest.raises(ValueError, match="train_augmentation 'rotate'"):
+        build_transforms(processor, "rotate")
