@@ -104,12 +104,13 @@ def save_merged_model(output_dir: str | os.PathLike, model, image_processor) -> 
 def write_model_card(output_dir: str | os.PathLike, model_args, data_args, cdb_config: ChannelDropBackConfig | None,
                      metrics: dict[str, float], *, training_args: TrainingArguments | None = None,
                      log_history: list[dict[str, Any]] | None = None, model=None,
-                     model_name: str | None = None) -> str:
+                     model_name: str | None = None, run_args=None) -> str:
     """Write ``README.md`` (transformers' standard Trainer model card plus a ChannelDropBack section).
 
     The card records the base model, the dataset, the CDB hyperparameters (or that this is a
     baseline), the final metrics, and that the result is a standard architecture needing no extra
-    code. Returns the card's text.
+    code. Returns the card's text. ``run_args`` (RunArguments) puts ``--lr_schedule multistep`` in the
+    hyperparameters in place of the TrainingArguments scheduler it replaced.
     """
     output_dir = Path(output_dir)
     base_model = model_args.model_name_or_path
@@ -129,6 +130,13 @@ def write_model_card(output_dir: str | os.PathLike, model_args, data_args, cdb_c
                                                                "eval_steps_per_second")} or None
     hyperparameters = (extract_hyperparameters_from_trainer(SimpleNamespace(args=training_args))
                        if training_args is not None else None)
+    if hyperparameters is not None and getattr(run_args, "lr_schedule", "trainer") == "multistep":
+        milestones = run_args.lr_milestones
+        where = (f"epochs {', '.join(str(m) for m in milestones)}" if milestones
+                 else "30/60/85 % of the epochs (official)")
+        hyperparameters["lr_scheduler_type"] = f"multistep (x{run_args.lr_gamma} from {where})"
+        hyperparameters.pop("lr_scheduler_warmup_ratio", None)
+        hyperparameters.pop("lr_scheduler_warmup_steps", None)
     summary = TrainingSummary(
         model_name=model_name,
         tags=["image-classification", "channeldropback", "cdb_hf", "generated_from_trainer"]

@@ -305,7 +305,7 @@ def finish_run(plan: RunPlan, run_dir: RunDirectory, parts: RunParts, model: tor
     args = plan.training
     save_outputs(args.output_dir, model, parts.image_processor, cdb_config, metrics, trainer_state=trainer_state)
     write_model_card(args.output_dir, plan.model, plan.data, cdb_config, metrics, training_args=args,
-                     log_history=log_history, model=model)
+                     log_history=log_history, model=model, run_args=plan.run)
     if getattr(plan.model, "lora_merge", False):
         save_merged_model(args.output_dir, model, parts.image_processor)  # merges in place: the model's last use
     if args.push_to_hub:

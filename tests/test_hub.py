@@ -79,6 +79,23 @@ def test_model_card_records_base_model_dataset_cdb_and_metrics(tmp_path, tiny_vi
     assert "- learning_rate: 0.0003" in text
 
 
+def test_model_card_names_the_multistep_schedule_not_the_trainer_default(tmp_path, tiny_vit):
+    from cdb_hf.arguments import RunArguments
+
+    model, _ = tiny_vit
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none")
+    run_args = RunArguments(lr_schedule="multistep", lr_milestones=[3, 6], lr_gamma=0.1)
+    text = write_model_card(tmp_path, ModelArguments(model_name_or_path="google/vit-base-patch16-224-in21k"),
+                            DataArguments(dataset_name="uoft-cs/cifar10"), None, METRICS, training_args=args,
+                            model=model, run_args=run_args)
+    assert "- lr_scheduler_type: multistep (x0.1 from epochs 3, 6)" in text
+    assert "lr_scheduler_type: linear" not in text
+    official = write_model_card(tmp_path, ModelArguments(model_name_or_path="google/vit-base-patch16-224-in21k"),
+                                DataArguments(dataset_name="uoft-cs/cifar10"), None, METRICS, training_args=args,
+                                model=model, run_args=RunArguments(lr_schedule="multistep"))
+    assert "multistep (x0.1 from 30/60/85 % of the epochs (official))" in official
+
+
 def test_model_card_of_a_local_baseline_has_no_broken_links(tmp_path, tiny_vit):
     model, _ = tiny_vit
     base = tmp_path / "my_checkpoint"
