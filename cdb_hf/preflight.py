@@ -90,12 +90,12 @@ def plan_run(model_args, data_args, cdb_args, run_args, training_args: TrainingA
             raise UsageError("--model_name_or_path is required (a Hub model id, a local save_pretrained directory, "
                              f"or one of {', '.join(builtin.list_builtin_sources('model'))})")
         kind = "train" if training_args.do_train else "eval"
+        check_predict_arguments(data_args, training_args)
         if kind == "eval":
             check_evaluate_only(model_args, data_args, run_args, training_args)
         elif not (data_args.dataset_name or data_args.train_dir):
             raise UsageError("no training data: pass --dataset_name (Hub id, local dataset folder or builtin:...) "
                              "or --train_dir (an image folder)")
-        check_predict_arguments(data_args, training_args)
         _check_finite_everywhere(model_args, data_args, cdb_args, run_args, training_args)
         if data_args.train_augmentation not in data_module.TRAIN_AUGMENTATIONS:  # a recipe bypasses argparse's choices
             raise UsageError(f"--train_augmentation {data_args.train_augmentation!r} is not valid; choose one of "

@@ -27,7 +27,8 @@ from cdb_hf.run_dir import write_run_marker
 
 HUB_TOKEN = "hf_notARealTokenButSecret123"
 OUTPUT_FILES = {"config.json", "model.safetensors", "preprocessor_config.json", "cdb_config.json", "README.md",
-                "all_results.json", "train_results.json", "eval_results.json", "trainer_state.json"}
+                "all_results.json", "train_results.json", "eval_results.json", "trainer_state.json",
+                "eval_per_class.csv", "eval_confusion_matrix.csv", "eval_confusion_matrix.png"}
 
 
 def finetune_argv(model_dir, image_folder, output_dir, *extra: str) -> list[str]:
