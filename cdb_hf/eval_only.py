@@ -28,7 +28,7 @@ from transformers.utils import logging
 
 from . import data as data_module
 from .accelerate_loop import evaluate, predict
-from .models import load_model_and_processor, resolve_model_path
+from .models import _call_hub, load_model_and_processor, resolve_model_path
 from .preflight import RunPlan, usage_errors
 from .run import (
     FinalEvaluation,
@@ -51,9 +51,11 @@ EVAL_RUN_KIND = "eval"
 
 def model_labels(model_args) -> list[str]:
     """The checkpoint's class names in id order, from its config's ``id2label``."""
-    path = resolve_model_path(model_args.model_name_or_path, "model_name_or_path")
-    config = AutoConfig.from_pretrained(path, cache_dir=model_args.cache_dir, revision=model_args.model_revision,
-                                        token=model_args.token, trust_remote_code=bool(model_args.trust_remote_code))
+    name = model_args.config_name or model_args.model_name_or_path
+    path = resolve_model_path(name, "config_name" if model_args.config_name else "model_name_or_path")
+    config = _call_hub("model", name, AutoConfig.from_pretrained, path, cache_dir=model_args.cache_dir,
+                       revision=model_args.model_revision, token=model_args.token,
+                       trust_remote_code=bool(model_args.trust_remote_code))
     id2label = {int(key): str(value) for key, value in (config.id2label or {}).items()}
     if sorted(id2label) != list(range(config.num_labels)) or config.num_labels < 2:
         raise ValueError(f"--model_name_or_path {model_args.model_name_or_path!r} is not an image classifier with "
