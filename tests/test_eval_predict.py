@@ -80,6 +80,14 @@ def test_confusion_matrix_and_per_class_accuracy_on_a_hand_made_example(tmp_path
         evaluation.confusion_matrix([0, 4], [0, 1], 4)
 
 
+def test_without_matplotlib_only_the_csv_files_are_written(tmp_path, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an install without cdb_hf[demo] looks like
+    with caplog.at_level("INFO", logger="cdb_hf.evaluation"):
+        evaluation.write_per_class_files(tmp_path, [0, 1], [0, 0], ["a", "b"])
+    assert {p.name for p in tmp_path.iterdir()} == {evaluation.PER_CLASS_CSV, evaluation.CONFUSION_MATRIX_CSV}
+    assert "matplotlib is not installed" in caplog.text
+
+
 def test_predictions_csv_has_top_k_in_order(tmp_path):
     labels = ["a", "b", "c", "d", "e", "f", "g"]
     logits = np.array([[0.0, 3.0, 1.0, 2.0, -1.0, -2.0, -3.0], [5.0, 5.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
