@@ -16,6 +16,7 @@ Nothing here needs torch or transformers: arrays in, files out.
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -27,6 +28,8 @@ import numpy as np
 __all__ = ["CONFUSION_MATRIX_CSV", "CONFUSION_MATRIX_PNG", "PER_CLASS_CSV", "PREDICTIONS_CSV", "confusion_matrix",
            "per_class_accuracy", "softmax", "top_k", "write_confusion_matrix_png", "write_per_class_files",
            "write_predictions_csv"]
+
+logger = logging.getLogger(__name__)
 
 PER_CLASS_CSV = "eval_per_class.csv"
 CONFUSION_MATRIX_CSV = "eval_confusion_matrix.csv"
@@ -107,9 +110,6 @@ def write_confusion_matrix_png(path: str | os.PathLike, matrix: np.ndarray, labe
     Optional: without matplotlib (``pip install 'cdb_hf[demo]'``), or with more than
     :data:`MAX_PLOTTED_CLASSES` classes, only the CSV exists, and a log line says why.
     """
-    import logging
-
-    logger = logging.getLogger(__name__)
     if len(labels) > MAX_PLOTTED_CLASSES:
         logger.info(f"{len(labels)} classes: {CONFUSION_MATRIX_PNG} is not drawn (see {CONFUSION_MATRIX_CSV})")
         return False

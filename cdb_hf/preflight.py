@@ -508,6 +508,9 @@ def _plan_output_dir(plan: RunPlan) -> None:
                              f"cdb_hf run (no cdb_hf_run.json), which would be lost; choose another --output_dir")
         plan.output_mode = "replace"
         return
+    if plan.kind == "eval":
+        raise UsageError(f"output_dir {args.output_dir!r} is not empty; --do_train false writes into a new folder (or "
+                         "over an earlier evaluation with --overwrite_output_dir): choose another --output_dir")
     if marker is not None and marker.get("status") in ("running", "failed") and find_checkpoints(output_dir):
         raise UsageError(f"output_dir {args.output_dir!r} holds an unfinished run; pass --resume_from_checkpoint "
                          "true to continue it, --overwrite_output_dir to replace it, or choose another --output_dir")

@@ -216,3 +216,8 @@ def test_evaluation_only_leaves_the_training_run_untouched(trained, image_folder
                                  "--overwrite_output_dir", "--report_to", "none"])
     assert code == 2 and "would replace the training run" in printed, printed
     assert tree_hashes(trained) == before
+    evaluated = tree_hashes(output_dir)
+    code, printed = run_quietly(["--do_train", "false", "--model_name_or_path", str(trained), "--validation_dir",
+                                 str(image_folder / "validation"), "--output_dir", str(output_dir), "--report_to", "none"])
+    assert code == 2 and "is not empty; --do_train false writes into a new folder" in printed, printed
+    assert tree_hashes(output_dir) == evaluated
