@@ -29,6 +29,7 @@ import os
 import time
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
@@ -45,6 +46,7 @@ from .optimization import build_lr_scheduler, build_optimizer, optimizer_steps_p
 from .preflight import RunPlan, UsageError, check_resume_matches, loop_state_error, trackers_for
 from .run import (
     DivergenceGuard,
+    FinalEvaluation,
     Startup,
     checkpoint_load_error,
     failed_run,
@@ -56,7 +58,7 @@ from .run import (
 )
 from .run_dir import write_checkpoint_record
 
-__all__ = ["LoopProgress", "build_optimizer", "evaluate", "train", "train_one_epoch"]
+__all__ = ["LoopProgress", "build_optimizer", "evaluate", "predict", "train", "train_one_epoch"]
 
 logger = get_logger(__name__)
 
@@ -186,9 +188,14 @@ def train(plan: RunPlan) -> dict[str, float]:
         }
         guard.check(progress.completed_steps, last_checkpoint(args.output_dir))
         progress.log_history.append({**metrics, "step": progress.completed_steps})
-        eval_metrics = evaluate(model, eval_dataloader, accelerator, len(parts.labels))
+        final = FinalEvaluation()
+        eval_metrics = evaluate(model, eval_dataloader, accelerator, len(parts.labels), final=final)
         log_event(accelerator, eval_metrics, progress.completed_steps, metrics["epoch"], progress.log_history)
         metrics.update(eval_metrics)
+        if parts.predict is not None:
+            final.predict_logits = predict(model, accelerator.prepare(DataLoader(
+                parts.predict.dataset, collate_fn=parts.predict.collate_fn,
+                batch_size=args.per_device_eval_batch_size, num_workers=args.dataloader_num_workers)), accelerator)
         if cdb_handle is not None:
             cdb_handle.remove()  # the model may outlive this run: leave its optimizer plain
         accelerator.wait_for_everyone()
@@ -198,7 +205,7 @@ def train(plan: RunPlan) -> dict[str, float]:
             state = {"global_step": progress.completed_steps, "max_steps": max_steps, "epoch": metrics["epoch"],
                      "log_history": progress.log_history}
             finish_run(plan, opened[0], parts, accelerator.unwrap_model(model), cdb_config, metrics,
-                       trainer_state=state, log_history=progress.log_history)
+                       trainer_state=state, log_history=progress.log_history, final=final)
         accelerator.wait_for_everyone()
     return metrics
 
@@ -245,12 +252,14 @@ def train_one_epoch(model: torch.nn.Module, batches, optimizer, lr_scheduler, ac
 # ---------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, eval_dataloader: DataLoader, accelerator: Accelerator,
-             num_labels: int) -> dict[str, float]:
+             num_labels: int, final: FinalEvaluation | None = None) -> dict[str, float]:
     """``eval_loss``, ``eval_accuracy`` (and ``eval_top5_accuracy``) over the whole validation set.
 
     ``gather_for_metrics`` collects every process's predictions and drops the samples duplicated to even
-    out the last batch, so each example counts exactly once, whatever the number of processes.
+    out the last batch, so each example counts exactly once, whatever the number of processes. With
+    ``final``, the predicted and true class ids are kept in it (for the per-class results).
     """
+    predicted, true = [], []
     was_training = model.training
     model.eval()
     metrics = cdb_metrics.load_metrics(num_labels)
@@ -263,11 +272,30 @@ def evaluate(model: torch.nn.Module, eval_dataloader: DataLoader, accelerator: A
         logits, labels, losses = accelerator.gather_for_metrics(
             (outputs.logits, labels, outputs.loss.detach().float().repeat(labels.shape[0])))
         cdb_metrics.add_batch(metrics, logits, labels)
+        if final is not None:
+            predicted.append(logits.argmax(-1).cpu())
+            true.append(labels.cpu())
         loss_sum, count = loss_sum + losses.sum().to(sum_dtype), count + losses.numel()
     model.train(was_training)
     results = {"eval_loss": loss_sum.item() / count if count else float("nan")}
     results.update({f"eval_{name}": value for name, value in cdb_metrics.compute(metrics).items()})
+    if final is not None:
+        final.predictions = torch.cat(predicted).numpy() if predicted else np.zeros(0, dtype=np.int64)
+        final.references = torch.cat(true).numpy() if true else np.zeros(0, dtype=np.int64)
     return results
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, dataloader: DataLoader, accelerator: Accelerator) -> np.ndarray:
+    """The logits (float32, on the host) of every example of ``dataloader`` (prepared), in order, each once."""
+    was_training = model.training
+    model.eval()
+    chunks = []
+    for batch in dataloader:
+        logits = accelerator.gather_for_metrics(model(pixel_values=batch["pixel_values"]).logits)
+        chunks.append(logits.detach().float().cpu())
+    model.train(was_training)
+    return torch.cat(chunks).numpy() if chunks else np.zeros((0, 0), dtype=np.float32)
 
 
 # ---------------------------------------------------------------------------- checkpoints

@@ -120,6 +120,16 @@ class DataArguments:
         default=None, metadata={"help": "Image column; detected automatically when omitted."})
     label_column_name: str | None = field(
         default=None, metadata={"help": "Label column; detected automatically when omitted."})
+    predict_dir: str | None = field(
+        default=None,
+        metadata={"help": "With --do_predict: an image folder (flat, or with sub-folders) to predict; "
+                          "predictions.csv names each image by its path relative to this folder."},
+    )
+    predict_split_name: str | None = field(
+        default=None,
+        metadata={"help": "With --do_predict: a split of --dataset_name to predict (e.g. 'test'); predictions.csv "
+                          "names each example by its index in the split."},
+    )
 
 
 @dataclass

@@ -41,6 +41,8 @@ def build_parser() -> HfArgumentParser:
     """
     parser = HfArgumentParser((ModelArguments, DataArguments, CDBArguments, RunArguments, TrainingArguments))
     parser.prog = PROG
+    # The script trains unless told otherwise: --do_train false evaluates (and predicts) with a saved model.
+    parser.set_defaults(do_train=True)
     for action in parser._actions:  # argparse reads a lone '%' in a help text (e.g. "30%") as a format code
         if action.help:
             action.help = re.sub(r"(?<!%)%(?![(%])", "%%", action.help)

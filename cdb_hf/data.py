@@ -632,3 +632,86 @@ class PerExampleSeeded(torch.utils.data.Dataset):
             finally:
                 random.setstate(python_state)
                 np.random.set_state(numpy_state)
+
+
+# ------------------------------------------------------------------------------------ evaluate / predict only
+
+
+def load_eval_split(data_args, seed: int, *, cache_dir: str | None = None,
+                    token: str | bool | None = None) -> datasets.Dataset:
+    """The split an evaluation-only run (``--do_train false``) evaluates on, with ``image`` and ``label`` columns.
+
+    ``--validation_dir`` alone is one image folder (one sub-folder per class); any other source is loaded as
+    for training and its ``validation`` split returned, so the same flags (and seed) evaluate on the very
+    split a training run evaluated on, a carved one included.
+    """
+    if data_args.dataset_name is None and data_args.train_dir is None and data_args.validation_dir is not None:
+        classes = _class_folders(data_args.validation_dir, "validation_dir")
+        _verify_images([file for files in classes.values() for file in files], data_args.validation_dir)
+        names = sorted(classes)
+        features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+        split = datasets.Dataset.from_dict(
+            {"image": [str(file) for name in names for file in classes[name]],
+             "label": [index for index, name in enumerate(names) for _ in classes[name]]},
+            features=features, split="validation")
+        limit = data_args.max_eval_samples
+        if limit is not None and limit < len(split):
+            split = split.shuffle(seed=seed).select(range(limit))
+        return split
+    return load_image_datasets(data_args, seed, cache_dir=cache_dir, token=token)["validation"]
+
+
+def load_predict_images(data_args, *, cache_dir: str | None = None,
+                        token: str | bool | None = None) -> tuple[str, list[Any], datasets.Dataset]:
+    """``(key name, keys, dataset with an image column)`` for ``--do_predict``.
+
+    ``--predict_dir``: every image file under the folder (flat or in sub-folders), keyed by its path relative to
+    the folder (``file``). ``--predict_split_name``: that split of ``--dataset_name``, keyed by ``index``; its
+    labels, if any, are not needed.
+    """
+    if data_args.predict_dir:
+        folder = _check_is_dir(data_args.predict_dir, "predict_dir")
+        files = sorted(_image_files(folder))
+        if not files:
+            raise ValueError(f"--predict_dir {data_args.predict_dir!r} holds no image files (extensions like "
+                             ".png/.jpg)")
+        _verify_images(files, data_args.predict_dir)
+        dataset = datasets.Dataset.from_dict({"image": [str(file) for file in files]},
+                                             features=datasets.Features({"image": datasets.Image()}))
+        return "file", [file.relative_to(folder).as_posix() for file in files], dataset
+    name = data_args.predict_split_name
+    raw = _load_source(data_args, cache_dir=cache_dir, token=token)
+    source = data_args.dataset_name or data_args.train_dir
+    if name not in raw:
+        raise ValueError(f"--predict_split_name {name!r} is not a split of {source!r}; its splits: {sorted(raw)}.")
+    split = raw[name]
+    if len(split) == 0:
+        raise ValueError(f"The {name!r} split of {source!r} is empty.")
+    column = _find_image_column(split, data_args.image_column_name, source)
+    split = split.select_columns([column]).rename_columns({column: "image"} if column != "image" else {})
+    if not (isinstance(split.features["image"], datasets.Image) and split.features["image"].decode):
+        split = split.cast_column("image", datasets.Image())
+    _check_first_image_decodes(split, name, source)
+    return "index", list(range(len(split))), split
+
+
+def apply_eval_transform(dataset: datasets.Dataset, image_processor) -> datasets.Dataset:
+    """``dataset`` with each example as ``{"pixel_values": CHW tensor}`` (+ ``labels`` when it has a label
+    column), through the checkpoint's own evaluation preprocessing."""
+    return dataset.with_transform(_EvalOnlyTransform(_ProcessorEval(image_processor)))
+
+
+class _EvalOnlyTransform:
+    def __init__(self, image_transform: Callable[[Any], torch.Tensor]):
+        self.image_transform = image_transform
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        values = {"pixel_values": [self.image_transform(image) for image in batch["image"]]}
+        if "label" in batch:
+            values["labels"] = list(batch["label"])
+        return values
+
+
+def collate_pixels(examples: list[dict]) -> dict[str, torch.Tensor]:
+    """Stack unlabeled examples (prediction): ``{"pixel_values": (B, C, H, W)}``."""
+    return {"pixel_values": torch.stack([example["pixel_values"] for example in examples])}

@@ -27,7 +27,7 @@ from .builtin import looks_like_hub_id
 from .core import ChannelDropBackConfig
 from .run_dir import RUN_MARKER, write_json_atomic
 
-__all__ = ["CDB_CONFIG_NAME", "LORA_MERGED_DIR", "LORA_MODEL_CONFIG_DIR", "UPLOAD_IGNORE_PATTERNS", "check_can_push",
+__all__ = ["CDB_CONFIG_NAME", "LORA_MERGED_DIR", "MAX_CARD_CLASSES", "LORA_MODEL_CONFIG_DIR", "UPLOAD_IGNORE_PATTERNS", "check_can_push",
            "is_peft_model", "push_outputs", "save_merged_model", "save_outputs", "write_model_card"]
 
 logger = logging.get_logger(__name__)
@@ -41,6 +41,8 @@ _PAPER = "https://arxiv.org/abs/2411.10891"
 LORA_MODEL_CONFIG_DIR = "model_config"
 #: Where ``--lora_merge`` writes the merged plain model.
 LORA_MERGED_DIR = "merged"
+#: The model card lists per-class accuracy up to this many classes (beyond, a table nobody reads).
+MAX_CARD_CLASSES = 20
 
 
 def is_peft_model(model) -> bool:
@@ -104,13 +106,16 @@ def save_merged_model(output_dir: str | os.PathLike, model, image_processor) -> 
 def write_model_card(output_dir: str | os.PathLike, model_args, data_args, cdb_config: ChannelDropBackConfig | None,
                      metrics: dict[str, float], *, training_args: TrainingArguments | None = None,
                      log_history: list[dict[str, Any]] | None = None, model=None,
-                     model_name: str | None = None, run_args=None) -> str:
+                     model_name: str | None = None, per_class: list[dict[str, Any]] | None = None,
+                     run_args=None) -> str:
     """Write ``README.md`` (transformers' standard Trainer model card plus a ChannelDropBack section).
 
     The card records the base model, the dataset, the CDB hyperparameters (or that this is a
     baseline), the final metrics, and that the result is a standard architecture needing no extra
-    code. Returns the card's text. ``run_args`` (RunArguments) puts ``--lr_schedule multistep`` in the
-    hyperparameters in place of the TrainingArguments scheduler it replaced.
+    code. ``per_class`` (rows of :func:`cdb_hf.evaluation.per_class_accuracy`) adds a per-class accuracy
+    table for up to :data:`MAX_CARD_CLASSES` classes (beyond that, the card points to the CSV).
+    ``run_args`` (RunArguments) puts ``--lr_schedule multistep`` in the hyperparameters in place of the
+    TrainingArguments scheduler it replaced. Returns the card's text.
     """
     output_dir = Path(output_dir)
     base_model = model_args.model_name_or_path
@@ -156,7 +161,8 @@ def write_model_card(output_dir: str | os.PathLike, model_args, data_args, cdb_c
         text = text.replace(f"[{base_model}](https://huggingface.co/{base_model})", f"`{base_model}`")
         text = re.sub(r"^base_model: .*\n", "", text, count=1, flags=re.MULTILINE)
     text = text.replace("\n## Model description\n\nMore information needed\n",
-                        "\n## Model description\n\n" + _description(model, base_model, cdb_config, metrics))
+                        "\n## Model description\n\n" + _description(model, base_model, cdb_config, metrics)
+                        + _per_class_section(per_class))
     if is_peft_model(model):  # an adapter: the Hub shows peft's loading snippet for it
         text = re.sub(r"^library_name: transformers$", "library_name: peft", text, count=1, flags=re.MULTILINE)
     card = ModelCard(text)  # parses and checks the YAML metadata block
@@ -230,6 +236,23 @@ def _description(model, base_model: str | None, cdb_config: ChannelDropBackConfi
     if final:
         lines += ["", "### Final metrics", "", "| metric | value |", "|:--|--:|"]
         lines.extend(f"| {key} | {_round(value)} |" for key, value in final.items())
+    return "\n".join(lines) + "\n"
+
+
+def _per_class_section(rows: list[dict[str, Any]] | None) -> str:
+    """A markdown table of per-class accuracy (validation set), or a pointer to the CSV for many classes."""
+    if not rows:
+        return ""
+    lines = ["", "### Per-class accuracy (validation set)", ""]
+    if len(rows) > MAX_CARD_CLASSES:
+        lines.append(f"{len(rows)} classes: see `eval_per_class.csv` and `eval_confusion_matrix.csv`.")
+        return "\n".join(lines) + "\n"
+    lines += ["| class | examples | correct | accuracy |", "|:--|--:|--:|--:|"]
+    for row in rows:
+        accuracy = "—" if row["accuracy"] is None else f"{row['accuracy']:.4f}"
+        label = str(row["label"]).replace("|", "\\|")
+        lines.append(f"| {label} | {row['support']} | {row['correct']} | {accuracy} |")
+    lines += ["", "The confusion matrix is in `eval_confusion_matrix.csv` (and `.png`)."]
     return "\n".join(lines) + "\n"
 
 

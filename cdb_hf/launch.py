@@ -8,7 +8,12 @@ __all__ = ["train"]
 
 
 def train(plan: RunPlan) -> dict[str, float]:
-    """Fine-tune with ``plan.run.trainer`` (``hf``: the transformers Trainer; ``accelerate``: the loop)."""
+    """Fine-tune with ``plan.run.trainer`` (``hf``: the transformers Trainer; ``accelerate``: the loop), or, for
+    a ``--do_train false`` plan, evaluate/predict the saved model (:mod:`cdb_hf.eval_only`)."""
+    if plan.kind == "eval":
+        from .eval_only import evaluate_only
+
+        return evaluate_only(plan)
     if plan.run.trainer == "accelerate":
         from .accelerate_loop import train as train_face
     else:

@@ -33,7 +33,8 @@ from .run_dir import (
     set_aside_runs,
 )
 
-__all__ = ["LOOP_OPTIMIZERS", "RunPlan", "UsageError", "check_cdb_against_model", "check_lora_arguments",
+__all__ = ["LOOP_OPTIMIZERS", "RunPlan", "UsageError", "check_cdb_against_model", "check_evaluate_only",
+           "check_lora_arguments", "check_predict_arguments",
            "check_lr_schedule", "check_resume_matches", "check_supported_setup", "plan_run",
            "resolve_resume_checkpoint", "trackers_for",
            "usage_errors"]
@@ -72,6 +73,8 @@ class RunPlan:
     notes: list[str] = field(default_factory=list)
     #: ``--ab_extra_arm`` parsed: the TrainingArguments values of the A/B runner's third arm (empty: none).
     extra_arm: dict[str, Any] = field(default_factory=dict)
+    #: "train" (fine-tune, then evaluate) or "eval" (``--do_train false``: evaluate and/or predict a saved model).
+    kind: str = "train"
 
     @property
     def args(self) -> tuple[Any, Any, Any, Any, TrainingArguments]:
@@ -86,7 +89,11 @@ def plan_run(model_args, data_args, cdb_args, run_args, training_args: TrainingA
         if not model_args.model_name_or_path:
             raise UsageError("--model_name_or_path is required (a Hub model id, a local save_pretrained directory, "
                              f"or one of {', '.join(builtin.list_builtin_sources('model'))})")
-        if not (data_args.dataset_name or data_args.train_dir):
+        kind = "train" if training_args.do_train else "eval"
+        check_predict_arguments(data_args, training_args)
+        if kind == "eval":
+            check_evaluate_only(model_args, data_args, run_args, training_args)
+        elif not (data_args.dataset_name or data_args.train_dir):
             raise UsageError("no training data: pass --dataset_name (Hub id, local dataset folder or builtin:...) "
                              "or --train_dir (an image folder)")
         _check_finite_everywhere(model_args, data_args, cdb_args, run_args, training_args)
@@ -105,8 +112,15 @@ def plan_run(model_args, data_args, cdb_args, run_args, training_args: TrainingA
 
         check_can_push(training_args)
         extra_arm = parse_extra_arm(run_args, training_args)
-        plan = RunPlan(model_args, data_args, cdb_args, run_args, training_args, cdb_config, extra_arm=extra_arm)
+        plan = RunPlan(model_args, data_args, cdb_args, run_args, training_args, cdb_config, extra_arm=extra_arm,
+                       kind=kind)
         _plan_output_dir(plan)
+        if kind == "eval" and plan.output_mode == "replace":
+            marker = read_run_marker(training_args.output_dir) or {}
+            if marker.get("kind") != "eval":  # a training run's files are never an evaluation's to replace
+                raise UsageError(f"--do_train false would replace the training run in --output_dir "
+                                 f"{training_args.output_dir!r}; an evaluation never touches a training run: give "
+                                 "another --output_dir")
     return plan
 
 
@@ -121,6 +135,53 @@ class usage_errors:
                                                                                           ImportError)):
             raise UsageError(" ".join(str(error).split()) or type(error).__name__) from error
         return False
+
+
+# ------------------------------------------------------------------------------------------------ eval / predict
+#: Flags that only mean something when training: refused with ``--do_train false`` (by the name a user typed).
+_TRAINING_ONLY = ("resume_from_checkpoint", "ab_seeds", "ab_extra_arm", "push_to_hub", "lora_r", "lora_alpha",
+                  "lora_dropout", "lora_target_modules", "lora_merge")
+
+
+def check_evaluate_only(model_args, data_args, run_args, training_args: TrainingArguments) -> None:
+    """``--do_train false``: refuse the flags that need training, and require something to evaluate or predict."""
+    defaults = {"resume_from_checkpoint": None, "ab_seeds": 0, "ab_extra_arm": None, "push_to_hub": False,
+                "lora_r": 0, "lora_alpha": None, "lora_dropout": 0.0, "lora_target_modules": None, "lora_merge": False}
+    for name in _TRAINING_ONLY:
+        source = next(obj for obj in (training_args, run_args, model_args) if hasattr(obj, name))
+        value = getattr(source, name)
+        if value not in (defaults[name], None, "") and not (name == "resume_from_checkpoint"
+                                                            and str(value).lower() in _FALSE_STRINGS):
+            raise UsageError(f"--{name} needs training, but --do_train is false (evaluate/predict only); drop "
+                             f"--{name}, or train with --do_train true")
+    has_eval_data = bool(data_args.dataset_name or data_args.train_dir or data_args.validation_dir)
+    if not has_eval_data and not training_args.do_predict:
+        raise UsageError("--do_train false has nothing to do: pass data to evaluate on (--dataset_name, "
+                         "--validation_dir or --train_dir) and/or --do_predict with --predict_dir or "
+                         "--predict_split_name")
+
+
+def check_predict_arguments(data_args, training_args: TrainingArguments) -> None:
+    """``--do_predict`` takes exactly one of ``--predict_dir`` / ``--predict_split_name``, and they need it."""
+    predict_dir, split = data_args.predict_dir, data_args.predict_split_name
+    given = [flag for flag, value in (("predict_dir", predict_dir), ("predict_split_name", split)) if value]
+    if not training_args.do_predict:
+        if given:
+            raise UsageError(f"--{given[0]} needs --do_predict (it names what to predict); add --do_predict or drop "
+                             f"--{given[0]}")
+        return
+    if len(given) != 1:
+        what = "both" if given else "neither"
+        raise UsageError(f"--do_predict needs exactly one of --predict_dir (an image folder) or --predict_split_name "
+                         f"(a split of --dataset_name, e.g. test); {what} given")
+    if predict_dir:
+        path = Path(os.path.expanduser(predict_dir))
+        if not path.is_dir():
+            raise UsageError(f"--predict_dir {predict_dir!r} is not a directory; give a folder of images (flat or "
+                             "with sub-folders)")
+    elif not data_args.dataset_name:
+        raise UsageError(f"--predict_split_name {split!r} names a split of --dataset_name, which is not given; use "
+                         "--predict_dir for an image folder")
 
 
 # ------------------------------------------------------------------------------------------------ setups
@@ -390,7 +451,7 @@ def _input_paths(plan: RunPlan) -> dict[str, Path]:
         "train_dir": plan.data.train_dir, "validation_dir": plan.data.validation_dir,
         "dataset_name": plan.data.dataset_name, "model_name_or_path": plan.model.model_name_or_path,
         "config_name": plan.model.config_name, "image_processor_name": plan.model.image_processor_name,
-        "cache_dir": plan.model.cache_dir,
+        "cache_dir": plan.model.cache_dir, "predict_dir": getattr(plan.data, "predict_dir", None),
     }
     paths = {}
     for flag, value in candidates.items():
@@ -447,6 +508,9 @@ def _plan_output_dir(plan: RunPlan) -> None:
                              f"cdb_hf run (no cdb_hf_run.json), which would be lost; choose another --output_dir")
         plan.output_mode = "replace"
         return
+    if plan.kind == "eval":
+        raise UsageError(f"output_dir {args.output_dir!r} is not empty; --do_train false writes into a new folder (or "
+                         "over an earlier evaluation with --overwrite_output_dir): choose another --output_dir")
     if marker is not None and marker.get("status") in ("running", "failed") and find_checkpoints(output_dir):
         raise UsageError(f"output_dir {args.output_dir!r} holds an unfinished run; pass --resume_from_checkpoint "
                          "true to continue it, --overwrite_output_dir to replace it, or choose another --output_dir")

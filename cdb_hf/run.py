@@ -33,6 +33,7 @@ from accelerate import PartialState
 from transformers import set_seed
 
 from . import data as data_module
+from . import evaluation
 from .core import ChannelDropBackConfig
 from .hub import push_outputs, save_merged_model, save_outputs, write_model_card
 from .models import check_image_size, check_lora_targets, load_model_and_processor
@@ -40,8 +41,9 @@ from .perf import apply_memory_format
 from .preflight import RunPlan, UsageError, check_cdb_against_model, usage_errors
 from .run_dir import RunDirectory, read_checkpoint_record
 
-__all__ = ["DivergenceGuard", "RunParts", "Startup", "TrainingDiverged", "failed_run", "finish_run",
-           "open_run_dir", "prepare_run", "setup_logging"]
+__all__ = ["DivergenceGuard", "FinalEvaluation", "PredictSet", "RunParts", "Startup", "TrainingDiverged", "failed_run",
+           "finish_run", "load_predict_set", "open_run_dir", "prepare_run", "setup_logging",
+           "write_evaluation_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +65,29 @@ class RunParts:
     train_dataset: data_module.PerExampleSeeded
     eval_dataset: Any
     collate_fn: Any
+    #: ``--do_predict``: what to predict at the end (None: nothing).
+    predict: PredictSet | None = None
+
+
+@dataclass
+class PredictSet:
+    """The images ``--do_predict`` predicts: each example is ``{"pixel_values"}``; ``keys`` name the rows of
+    ``predictions.csv`` (``key_name`` is ``file``, a path relative to ``--predict_dir``, or ``index``)."""
+
+    key_name: str
+    keys: list[Any]
+    dataset: Any
+    collate_fn: Any = data_module.collate_pixels
+
+
+@dataclass
+class FinalEvaluation:
+    """The final evaluation's class ids (predicted, true) and, with ``--do_predict``, the predict set's logits:
+    what :func:`write_evaluation_files` turns into the per-class files and ``predictions.csv``."""
+
+    predictions: Any = None
+    references: Any = None
+    predict_logits: Any = None
 
 
 # ------------------------------------------------------------------------------------------------ start-up
@@ -189,8 +214,17 @@ def prepare_run(plan: RunPlan) -> RunParts:
     # Augmentation draws from the global RNG at fetch time, which prefetching and a resume's skipped
     # batches shift; seeding each example by (seed, epoch, index) makes resumed runs crop identically.
     train_dataset = data_module.PerExampleSeeded(processed["train"], seed=data_module.data_seed(args))
+    predict = load_predict_set(plan, image_processor) if args.do_predict else None
     return RunParts(labels=labels, model=model, image_processor=image_processor, train_dataset=train_dataset,
-                    eval_dataset=processed["validation"], collate_fn=data_module.collate_fn)
+                    eval_dataset=processed["validation"], collate_fn=data_module.collate_fn, predict=predict)
+
+
+def load_predict_set(plan: RunPlan, image_processor) -> PredictSet:
+    """``--predict_dir`` / ``--predict_split_name`` through the checkpoint's evaluation preprocessing."""
+    with usage_errors():
+        key_name, keys, dataset = data_module.load_predict_images(plan.data, cache_dir=plan.model.cache_dir,
+                                                                  token=plan.model.token)
+        return PredictSet(key_name, keys, data_module.apply_eval_transform(dataset, image_processor))
 
 
 def _check_enough_examples(num_examples: int, args, world_size: int) -> None:
@@ -297,20 +331,38 @@ class DivergenceGuard:
 # ------------------------------------------------------------------------------------------------ ending
 def finish_run(plan: RunPlan, run_dir: RunDirectory, parts: RunParts, model: torch.nn.Module,
                cdb_config: ChannelDropBackConfig | None, metrics: dict[str, float], *,
-               trainer_state: Any, log_history: list[dict[str, Any]]) -> None:
-    """Write the final model and records, the model card, push if asked; then the run is complete.
+               trainer_state: Any, log_history: list[dict[str, Any]],
+               final: FinalEvaluation | None = None) -> None:
+    """Write the final model and records, the per-class results and predictions, the model card, push if
+    asked; then the run is complete.
 
     Runs on the main process (the caller synchronises the others).
     """
     args = plan.training
     save_outputs(args.output_dir, model, parts.image_processor, cdb_config, metrics, trainer_state=trainer_state)
+    per_class = write_evaluation_files(args.output_dir, parts.labels, final, parts.predict)
     write_model_card(args.output_dir, plan.model, plan.data, cdb_config, metrics, training_args=args,
-                     log_history=log_history, model=model, run_args=plan.run)
+                     log_history=log_history, model=model, per_class=per_class, run_args=plan.run)
     if getattr(plan.model, "lora_merge", False):
         save_merged_model(args.output_dir, model, parts.image_processor)  # merges in place: the model's last use
     if args.push_to_hub:
         push_outputs(args.output_dir, args)
     run_dir.complete()
+
+
+def write_evaluation_files(output_dir: str | os.PathLike, labels: list[str], final: FinalEvaluation | None,
+                           predict: PredictSet | None) -> list[dict[str, Any]] | None:
+    """The per-class CSV, the confusion matrix (CSV, PNG) and ``predictions.csv``, as far as ``final`` has them;
+    returns the per-class rows (None without an evaluation)."""
+    if final is None:
+        return None
+    rows = None
+    if final.predictions is not None and final.references is not None:
+        rows = evaluation.write_per_class_files(output_dir, final.predictions, final.references, labels)
+    if predict is not None and final.predict_logits is not None:
+        evaluation.write_predictions_csv(Path(output_dir) / evaluation.PREDICTIONS_CSV, predict.key_name,
+                                         predict.keys, final.predict_logits, labels)
+    return rows
 
 
 def last_checkpoint(output_dir: str) -> str | None:

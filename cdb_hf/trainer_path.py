@@ -27,6 +27,7 @@ from .optimization import build_lr_scheduler, decay_parameter_names
 from .preflight import RunPlan, UsageError, check_lr_schedule, check_resume_matches
 from .run import (
     DivergenceGuard,
+    FinalEvaluation,
     Startup,
     checkpoint_load_error,
     failed_run,
@@ -208,13 +209,21 @@ def train(plan: RunPlan) -> dict[str, float]:
         result = trainer.train(resume_from_checkpoint=plan.resume_checkpoint)
         metrics: dict[str, float] = dict(result.metrics)
         trainer.log_metrics("train", result.metrics)
-        eval_metrics = trainer.evaluate()
+        # Trainer.predict is Trainer.evaluate that also returns the logits (for the per-class results); logging
+        # its metrics puts the final evaluation into the log history as evaluate() would.
+        evaluated = trainer.predict(parts.eval_dataset, metric_key_prefix="eval")
+        eval_metrics = dict(evaluated.metrics)
+        trainer.log(eval_metrics)
         metrics.update(eval_metrics)
         trainer.log_metrics("eval", eval_metrics)
+        final = FinalEvaluation(predictions=_logits(evaluated.predictions).argmax(-1), references=evaluated.label_ids)
+        if parts.predict is not None:
+            trainer.data_collator = parts.predict.collate_fn  # the predict set has no labels
+            final.predict_logits = _logits(trainer.predict(parts.predict.dataset, metric_key_prefix="predict").predictions)
 
         if trainer.is_world_process_zero():
             finish_run(plan, opened[0], parts, trainer.model, plan.cdb_config, metrics,
-                       trainer_state=trainer.state, log_history=trainer.state.log_history)
+                       trainer_state=trainer.state, log_history=trainer.state.log_history, final=final)
         trainer.accelerator.wait_for_everyone()
     return metrics
 
@@ -310,6 +319,11 @@ def _load_or_refuse(load, checkpoint: str | None, what: str, *args: Any) -> None
         raise
     except Exception as error:
         raise checkpoint_load_error(checkpoint, what, error) from error
+
+
+def _logits(predictions: Any) -> Any:
+    """The logits of ``Trainer.predict``'s predictions (a tuple when the model returns more than logits)."""
+    return predictions[0] if isinstance(predictions, (tuple, list)) else predictions
 
 
 def _preview(names: list[str], limit: int = 3) -> str:

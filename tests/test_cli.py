@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import io
 import json
 import os
@@ -27,7 +28,8 @@ from cdb_hf.run_dir import write_run_marker
 
 HUB_TOKEN = "hf_notARealTokenButSecret123"
 OUTPUT_FILES = {"config.json", "model.safetensors", "preprocessor_config.json", "cdb_config.json", "README.md",
-                "all_results.json", "train_results.json", "eval_results.json", "trainer_state.json"}
+                "all_results.json", "train_results.json", "eval_results.json", "trainer_state.json",
+                "eval_per_class.csv", "eval_confusion_matrix.csv", "eval_confusion_matrix.png"}
 
 
 def finetune_argv(model_dir, image_folder, output_dir, *extra: str) -> list[str]:
@@ -128,7 +130,8 @@ def timm_run(tmp_path_factory, tiny_timm_dir, image_folder):
     def argv_for(out):
         return finetune_argv(tiny_timm_dir, image_folder, out, "--cdb_channel_rate", "0.5")
 
-    code, printed = run_quietly(argv_for(root / "run"))
+    # The Trainer path's --do_predict is checked on this run (test_trainer_path_predicts_an_image_folder).
+    code, printed = run_quietly(argv_for(root / "run") + ["--do_predict", "--predict_dir", str(image_folder / "train")])
     assert code == 0, printed
     return SimpleNamespace(output_dir=root / "run", argv_for=argv_for, printed=printed)
 
@@ -220,6 +223,16 @@ def test_saved_model_loads_without_cdb_hf_and_gives_the_same_logits(tmp_path, vi
     with torch.no_grad():
         trained_logits = model(pixel_values=pixels).logits
     torch.testing.assert_close(fresh_logits, trained_logits, rtol=0, atol=1e-6)
+
+
+def test_trainer_path_predicts_an_image_folder(timm_run, image_folder):
+    with open(timm_run.output_dir / "predictions.csv", newline="") as handle:
+        rows = list(csv.reader(handle))
+    train = image_folder / "train"
+    assert rows[0] == ["file", "predicted_label", "top1_label", "top1_probability", "top2_label", "top2_probability",
+                       "top3_label", "top3_probability"]
+    assert [row[0] for row in rows[1:]] == sorted(p.relative_to(train).as_posix() for p in train.rglob("*.png"))
+    assert all(row[1] == row[2] and 0.999 <= sum(float(p) for p in row[3::2]) <= 1.00001 for row in rows[1:])
 
 
 def test_push_to_hub_uploads_the_run_with_its_model_card(vit_run):

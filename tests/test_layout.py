@@ -9,12 +9,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "cdb_hf"
 
 # Lowest first; a module may import only modules of lower layers (and the package's __init__).
 LAYERS = [
-    {"core", "builtin", "perf", "metrics"},
+    {"core", "builtin", "perf", "metrics", "evaluation"},
     {"arguments", "run_dir", "data", "models", "optimization"},
     {"hub"},
     {"preflight"},
     {"callback", "run"},
     {"trainer_path", "accelerate_loop"},
+    {"eval_only"},
     {"launch"},
     {"ab"},
     {"cli"},
