@@ -39,9 +39,9 @@ def truncated_jpeg_bytes(seed: int = 0) -> bytes:
 
 
 @pytest.fixture(autouse=True)
-def own_cache(tmp_path, monkeypatch) -> Path:
+def own_cache(tmp_path_factory, monkeypatch) -> Path:
     """Each test starts with an empty verdict cache of its own (subprocesses inherit it)."""
-    path = tmp_path / "cdb_hf_cache"
+    path = tmp_path_factory.mktemp("image_check_cache")
     monkeypatch.setenv(image_check.CACHE_ENV, str(path))
     return path
 
