@@ -18,14 +18,15 @@ from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import torch
 from PIL import Image as PILImage
 from torchvision.transforms import v2
 
 from . import builtin, image_check
 
-__all__ = ["CORRUPT_IMAGE_MODES", "data_seed", "find_corrupt_images", "PerExampleSeeded", "ToRGB", "apply_transforms", "build_transforms", "collate_fn", "load_image_datasets",
-           "num_examples_per_class"]
+__all__ = ["CORRUPT_IMAGE_MODES", "data_seed", "find_corrupt_images", "PerExampleSeeded", "ToRGB", "apply_transforms",
+           "build_transforms", "collate_fn", "load_image_datasets", "num_examples_per_class"]
 
 logger = logging.getLogger(__name__)
 
@@ -396,8 +397,6 @@ def find_corrupt_images(split: datasets.Dataset, split_name: str = "train") -> d
     :func:`cdb_hf.image_check.check_files`, cached per file; images stored as bytes in the dataset (Hub and
     arrow datasets, the built-in ones) are decoded too, their verdicts cached by the split's fingerprint.
     """
-    import pyarrow as pa
-
     raw = split.select_columns(["image"]).cast_column("image", datasets.Image(decode=False))
     cached = image_check.load_split_result(split._fingerprint)
     bad: dict[int, tuple[str, str]] = {}
