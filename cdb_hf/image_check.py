@@ -132,7 +132,7 @@ def _decode_all(items: list, check: Callable[[object], str | None], threads: int
             if workers == 1:
                 return [check(item) for item in items]
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="image-check") as pool:
-                return list(pool.map(check, items, chunksize=64))
+                return list(pool.map(check, items))
         finally:
             ImageFile.LOAD_TRUNCATED_IMAGES = truncated_allowed
 

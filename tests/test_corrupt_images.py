@@ -18,7 +18,7 @@ from PIL import Image
 from test_cli import finetune_argv, run_quietly
 from test_safety import tree_hashes
 
-from cdb_hf import image_check
+from cdb_hf import cli, image_check
 from cdb_hf.arguments import DataArguments
 from cdb_hf.data import find_corrupt_images, load_image_datasets
 from cdb_hf.run_dir import write_run_marker
@@ -159,12 +159,8 @@ def test_bad_corrupt_images_values_are_refused_in_one_line(tmp_path, tiny_vit_di
 
 
 # ------------------------------------------------------------------------------------------ as a user runs it
-def run_finetune(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "run_finetune.py"), *argv], capture_output=True, text=True,
-                          timeout=300)
-
-
-def test_by_default_a_corrupt_image_stops_the_run_in_one_line_before_anything_changes(tmp_path, tiny_vit_dir):
+def test_by_default_a_corrupt_image_stops_the_run_in_one_line_before_anything_changes(tmp_path, tiny_vit_dir, capsys):
+    """In-process (test_safety checks in a subprocess that a late refusal prints only its line)."""
     root, bad = folder_with_truncated_jpeg(tmp_path / "data")
     previous = tmp_path / "out"
     previous.mkdir()
@@ -172,11 +168,11 @@ def test_by_default_a_corrupt_image_stops_the_run_in_one_line_before_anything_ch
     (previous / "model.safetensors").write_bytes(b"weights of an earlier run")
     before = tree_hashes(previous)
 
-    result = run_finetune(*finetune_argv(tiny_vit_dir, root, previous, "--overwrite_output_dir", "true"))
+    code = cli.main(finetune_argv(tiny_vit_dir, root, previous, "--overwrite_output_dir", "true"))
 
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
+    assert code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
     assert str(bad) in lines[0] and "truncated" in lines[0] and "--corrupt_images skip" in lines[0]
     assert tree_hashes(previous) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "out"]  # nothing set aside either
@@ -184,8 +180,10 @@ def test_by_default_a_corrupt_image_stops_the_run_in_one_line_before_anything_ch
 
 def test_skip_trains_without_the_corrupt_image_and_reports_the_count(tmp_path, tiny_vit_dir):
     root, bad = folder_with_truncated_jpeg(tmp_path / "data")
-    result = run_finetune(*finetune_argv(tiny_vit_dir, root, tmp_path / "out", "--corrupt_images", "skip",
-                                         "--max_steps", "2", "--save_strategy", "no"))
+    result = subprocess.run([sys.executable, str(REPO / "run_finetune.py"),
+                             *finetune_argv(tiny_vit_dir, root, tmp_path / "out", "--corrupt_images", "skip",
+                                            "--max_steps", "2", "--save_strategy", "no")],
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert str(bad) in result.stdout + result.stderr
     results = json.loads((tmp_path / "out" / "all_results.json").read_text())
