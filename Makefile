@@ -38,6 +38,7 @@ demo: install
 bench: install
 	$(OFFLINE) $(PASSIVE) $(BIN)/python bench/overhead.py
 	$(OFFLINE) $(PASSIVE) $(BIN)/python bench/throughput.py
+	$(OFFLINE) $(PASSIVE) $(BIN)/python bench/image_check.py
 
 clean:
 	rm -rf .venv build *.egg-info .pytest_cache

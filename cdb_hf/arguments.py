@@ -116,6 +116,13 @@ class DataArguments:
                           "digits, text, anything a mirror changes the meaning of). 'none': the evaluation "
                           "preprocessing, so the model can fit its training set (e.g. to study a regularizer)."},
     )
+    corrupt_images: Literal["error", "skip"] = field(
+        default="error",
+        metadata={"help": "Images that do not decode (truncated, damaged, not images), found by decoding every image "
+                          "once before training (cached in $CDB_HF_CACHE/image_checks-v1.sqlite). 'error': stop "
+                          "with one line naming them (exit 2). 'skip': train and evaluate without them, with a "
+                          "warning naming each, and train_skipped_images/eval_skipped_images in the results."},
+    )
     image_column_name: str | None = field(
         default=None, metadata={"help": "Image column; detected automatically when omitted."})
     label_column_name: str | None = field(

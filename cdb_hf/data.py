@@ -9,6 +9,7 @@ is reported as one ValueError/FileNotFoundError before any training work starts.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from collections.abc import Callable, Sequence
@@ -17,14 +18,17 @@ from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import torch
 from PIL import Image as PILImage
 from torchvision.transforms import v2
 
-from . import builtin
+from . import builtin, image_check
 
-__all__ = ["data_seed", "PerExampleSeeded", "ToRGB", "apply_transforms", "build_transforms", "collate_fn", "load_image_datasets",
-           "num_examples_per_class"]
+__all__ = ["CORRUPT_IMAGE_MODES", "data_seed", "find_corrupt_images", "PerExampleSeeded", "ToRGB", "apply_transforms",
+           "build_transforms", "collate_fn", "load_image_datasets", "num_examples_per_class"]
+
+logger = logging.getLogger(__name__)
 
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "images", "picture")
 LABEL_COLUMN_CANDIDATES = ("label", "labels", "class", "target")
@@ -39,11 +43,15 @@ _MAX_LISTED_BAD_FILES = 5
 
 
 def load_image_datasets(data_args, seed: int, *, cache_dir: str | None = None,
-                        token: str | bool | None = None) -> datasets.DatasetDict:
+                        token: str | bool | None = None,
+                        skipped_images: dict[str, int] | None = None) -> datasets.DatasetDict:
     """``train`` and ``validation`` splits with exactly an ``image`` (Image) and a ``label`` (ClassLabel) column.
 
     ``data_args`` is a :class:`~cdb_hf.arguments.DataArguments`. ``seed`` drives the validation split (when
     the source has none) and the ``max_*_samples`` shuffles, so the same seed gives the same examples.
+    Every image the splits keep is decoded once (:mod:`cdb_hf.image_check`, cached): a corrupt one raises
+    a ValueError naming it, or with ``data_args.corrupt_images == "skip"`` is dropped with a warning;
+    ``skipped_images``, if given, receives ``{"train": n, "validation": n}``.
     """
     _check_arguments(data_args)
     raw = _load_source(data_args, cache_dir=cache_dir, token=token)
@@ -75,8 +83,9 @@ def load_image_datasets(data_args, seed: int, *, cache_dir: str | None = None,
         if limit is not None and limit < len(splits[name]):
             splits[name] = splits[name].shuffle(seed=seed).select(range(limit))
 
-    for name, split in splits.items():
-        _check_first_image_decodes(split, name, source)
+    skipped = _drop_or_refuse_corrupt_images(splits, getattr(data_args, "corrupt_images", "error"), source)
+    if skipped_images is not None:
+        skipped_images.update(skipped)
     return datasets.DatasetDict(splits)
 
 
@@ -166,7 +175,6 @@ def _load_local_dataset(path: Path, config_name: str | None, cache_dir: str | No
             raise ValueError(f"--dataset_name {str(path)!r} is a file of an unsupported type; valid: a folder, or a "
                              f"file ending in {', '.join(_DATA_FILE_BUILDERS)}.")
         return _as_dataset_dict(datasets.load_dataset(builder, data_files=str(path), cache_dir=cache_dir))
-    _verify_images(sorted(_image_files(path)), str(path))
     try:
         loaded = datasets.load_dataset(str(path), config_name, cache_dir=cache_dir)
     except (OSError, ValueError) as error:
@@ -191,25 +199,6 @@ def _image_extensions() -> Sequence[str]:
         return ImageFolder.EXTENSIONS
     except (ImportError, AttributeError):
         return (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-
-
-def _verify_images(files: Sequence[Path], where: str) -> None:
-    """Raise one ValueError naming unreadable image files, so a corrupt file fails now, not mid-training.
-
-    ``PIL.Image.verify`` checks headers and (for PNG) chunk checksums without decoding the pixels: cheap.
-    """
-    bad = []
-    for file in files:
-        try:
-            with PILImage.open(file) as image:
-                image.verify()
-        except Exception as error:  # PIL raises many types for broken files
-            bad.append(f"{file} ({type(error).__name__}: {error})")
-    if bad:
-        listed = "; ".join(bad[:_MAX_LISTED_BAD_FILES])
-        more = f" and {len(bad) - _MAX_LISTED_BAD_FILES} more" if len(bad) > _MAX_LISTED_BAD_FILES else ""
-        raise ValueError(f"{len(bad)} file(s) in {where!r} are not readable images: {listed}{more}. "
-                         "Remove or replace them.")
 
 
 def _check_is_dir(folder: str, flag: str) -> Path:
@@ -254,8 +243,6 @@ def _load_image_folders(train_dir: str, validation_dir: str | None) -> datasets.
         if unknown:
             raise ValueError(f"--validation_dir {validation_dir!r} has classes that --train_dir {train_dir!r} lacks: "
                              f"{unknown}. Train classes: {sorted(folders['train'][1])}.")
-    for folder, classes in folders.values():
-        _verify_images([file for files in classes.values() for file in files], folder)
     names = sorted(folders["train"][1])
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
     splits = {}
@@ -395,14 +382,113 @@ def _carve_validation(train: datasets.Dataset, fraction: float, seed: int) -> tu
     return parts["train"], parts["test"]
 
 
-def _check_first_image_decodes(split: datasets.Dataset, split_name: str, source: str) -> None:
-    # Catches a systematically wrong image column (bad paths, non-image bytes) before training starts.
-    try:
-        image = split[0]["image"]
-        image.load()
-    except Exception as error:
-        raise ValueError(f"The first image of the {split_name!r} split of {source!r} cannot be decoded: "
-                         f"{type(error).__name__}: {error}") from error
+#: ``--corrupt_images`` values: refuse a run with corrupt images, or train without them.
+CORRUPT_IMAGE_MODES = ("error", "skip")
+# Decoded (or, when cached, only located) this many examples at a time, to bound the memory of image bytes.
+_CHECK_BATCH = 1024
+# The skip warning names this many files, then gives the count of the rest.
+_MAX_WARNED_BAD_FILES = 20
+
+
+def find_corrupt_images(split: datasets.Dataset, split_name: str = "train") -> dict[int, tuple[str, str]]:
+    """``{example index: (file or example name, reason)}`` for the images of ``split`` that do not decode fully.
+
+    Image files (image folders, local imagefolders, path columns) go through
+    :func:`cdb_hf.image_check.check_files`, cached per file; images stored as bytes in the dataset (Hub and
+    arrow datasets, the built-in ones) are decoded too, their verdicts cached by the split's fingerprint.
+    """
+    raw = split.select_columns(["image"]).cast_column("image", datasets.Image(decode=False))
+    cached = image_check.load_split_result(split._fingerprint)
+    bad: dict[int, tuple[str, str]] = {}
+    paths: dict[int, str] = {}
+    has_bytes = False
+    start = 0
+    for batch in raw.with_format("arrow").iter(batch_size=_CHECK_BATCH):
+        column = batch.column("image")
+        column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+        present = column.is_valid().to_pylist()
+        byte_values, path_values = column.field("bytes"), column.field("path").to_pylist()
+        has_value = byte_values.is_valid().to_pylist()
+        pending = []
+        for offset, (is_present, stored, path) in enumerate(zip(present, has_value, path_values)):
+            index = start + offset
+            if not is_present or (not stored and not path):
+                bad[index] = (f"{split_name} example {index}", "no image")
+            elif stored:
+                has_bytes = True
+                if cached is None:
+                    pending.append((index, offset, path))
+            else:
+                paths[index] = path
+        if pending:
+            verdicts = image_check.check_bytes([byte_values[offset].as_py() for _, offset, _ in pending])
+            for (index, _, path), reason in zip(pending, verdicts):
+                if reason is not None:
+                    bad[index] = (path or f"{split_name} example {index}", reason)
+        start += len(column)
+    if has_bytes and cached is not None:
+        for index, reason in cached.items():  # the few bad ones: their stored names
+            bad[index] = (raw[index]["image"]["path"] or f"{split_name} example {index}", reason)
+    elif has_bytes:
+        image_check.store_split_result(split._fingerprint, {i: reason for i, (_, reason) in bad.items()
+                                                            if i not in paths})
+    by_path = image_check.check_files(paths.values())
+    bad.update({index: (path, by_path[path]) for index, path in paths.items() if path in by_path})
+    return dict(sorted(bad.items()))
+
+
+def _refuse_or_warn(listed: list[str], mode: str, source: str) -> None:
+    """``error``: raise one ValueError naming the first corrupt files; ``skip``: one warning naming them."""
+    if mode == "error":
+        more = f" and {len(listed) - _MAX_LISTED_BAD_FILES} more" if len(listed) > _MAX_LISTED_BAD_FILES else ""
+        raise ValueError(f"{len(listed)} file(s) in {source!r} are not readable images: "
+                         f"{'; '.join(listed[:_MAX_LISTED_BAD_FILES])}{more}. Remove or replace them, or pass "
+                         "--corrupt_images skip to go on without them.")
+    more = f" and {len(listed) - _MAX_WARNED_BAD_FILES} more" if len(listed) > _MAX_WARNED_BAD_FILES else ""
+    logger.warning(f"--corrupt_images skip: leaving out {len(listed)} image(s) of {source!r} that do not decode: "
+                   f"{'; '.join(listed[:_MAX_WARNED_BAD_FILES])}{more}")
+
+
+def _without_corrupt_images(split: datasets.Dataset, split_name: str, mode: str, source: str
+                            ) -> tuple[datasets.Dataset, list[int]]:
+    """``split`` checked like the training splits (evaluate-only, predict): refused, or without its corrupt
+    images; also the kept example indices (the rows of ``predictions.csv``)."""
+    bad = find_corrupt_images(split, split_name)
+    kept = [i for i in range(len(split)) if i not in bad]
+    if bad:
+        _refuse_or_warn([f"{file} ({reason})" for file, reason in bad.values()], mode, source)
+        if not kept:
+            raise ValueError(f"every image of {source!r} is corrupt ({len(bad)}); nothing is left with "
+                             "--corrupt_images skip.")
+        split = split.select(kept)
+    return split, kept
+
+
+def _drop_or_refuse_corrupt_images(splits: dict[str, datasets.Dataset], mode: str, source: str) -> dict[str, int]:
+    """Refuse (``error``) or drop (``skip``) the corrupt images of every split; return the counts dropped."""
+    if mode not in CORRUPT_IMAGE_MODES:
+        raise ValueError(f"--corrupt_images {mode!r} is not valid; choose one of {', '.join(CORRUPT_IMAGE_MODES)}")
+    found = {name: find_corrupt_images(split, name) for name, split in splits.items()}
+    # A file both splits use is named once.
+    listed = list(dict.fromkeys(f"{file} ({reason})" for bad in found.values() for file, reason in bad.values()))
+    if not listed:
+        return {name: 0 for name in splits}
+    _refuse_or_warn(listed, mode, source)
+    names = splits["train"].features["label"].names
+    for name, bad in found.items():
+        if not bad:
+            continue
+        before = set(splits[name].unique("label"))
+        kept = splits[name].select([i for i in range(len(splits[name])) if i not in bad])
+        if len(kept) == 0:
+            raise ValueError(f"every image of the {name!r} split of {source!r} is corrupt ({len(bad)}); nothing is left "
+                             "to train or evaluate on with --corrupt_images skip.")
+        emptied = sorted(before - set(kept.unique("label")))
+        if emptied:
+            raise ValueError(f"leaving out the corrupt images of the {name!r} split of {source!r} leaves class(es) "
+                             f"{[names[i] for i in emptied]} without any image; replace those images.")
+        splits[name] = kept
+    return {name: len(found.get(name, {})) for name in splits}
 
 
 # ----------------------------------------------------------------------------------------- transforms
@@ -647,7 +733,6 @@ def load_eval_split(data_args, seed: int, *, cache_dir: str | None = None,
     """
     if data_args.dataset_name is None and data_args.train_dir is None and data_args.validation_dir is not None:
         classes = _class_folders(data_args.validation_dir, "validation_dir")
-        _verify_images([file for files in classes.values() for file in files], data_args.validation_dir)
         names = sorted(classes)
         features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
         split = datasets.Dataset.from_dict(
@@ -657,6 +742,8 @@ def load_eval_split(data_args, seed: int, *, cache_dir: str | None = None,
         limit = data_args.max_eval_samples
         if limit is not None and limit < len(split):
             split = split.shuffle(seed=seed).select(range(limit))
+        split, _ = _without_corrupt_images(split, "validation", getattr(data_args, "corrupt_images", "error"),
+                                           data_args.validation_dir)
         return split
     return load_image_datasets(data_args, seed, cache_dir=cache_dir, token=token)["validation"]
 
@@ -675,10 +762,11 @@ def load_predict_images(data_args, *, cache_dir: str | None = None,
         if not files:
             raise ValueError(f"--predict_dir {data_args.predict_dir!r} holds no image files (extensions like "
                              ".png/.jpg)")
-        _verify_images(files, data_args.predict_dir)
         dataset = datasets.Dataset.from_dict({"image": [str(file) for file in files]},
                                              features=datasets.Features({"image": datasets.Image()}))
-        return "file", [file.relative_to(folder).as_posix() for file in files], dataset
+        dataset, kept = _without_corrupt_images(dataset, "predict", getattr(data_args, "corrupt_images", "error"),
+                                                data_args.predict_dir)
+        return "file", [files[i].relative_to(folder).as_posix() for i in kept], dataset
     name = data_args.predict_split_name
     raw = _load_source(data_args, cache_dir=cache_dir, token=token)
     source = data_args.dataset_name or data_args.train_dir
@@ -691,8 +779,8 @@ def load_predict_images(data_args, *, cache_dir: str | None = None,
     split = split.select_columns([column]).rename_columns({column: "image"} if column != "image" else {})
     if not (isinstance(split.features["image"], datasets.Image) and split.features["image"].decode):
         split = split.cast_column("image", datasets.Image())
-    _check_first_image_decodes(split, name, source)
-    return "index", list(range(len(split))), split
+    split, kept = _without_corrupt_images(split, name, getattr(data_args, "corrupt_images", "error"), source)
+    return "index", kept, split
 
 
 def apply_eval_transform(dataset: datasets.Dataset, image_processor) -> datasets.Dataset:

@@ -100,6 +100,9 @@ def plan_run(model_args, data_args, cdb_args, run_args, training_args: TrainingA
         if data_args.train_augmentation not in data_module.TRAIN_AUGMENTATIONS:  # a recipe bypasses argparse's choices
             raise UsageError(f"--train_augmentation {data_args.train_augmentation!r} is not valid; choose one of "
                              f"{', '.join(data_module.TRAIN_AUGMENTATIONS)}")
+        if data_args.corrupt_images not in data_module.CORRUPT_IMAGE_MODES:
+            raise UsageError(f"--corrupt_images {data_args.corrupt_images!r} is not valid; choose one of "
+                             f"{', '.join(data_module.CORRUPT_IMAGE_MODES)}")
         check_lora_arguments(model_args)
         _check_training_arguments(training_args)
         check_lr_schedule(run_args, training_args)

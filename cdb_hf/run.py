@@ -24,7 +24,7 @@ import pickle
 import shutil
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,8 @@ class RunParts:
     train_dataset: data_module.PerExampleSeeded
     eval_dataset: Any
     collate_fn: Any
+    #: Corrupt images left out by ``--corrupt_images skip``, by split ("train", "validation").
+    skipped_images: dict[str, int] = field(default_factory=dict)
     #: ``--do_predict``: what to predict at the end (None: nothing).
     predict: PredictSet | None = None
 
@@ -201,9 +203,11 @@ def prepare_run(plan: RunPlan) -> RunParts:
         check_image_size(model_args)  # reads only the config: fail before a large dataset loads
         check_lora_targets(model_args)  # the same, on a model built on the meta device
         set_seed(args.seed)  # a new classification head is drawn from the global RNG
-        with state.main_process_first():  # the main process fills the datasets cache first
+        skipped_images: dict[str, int] = {}
+        # The main process fills the datasets cache and the image-check cache first; the others read both.
+        with state.main_process_first():
             dataset = data_module.load_image_datasets(data_args, seed=args.seed, cache_dir=model_args.cache_dir,
-                                                      token=model_args.token)
+                                                      token=model_args.token, skipped_images=skipped_images)
         labels = dataset["train"].features["label"].names
         _warn_about_unseen_classes(dataset, labels)
         _check_enough_examples(len(dataset["train"]), args, state.num_processes)
@@ -216,7 +220,8 @@ def prepare_run(plan: RunPlan) -> RunParts:
     train_dataset = data_module.PerExampleSeeded(processed["train"], seed=data_module.data_seed(args))
     predict = load_predict_set(plan, image_processor) if args.do_predict else None
     return RunParts(labels=labels, model=model, image_processor=image_processor, train_dataset=train_dataset,
-                    eval_dataset=processed["validation"], collate_fn=data_module.collate_fn, predict=predict)
+                    eval_dataset=processed["validation"], collate_fn=data_module.collate_fn, predict=predict,
+                    skipped_images=skipped_images)
 
 
 def load_predict_set(plan: RunPlan, image_processor) -> PredictSet:
@@ -339,6 +344,9 @@ def finish_run(plan: RunPlan, run_dir: RunDirectory, parts: RunParts, model: tor
     Runs on the main process (the caller synchronises the others).
     """
     args = plan.training
+    if getattr(plan.data, "corrupt_images", "error") == "skip":  # the results say how much data was left out
+        metrics.update({"train_skipped_images": parts.skipped_images.get("train", 0),
+                        "eval_skipped_images": parts.skipped_images.get("validation", 0)})
     save_outputs(args.output_dir, model, parts.image_processor, cdb_config, metrics, trainer_state=trainer_state)
     per_class = write_evaluation_files(args.output_dir, parts.labels, final, parts.predict)
     write_model_card(args.output_dir, plan.model, plan.data, cdb_config, metrics, training_args=args,

@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "cdb_hf"
 
 # Lowest first; a module may import only modules of lower layers (and the package's __init__).
 LAYERS = [
-    {"core", "builtin", "perf", "metrics", "evaluation"},
+    {"core", "builtin", "perf", "metrics", "evaluation", "image_check"},
     {"arguments", "run_dir", "data", "models", "optimization"},
     {"hub"},
     {"preflight"},

@@ -1,0 +1,220 @@
+"""Find corrupt images before training: a full decode of every image, cached so that a re-run costs only stats.
+
+``PIL.Image.verify`` reads headers (and PNG checksums) but never decodes JPEG data, so a truncated JPEG
+passes it and crashes the run hours later, in a dataloader worker. Here each image is opened *and*
+loaded, with ``ImageFile.LOAD_TRUNCATED_IMAGES`` off, in a thread pool (Pillow releases the GIL while it
+decodes). Results of image files are kept in a sqlite file, ``$CDB_HF_CACHE/image_checks-v1.sqlite``
+(``~/.cache/cdb_hf`` by default), keyed by (absolute path, size, mtime_ns, Pillow version): a second run
+over the same folder, or the other ranks of a distributed run, decode nothing. Results of images stored
+inside a dataset (bytes in arrow files) are kept by the dataset's fingerprint. A cache that cannot be
+opened or written never fails a run: it is skipped, with a debug line.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import PIL
+from PIL import Image, ImageFile
+
+__all__ = ["CACHE_ENV", "CACHE_FILE", "check_bytes", "check_files", "default_threads", "decode_error",
+           "load_split_result", "store_split_result"]
+
+logger = logging.getLogger(__name__)
+
+CACHE_ENV = "CDB_HF_CACHE"
+#: Bump the version when what a check means changes, so that older verdicts are never reused.
+CACHE_FILE = "image_checks-v1.sqlite"
+# SQLite's default bound on the parameters of one statement is 999 (older builds) or 32766.
+_QUERY_CHUNK = 500
+# Only one check flips the process-wide LOAD_TRUNCATED_IMAGES switch at a time.
+_SWITCH_LOCK = threading.Lock()
+
+
+def default_threads() -> int:
+    """The CPUs this process may run on (its affinity mask, which a job scheduler sets), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def decode_error(source: str | os.PathLike | bytes) -> str | None:
+    """Why ``source`` (a path, or an encoded image's bytes) does not decode fully, or None when it does."""
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            image.load()
+    except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        return f"{type(error).__name__}: {' '.join(str(error).split())}"
+    return None
+
+
+def check_files(paths: Iterable[str | os.PathLike], *, threads: int | None = None,
+                use_cache: bool = True) -> dict[str, str]:
+    """``{path: reason}`` for each of ``paths`` that is not a fully decodable image (missing, truncated, ...).
+
+    Paths are reported as given. Files whose (absolute path, size, mtime_ns) the cache already knows for
+    this Pillow version are not read at all; the rest are decoded on ``threads`` threads (default: the
+    CPUs available) and their verdicts added to the cache.
+    """
+    paths = [str(path) for path in paths]
+    bad: dict[str, str] = {}
+    keys: dict[str, tuple[str, int, int]] = {}
+    for path in paths:
+        try:
+            stat = os.stat(path)
+        except OSError as error:  # a missing file is never cached: it may appear before the next run
+            bad[path] = f"{type(error).__name__}: {error.strerror or error}"
+            continue
+        keys[path] = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+    cache = _Cache.open() if use_cache and keys else None
+    known = cache.lookup(list(keys.values())) if cache else {}
+    todo = []
+    for path, key in keys.items():
+        if key in known:
+            if known[key] is not None:
+                bad[path] = known[key]
+        else:
+            todo.append(path)
+    verdicts = _decode_all(todo, decode_error, threads)
+    for path, reason in zip(todo, verdicts):
+        if reason is not None:
+            bad[path] = reason
+    if cache:
+        cache.store([(*keys[path], reason) for path, reason in zip(todo, verdicts)])
+        cache.close()
+    return {path: bad[path] for path in paths if path in bad}
+
+
+def check_bytes(images: Sequence[bytes], *, threads: int | None = None) -> list[str | None]:
+    """For each encoded image, why it does not decode fully, or None (not cached: see :func:`load_split_result`)."""
+    return _decode_all(list(images), decode_error, threads)
+
+
+def load_split_result(fingerprint: str | None) -> dict[int, str] | None:
+    """The verdicts stored by :func:`store_split_result` for a dataset fingerprint, or None when unknown."""
+    if not fingerprint:
+        return None
+    cache = _Cache.open()
+    if cache is None:
+        return None
+    try:
+        return cache.load_split(fingerprint)
+    finally:
+        cache.close()
+
+
+def store_split_result(fingerprint: str | None, bad: dict[int, str]) -> None:
+    """Remember ``{example index: reason}`` for a dataset fingerprint (which changes with the dataset's content)."""
+    if not fingerprint:
+        return
+    cache = _Cache.open()
+    if cache is not None:
+        cache.store_split(fingerprint, bad)
+        cache.close()
+
+
+def _decode_all(items: list, check: Callable[[object], str | None], threads: int | None) -> list[str | None]:
+    if not items:
+        return []
+    workers = max(1, min(threads or default_threads(), len(items)))
+    with _SWITCH_LOCK:
+        truncated_allowed, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+        try:
+            if workers == 1:
+                return [check(item) for item in items]
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="image-check") as pool:
+                return list(pool.map(check, items))
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = truncated_allowed
+
+
+def cache_path() -> Path:
+    """``$CDB_HF_CACHE/image_checks-v1.sqlite``, or ``~/.cache/cdb_hf/image_checks-v1.sqlite``."""
+    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "cdb_hf")
+    return Path(root) / CACHE_FILE
+
+
+class _Cache:
+    """The sqlite verdict store. Every failure (read-only home, a locked or damaged file) disables it."""
+
+    def __init__(self, connection: sqlite3.Connection, path: Path) -> None:
+        self.connection, self.path = connection, path
+        self.pillow = PIL.__version__
+
+    @classmethod
+    def open(cls) -> _Cache | None:
+        path = cache_path()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            connection = sqlite3.connect(str(path), timeout=30)
+            with connection:
+                connection.execute("CREATE TABLE IF NOT EXISTS files (path TEXT, size INTEGER, mtime_ns INTEGER, "
+                                   "pillow TEXT, reason TEXT, PRIMARY KEY (path, size, mtime_ns, pillow))")
+                connection.execute("CREATE TABLE IF NOT EXISTS splits (fingerprint TEXT, pillow TEXT, bad TEXT, "
+                                   "PRIMARY KEY (fingerprint, pillow))")
+        except (OSError, sqlite3.Error) as error:
+            logger.debug(f"image check cache {str(path)!r} is not usable ({error}); checking without it")
+            return None
+        return cls(connection, path)
+
+    def close(self) -> None:
+        self.connection.close()
+
+    def _disable(self, error: Exception) -> None:
+        logger.debug(f"image check cache {str(self.path)!r} failed ({error}); going on without it")
+
+    def lookup(self, keys: list[tuple[str, int, int]]) -> dict[tuple[str, int, int], str | None]:
+        wanted = set(keys)
+        found: dict[tuple[str, int, int], str | None] = {}
+        try:
+            for start in range(0, len(keys), _QUERY_CHUNK):
+                chunk = sorted({key[0] for key in keys[start:start + _QUERY_CHUNK]})
+                rows = self.connection.execute(
+                    f"SELECT path, size, mtime_ns, reason FROM files WHERE pillow = ? AND path IN "
+                    f"({', '.join('?' * len(chunk))})", [self.pillow, *chunk])
+                for path, size, mtime_ns, reason in rows:
+                    if (path, size, mtime_ns) in wanted:
+                        found[(path, size, mtime_ns)] = reason
+        except sqlite3.Error as error:
+            self._disable(error)
+            return {}
+        return found
+
+    def store(self, rows: list[tuple[str, int, int, str | None]]) -> None:
+        if not rows:
+            return
+        try:
+            with self.connection:
+                # A file's older verdicts (other size or mtime) are dead weight: replace them.
+                self.connection.executemany("DELETE FROM files WHERE path = ? AND pillow = ?",
+                                            [(row[0], self.pillow) for row in rows])
+                self.connection.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)",
+                                            [(path, size, mtime, self.pillow, reason) for path, size, mtime, reason in rows])
+        except sqlite3.Error as error:
+            self._disable(error)
+
+    def load_split(self, fingerprint: str) -> dict[int, str] | None:
+        try:
+            row = self.connection.execute("SELECT bad FROM splits WHERE fingerprint = ? AND pillow = ?",
+                                          (fingerprint, self.pillow)).fetchone()
+        except sqlite3.Error as error:
+            self._disable(error)
+            return None
+        return None if row is None else {int(index): reason for index, reason in json.loads(row[0]).items()}
+
+    def store_split(self, fingerprint: str, bad: dict[int, str]) -> None:
+        try:
+            with self.connection:
+                self.connection.execute("INSERT OR REPLACE INTO splits VALUES (?, ?, ?)",
+                                        (fingerprint, self.pillow, json.dumps({str(k): v for k, v in bad.items()})))
+        except sqlite3.Error as error:
+            self._disable(error)
