@@ -366,7 +366,7 @@ def format_number(value: float | None, digits: int, scale: float = 1.0, signed: 
 
 
 def _fmt(value: float, metric: str, signed: bool = False) -> str:
-    scale, digits = (100.0, 2) if metric == "eval_accuracy" else (1.0, 4) if metric == "eval_loss" else (1.0, 1)
+    scale, digits = (100.0, 2) if metric == "eval_accuracy" else (1.0, 1) if metric == "train_runtime" else (1.0, 4)
     return format_number(value, digits, scale, signed)
 
 

@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         print(f"\n{len(failed)} run(s) FAILED: " + "; ".join(f"seed {f['seed']} {f['arm']}: {f['error']}"
                                                             for f in failed))
-    print(f"\nOutputs in {output_dir}/: models in seed*/baseline and seed*/cdb, results.json, results.csv, "
+    print(f"\nOutputs in {output_dir}/: models in seed*/<arm>, results.json, results.csv, "
           f"report.md, ab_plot.png (validation curves). Total time {time.time() - started:.0f} s.")
     if plan.run.ab_seeds == 1:
         print("One seed shows the method at work, not whether it helps (the paired difference moves by points "
