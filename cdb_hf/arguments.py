@@ -116,6 +116,12 @@ class DataArguments:
                           "digits, text, anything a mirror changes the meaning of). 'none': the evaluation "
                           "preprocessing, so the model can fit its training set (e.g. to study a regularizer)."},
     )
+    train_image_cache_mb: int = field(
+        default=1024,
+        metadata={"help": "Decode the training images once into memory (RGB, 8 bits) when they fit in this many MiB, "
+                          "instead of decoding each image at every fetch; 0 turns it off. A training set that does "
+                          "not fit is decoded at each fetch as before. Results are the same either way."},
+    )
     image_column_name: str | None = field(
         default=None, metadata={"help": "Image column; detected automatically when omitted."})
     label_column_name: str | None = field(
