@@ -5,6 +5,10 @@ local dataset (``--dataset_name``) or image folders (``--train_dir``/``--validat
 validation split carved from train when there is none, ``max_*_samples`` truncation, and
 RandomResizedCrop/flip for training vs the checkpoint's own resize/crop for evaluation. Every bad input
 is reported as one ValueError/FileNotFoundError before any training work starts.
+
+Training examples (:class:`TrainImages`) are decoded once into uint8 tensors when they fit in memory and
+cropped on uint8 tensors from a random stream of their own (seed, epoch, index): cheaper than decoding
+and cropping PIL images at every fetch, and independent of prefetching, workers and resumption.
 """
 
 from __future__ import annotations
