@@ -645,3 +645,15 @@ def test_train_transform_on_uint8_tensors_matches_a_pil_resize_closely():
     pil = v2.functional.pil_to_tensor(v2.functional.resized_crop(image, top, left, height, width, [24, 24]))
     assert (ours.int() - pil.int()).abs().max() <= 2
     assert torch.equal(transform.normalize(ours), ours.float())  # mean 0, std 1, scale 1: the pixel values
+
+
+def test_a_negative_image_cache_size_is_refused_before_any_work(tmp_path, image_folder):
+    from cdb_hf.cli import parse_args
+    from cdb_hf.preflight import UsageError, plan_run
+
+    argv = ["--model_name_or_path", "builtin:efficientnet_lite0", "--train_dir", str(image_folder / "train"),
+            "--output_dir", str(tmp_path / "out"), "--do_train", "--use_cpu", "--report_to", "none",
+            "--train_image_cache_mb", "-1"]
+    with pytest.raises(UsageError, match="--train_image_cache_mb must be a whole number of MiB >= 0"):
+        plan_run(*parse_args(argv))
+    assert not (tmp_path / "out").exists()
