@@ -46,9 +46,13 @@ def main() -> None:
 
     # The example reads size/mean/std from image_processor.size / image_mean / image_std; a timm checkpoint
     # keeps them in its data_config instead.
-    config = image_processor.data_config
-    size = tuple(config["input_size"][-2:])
-    normalize = Normalize(mean=config["mean"], std=config["std"])
+    config = getattr(image_processor, "data_config", None)
+    if config is not None:
+        size = tuple(config["input_size"][-2:])
+        normalize = Normalize(mean=config["mean"], std=config["std"])
+    else:
+        size = (image_processor.size["height"], image_processor.size["width"])
+        normalize = Normalize(mean=image_processor.image_mean, std=image_processor.image_std)
     train_transforms = Compose([RandomResizedCrop(size), RandomHorizontalFlip(), ToTensor(), normalize])
 
     def preprocess_train(example_batch):

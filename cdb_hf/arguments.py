@@ -123,6 +123,12 @@ class DataArguments:
                           "with one line naming them (exit 2). 'skip': train and evaluate without them, with a "
                           "warning naming each, and train_skipped_images/eval_skipped_images in the results."},
     )
+    train_image_cache_mb: int = field(
+        default=1024,
+        metadata={"help": "Decode the training images once into memory (RGB, 8 bits) when they fit in this many MiB, "
+                          "instead of decoding each image at every fetch; 0 turns it off. A training set that does "
+                          "not fit is decoded at each fetch as before. Results are the same either way."},
+    )
     image_column_name: str | None = field(
         default=None, metadata={"help": "Image column; detected automatically when omitted."})
     label_column_name: str | None = field(

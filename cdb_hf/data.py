@@ -5,11 +5,16 @@ local dataset (``--dataset_name``) or image folders (``--train_dir``/``--validat
 validation split carved from train when there is none, ``max_*_samples`` truncation, and
 RandomResizedCrop/flip for training vs the checkpoint's own resize/crop for evaluation. Every bad input
 is reported as one ValueError/FileNotFoundError before any training work starts.
+
+Training examples (:class:`TrainImages`) are decoded once into uint8 tensors when they fit in memory and
+cropped on uint8 tensors from a random stream of their own (seed, epoch, index): cheaper than decoding
+and cropping PIL images at every fetch, and independent of prefetching, workers and resumption.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 from collections.abc import Callable, Sequence
@@ -25,8 +30,9 @@ from torchvision.transforms import v2
 
 from . import builtin, image_check
 
-__all__ = ["CORRUPT_IMAGE_MODES", "data_seed", "find_corrupt_images", "PerExampleSeeded", "ToRGB", "apply_transforms",
-           "build_transforms", "collate_fn", "load_image_datasets", "num_examples_per_class"]
+__all__ = ["CORRUPT_IMAGE_MODES", "data_seed", "example_rng", "find_corrupt_images", "PerExampleSeeded", "ToRGB",
+           "TrainImages", "TrainTransform", "apply_transforms", "build_transforms", "collate_fn",
+           "load_image_datasets", "num_examples_per_class", "to_uint8_chw"]
 
 logger = logging.getLogger(__name__)
 
@@ -607,6 +613,88 @@ def _training_geometry(image_processor) -> dict[str, Any]:
 TRAIN_AUGMENTATIONS = ("crop_flip", "crop", "none")
 
 
+# Interpolations torch resizes uint8 tensors with; any other (box, hamming, lanczos) goes through PIL.
+_TENSOR_INTERPOLATIONS = (v2.InterpolationMode.NEAREST, v2.InterpolationMode.NEAREST_EXACT,
+                          v2.InterpolationMode.BILINEAR, v2.InterpolationMode.BICUBIC)
+# torchvision's RandomResizedCrop defaults (and transformers' image-classification example's).
+_CROP_SCALE, _CROP_LOG_RATIO = (0.08, 1.0), (math.log(3 / 4), math.log(4 / 3))
+
+
+def to_uint8_chw(image: Any) -> torch.Tensor:
+    """One image (any PIL mode, or an HWC/HW array) -> RGB ``uint8`` CHW tensor, through :class:`ToRGB`."""
+    return torch.from_numpy(np.array(ToRGB()(image))).permute(2, 0, 1)  # a copy: PIL's buffer is read-only
+
+
+def example_rng(seed: int, epoch: int, index: int) -> random.Random:
+    """The random stream of one example's augmentation: a pure function of (seed, epoch, index).
+
+    A string seed goes through SHA-512 in :class:`random.Random`, so neighbouring indices get unrelated streams.
+    """
+    return random.Random(f"{seed}:{epoch}:{index}")
+
+
+class TrainTransform:
+    """RandomResizedCrop (and a horizontal flip) on ``uint8`` tensors, then the checkpoint's normalization.
+
+    Draws from an explicit :class:`random.Random` (see :func:`example_rng`) rather than the global RNGs,
+    so an example's crop depends on nothing but its seed; called without one it draws a seed from
+    torch's global generator (``torch.manual_seed`` makes it repeatable). Works on uint8 tensors because
+    cropping and resizing 8-bit pixels is several times cheaper than on PIL images or floats.
+    """
+
+    def __init__(self, size: tuple[int, int], interpolation: v2.InterpolationMode, mean: Sequence[float],
+                 std: Sequence[float], scale: float, flip: bool = True) -> None:
+        self.size, self.interpolation, self.flip = tuple(size), interpolation, flip
+        # (x * scale - mean) / std == x * (scale / std) - mean / std: one multiply-add on the crop.
+        self.multiplier = torch.tensor([scale / s for s in std]).view(3, 1, 1)
+        self.offset = torch.tensor([-m / s for m, s in zip(mean, std)]).view(3, 1, 1)
+
+    def __call__(self, image: Any, rng: random.Random | None = None) -> torch.Tensor:
+        if rng is None:
+            rng = random.Random(int(torch.randint(0, 2**62, ())))
+        if not isinstance(image, torch.Tensor):
+            image = to_uint8_chw(image)
+        return self.normalize(self.augment(image, rng))
+
+    def augment(self, image: torch.Tensor, rng: random.Random) -> torch.Tensor:
+        """uint8 CHW image -> uint8 CHW crop of ``size``: RandomResizedCrop, then a flip with probability 1/2."""
+        top, left, height, width = self.crop_box(image.shape[-2], image.shape[-1], rng)
+        if self.interpolation in _TENSOR_INTERPOLATIONS:
+            crop = v2.functional.resized_crop(image, top, left, height, width, list(self.size),
+                                              interpolation=self.interpolation, antialias=True)
+        else:
+            pil = PILImage.fromarray(image.permute(1, 2, 0).numpy())
+            crop = v2.functional.pil_to_tensor(v2.functional.resized_crop(
+                pil, top, left, height, width, list(self.size), interpolation=self.interpolation))
+        if self.flip and rng.random() < 0.5:
+            crop = crop.flip(-1)
+        return crop
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (..., 3, H, W) -> float32 in the checkpoint's normalization."""
+        return torch.addcmul(self.offset, pixels.float(), self.multiplier)
+
+    @staticmethod
+    def crop_box(height: int, width: int, rng: random.Random) -> tuple[int, int, int, int]:
+        """(top, left, height, width) as torchvision's RandomResizedCrop picks it, from ``rng``."""
+        area = height * width
+        for _ in range(10):
+            target_area = area * rng.uniform(*_CROP_SCALE)
+            aspect = math.exp(rng.uniform(*_CROP_LOG_RATIO))
+            w = int(round(math.sqrt(target_area * aspect)))
+            h = int(round(math.sqrt(target_area / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+        ratio = width / height  # fallback: the largest centred crop with an aspect ratio in range
+        if ratio < 3 / 4:
+            w, h = width, int(round(width / (3 / 4)))
+        elif ratio > 4 / 3:
+            h, w = height, int(round(height * (4 / 3)))
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
+
+
 def build_transforms(image_processor, augmentation: str = "crop_flip"
                      ) -> tuple[Callable[[Any], torch.Tensor], Callable[[Any], torch.Tensor]]:
     """``(train_transform, eval_transform)``: each maps one image (any PIL mode) to a float CHW tensor.
@@ -623,17 +711,8 @@ def build_transforms(image_processor, augmentation: str = "crop_flip"
     if augmentation == "none":
         return eval_transform, eval_transform
     geometry = _training_geometry(image_processor)
-    # ToDtype(scale=True) yields x/255; folding the processor's own rescale factor into Normalize keeps
-    # the pipeline free of lambdas (picklable for DataLoader workers): (x*a - m)/s == (x - m/a)/(s/a).
-    factor = geometry["scale"] * 255.0
-    train_transform = v2.Compose([
-        ToRGB(),
-        v2.RandomResizedCrop(geometry["size"], interpolation=geometry["interpolation"], antialias=True),
-        *([v2.RandomHorizontalFlip()] if augmentation == "crop_flip" else []),
-        v2.PILToTensor(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean=[m / factor for m in geometry["mean"]], std=[s / factor for s in geometry["std"]]),
-    ])
+    train_transform = TrainTransform(geometry["size"], geometry["interpolation"], geometry["mean"], geometry["std"],
+                                     geometry["scale"], flip=augmentation == "crop_flip")
     return train_transform, eval_transform
 
 
@@ -718,6 +797,66 @@ class PerExampleSeeded(torch.utils.data.Dataset):
             finally:
                 random.setstate(python_state)
                 np.random.set_state(numpy_state)
+
+
+# ---------------------------------------------------------------------------------------------- training set
+
+
+class TrainImages(torch.utils.data.Dataset):
+    """The training split as ``{"pixel_values", "labels"}`` examples, each augmented by (seed, epoch, index).
+
+    Images are decoded once into RGB ``uint8`` tensors when they fit in ``cache_bytes`` (decoding and
+    Arrow row access were most of the time it took to prepare a batch); otherwise each fetch decodes its
+    image from the split, with the same result. A :class:`TrainTransform` draws from
+    :func:`example_rng`, so an example's crop depends only on (seed, epoch, index): prefetching, workers
+    and the batches a resumed run skips cannot change it, and the global RNG states are not touched.
+    Any other transform (``--train_augmentation none``: the processor's own preprocessing) gets the
+    decoded RGB image and draws nothing.
+    """
+
+    def __init__(self, split: datasets.Dataset, transform: Callable[..., torch.Tensor], seed: int,
+                 cache_bytes: int = 0) -> None:
+        self.split, self.transform, self.seed, self.epoch = split, transform, seed, 0
+        self.labels = [int(label) for label in split["label"]]
+        self.images = _decode_all(split, cache_bytes)
+
+    @property
+    def cached(self) -> bool:
+        return self.images is not None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        if self.images is not None:
+            image = self.images[index]
+        else:
+            image = to_uint8_chw(self.split[index]["image"])
+        if isinstance(self.transform, TrainTransform):
+            pixel_values = self.transform(image, example_rng(self.seed, self.epoch, index))
+        else:
+            pixel_values = self.transform(PILImage.fromarray(image.permute(1, 2, 0).numpy()))
+        return {"pixel_values": pixel_values, "labels": self.labels[index]}
+
+
+def _decode_all(split: datasets.Dataset, cache_bytes: int) -> list[torch.Tensor] | None:
+    """Every image of ``split`` as a uint8 CHW tensor, or None when they would take more than ``cache_bytes``."""
+    if cache_bytes <= 0 or len(split) == 0:
+        return None
+    images: list[torch.Tensor] = []
+    total = 0
+    for batch in split.select_columns(["image"]).iter(batch_size=256):
+        for image in batch["image"]:
+            pixels = to_uint8_chw(image)
+            total += pixels.numel()
+            if total > cache_bytes or (len(images) == 0 and pixels.numel() * len(split) > 2 * cache_bytes):
+                return None  # decoding the rest just to drop it would waste the start-up time
+            images.append(pixels)
+    return images
 
 
 # ------------------------------------------------------------------------------------ evaluate / predict only

@@ -103,6 +103,10 @@ def plan_run(model_args, data_args, cdb_args, run_args, training_args: TrainingA
         if data_args.corrupt_images not in data_module.CORRUPT_IMAGE_MODES:
             raise UsageError(f"--corrupt_images {data_args.corrupt_images!r} is not valid; choose one of "
                              f"{', '.join(data_module.CORRUPT_IMAGE_MODES)}")
+        cache_mb = data_args.train_image_cache_mb
+        if isinstance(cache_mb, bool) or not isinstance(cache_mb, int) or cache_mb < 0:
+            raise UsageError(f"--train_image_cache_mb must be a whole number of MiB >= 0 (0 turns the cache off), "
+                             f"got {cache_mb!r}")
         check_lora_arguments(model_args)
         _check_training_arguments(training_args)
         check_lr_schedule(run_args, training_args)

@@ -62,7 +62,7 @@ class RunParts:
     labels: list[str]
     model: torch.nn.Module
     image_processor: Any
-    train_dataset: data_module.PerExampleSeeded
+    train_dataset: data_module.TrainImages
     eval_dataset: Any
     collate_fn: Any
     #: Corrupt images left out by ``--corrupt_images skip``, by split ("train", "validation").
@@ -214,13 +214,15 @@ def prepare_run(plan: RunPlan) -> RunParts:
         model, image_processor = load_model_and_processor(model_args, labels)
         check_cdb_against_model(model, plan.cdb_config)
         apply_memory_format(model, run_args.channels_last)  # before the optimizer, so its state shares the layout
-        processed = data_module.apply_transforms(dataset, image_processor, data_args.train_augmentation)
-    # Augmentation draws from the global RNG at fetch time, which prefetching and a resume's skipped
-    # batches shift; seeding each example by (seed, epoch, index) makes resumed runs crop identically.
-    train_dataset = data_module.PerExampleSeeded(processed["train"], seed=data_module.data_seed(args))
+        train_transform, _ = data_module.build_transforms(image_processor, data_args.train_augmentation)
+        # Each example's augmentation is drawn from its own (seed, epoch, index) stream, so prefetching and a
+        # resume's skipped batches cannot shift it; the images are decoded once when they fit in memory.
+        train_dataset = data_module.TrainImages(dataset["train"], train_transform, seed=data_module.data_seed(args),
+                                                cache_bytes=data_args.train_image_cache_mb * 2**20)
+        eval_dataset = data_module.apply_transforms(dataset, image_processor)["validation"]
     predict = load_predict_set(plan, image_processor) if args.do_predict else None
     return RunParts(labels=labels, model=model, image_processor=image_processor, train_dataset=train_dataset,
-                    eval_dataset=processed["validation"], collate_fn=data_module.collate_fn, predict=predict,
+                    eval_dataset=eval_dataset, collate_fn=data_module.collate_fn, predict=predict,
                     skipped_images=skipped_images)
 
 

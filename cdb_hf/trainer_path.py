@@ -158,6 +158,21 @@ class CDBTrainer(ResumeSafeTrainer):
     def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
         return decay_parameter_names(model, bool(getattr(self.run_args, "weight_decay_all", False)))
 
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        """The Trainer's estimate (``total_flos``), with the parameter count taken once per model.
+
+        The Trainer recounts the parameters at every step, a Python walk over all of them that cost a
+        few ms a step on a small CPU; the count does not change while training.
+        """
+        main_input = getattr(self.model, "main_input_name", "input_ids")
+        if main_input not in inputs or not hasattr(self.model, "num_parameters"):
+            return super().floating_point_ops(inputs)
+        cached = getattr(self, "_num_parameters_cache", None)
+        if cached is None or cached[0] is not self.model:
+            cached = (self.model, self.model.num_parameters(exclude_embeddings=True))
+            self._num_parameters_cache = cached
+        return 6 * inputs[main_input].numel() * cached[1]
+
     def set_initial_training_values(self, args, dataloader, *rest: Any, **kwargs: Any):
         values = super().set_initial_training_values(args, dataloader, *rest, **kwargs)
         # The Trainer's own count (None without a dataloader length): the epoch the lr milestones refer to.

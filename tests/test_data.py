@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import IMAGE_FOLDER_CLASSES, make_image, write_image_folder
 from PIL import Image
+from torchvision.transforms import v2
 from transformers import ConvNextImageProcessor, DeiTImageProcessor, ViTImageProcessor
 
 from cdb_hf import data as data_module
@@ -473,8 +474,7 @@ def test_timm_processor_transforms_use_its_data_config(tiny_timm_dir):
     image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (45, 60, 3), dtype=np.uint8))
     torch.testing.assert_close(evaluate(image), processor.val_transforms(image))
     assert train(image).shape == (3, *config["input_size"][1:])
-    crop = next(t for t in train.transforms if type(t).__name__ == "RandomResizedCrop")
-    assert crop.interpolation == str_to_interp_mode(config["interpolation"])
+    assert train.interpolation == str_to_interp_mode(config["interpolation"])
     torch.testing.assert_close(train(constant_image()).mean(dim=(1, 2)),
                                expected_normalized((200, 100, 50), config["mean"], config["std"]),
                                atol=1e-4, rtol=0)
@@ -554,23 +554,113 @@ def test_data_seed_follows_the_trainers_rule():
     assert data_seed(SimpleNamespace(seed=3, data_seed=11)) == 11
 
 
-def test_train_augmentation_none_is_the_eval_transform_and_crop_never_flips():
+# ----------------------------------------------------------------------------------------- training set
+
+
+def _train_images(image_folder, augmentation="crop_flip", cache_bytes=2**20, seed=7, processor=None):
+    from cdb_hf.data import TrainImages
+
+    loaded = load_image_datasets(folder_args(image_folder), seed=0)
+    processor = processor or ViTImageProcessor(size={"height": 16, "width": 16})
+    train, _ = build_transforms(processor, augmentation)
+    return TrainImages(loaded["train"], train, seed=seed, cache_bytes=cache_bytes)
+
+
+def test_training_augmentation_is_a_pure_function_of_seed_epoch_and_index(image_folder):
+    dataset = _train_images(image_folder)
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    first = [dataset[i]["pixel_values"] for i in range(len(dataset))]
+    assert torch.equal(torch.get_rng_state(), state), "fetching draws nothing from the global RNG"
+    again = _train_images(image_folder)  # a fresh object, e.g. a resumed run or a dataloader worker
+    for index in reversed(range(len(dataset))):  # in any order
+        assert torch.equal(again[index]["pixel_values"], first[index])
+    dataset.set_epoch(1)
+    next_epoch = [dataset[i]["pixel_values"] for i in range(len(dataset))]
+    assert sum(not torch.equal(a, b) for a, b in zip(first, next_epoch)) >= len(first) - 1, "new epoch, new crops"
+    other_seed = _train_images(image_folder, seed=8)
+    assert any(not torch.equal(other_seed[i]["pixel_values"], first[i]) for i in range(len(first)))
+
+
+@pytest.mark.parametrize("augmentation", ["crop_flip", "crop", "none"])
+def test_image_cache_gives_the_tensors_of_decoding_at_each_fetch(image_folder, augmentation):
+    cached = _train_images(image_folder, augmentation, cache_bytes=2**20)
+    uncached = _train_images(image_folder, augmentation, cache_bytes=0)
+    assert cached.cached and not uncached.cached
+    for index in range(len(cached)):  # RGB, P, RGBA and L files
+        left, right = cached[index], uncached[index]
+        assert left["labels"] == right["labels"]
+        assert torch.equal(left["pixel_values"], right["pixel_values"])
+    # A training set that does not fit is decoded at each fetch instead, with the same result.
+    too_small = _train_images(image_folder, augmentation, cache_bytes=32 * 32 * 3 * 4)
+    assert not too_small.cached and torch.equal(too_small[3]["pixel_values"], cached[3]["pixel_values"])
+
+
+def test_crop_draws_the_same_boxes_as_crop_flip_without_the_flip(image_folder):
+    crop, crop_flip = _train_images(image_folder, "crop"), _train_images(image_folder, "crop_flip")
+    flipped = 0
+    for epoch in range(4):
+        crop.set_epoch(epoch)
+        crop_flip.set_epoch(epoch)
+        for index in range(len(crop)):
+            plain, maybe_flipped = crop[index]["pixel_values"], crop_flip[index]["pixel_values"]
+            assert torch.equal(plain, maybe_flipped) or torch.equal(plain.flip(-1), maybe_flipped)
+            flipped += not torch.equal(plain, maybe_flipped)
+    assert 0 < flipped < 4 * len(crop)
+
+
+def test_no_augmentation_trains_on_the_processors_own_pixels(image_folder):
+    processor = ConvNextImageProcessor(size={"shortest_edge": 16}, crop_pct=0.5)
+    dataset = _train_images(image_folder, "none", processor=processor)
+    loaded = load_image_datasets(folder_args(image_folder), seed=0)
+    for index in range(len(dataset)):
+        expected = processor(loaded["train"][index]["image"].convert("RGB"), return_tensors="pt")["pixel_values"][0]
+        assert torch.equal(dataset[index]["pixel_values"], expected)
+
+
+def test_eval_transform_gives_the_logits_of_the_processors_own_preprocessing(image_folder, tiny_vit_dir):
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    processor = AutoImageProcessor.from_pretrained(tiny_vit_dir)
+    model = AutoModelForImageClassification.from_pretrained(tiny_vit_dir).eval()
+    evaluation = apply_transforms(load_image_datasets(folder_args(image_folder), seed=0), processor)["validation"]
+    images = [image.convert("RGB") for image in load_image_datasets(folder_args(image_folder), seed=0)
+              ["validation"]["image"]]
+    with torch.no_grad():
+        ours = model(pixel_values=collate_fn([evaluation[i] for i in range(len(images))])["pixel_values"]).logits
+        reference = model(**processor(images, return_tensors="pt")).logits
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_train_transform_on_uint8_tensors_matches_a_pil_resize_closely():
+    """The tensor path resizes as PIL does up to rounding: a smooth image gives nearly the same pixels."""
+    from cdb_hf.data import TrainTransform, to_uint8_chw
+
+    ramp = np.tile(np.linspace(0, 255, 64, dtype=np.uint8), (48, 1))
+    vertical = np.tile(np.linspace(0, 255, 48, dtype=np.uint8)[:, None], (1, 64))
+    image = Image.fromarray(np.stack([ramp, vertical, 255 - ramp], axis=-1))
+    transform = TrainTransform((24, 24), v2.InterpolationMode.BILINEAR, [0.0] * 3, [1.0] * 3, 1.0, flip=False)
+    top, left, height, width = 4, 6, 40, 50
+    ours = v2.functional.resized_crop(to_uint8_chw(image), top, left, height, width, [24, 24], antialias=True)
+    pil = v2.functional.pil_to_tensor(v2.functional.resized_crop(image, top, left, height, width, [24, 24]))
+    assert (ours.int() - pil.int()).abs().max() <= 2
+    assert torch.equal(transform.normalize(ours), ours.float())  # mean 0, std 1, scale 1: the pixel values
+
+
+def test_a_negative_image_cache_size_is_refused_before_any_work(tmp_path, image_folder):
+    from cdb_hf.cli import parse_args
+    from cdb_hf.preflight import UsageError, plan_run
+
+    argv = ["--model_name_or_path", "builtin:efficientnet_lite0", "--train_dir", str(image_folder / "train"),
+            "--output_dir", str(tmp_path / "out"), "--do_train", "--use_cpu", "--report_to", "none",
+            "--train_image_cache_mb", "-1"]
+    with pytest.raises(UsageError, match="--train_image_cache_mb must be a whole number of MiB >= 0"):
+        plan_run(*parse_args(argv))
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unknown_train_augmentation_is_refused_by_name():
     from cdb_hf.data import build_transforms
 
-    processor = ViTImageProcessor(size={"height": 16, "width": 16})
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 20, 3), dtype=np.uint8))
-    train, evaluation = build_transforms(processor, "none")
-    torch.testing.assert_close(train(image), evaluation(image))
-    # A left-to-right ramp: any crop keeps it rising, a mirrored crop makes it fall.
-    ramp = Image.fromarray(np.tile(np.linspace(0, 255, 64).astype(np.uint8)[None, :, None], (64, 1, 3)))
-
-    def rising(transform) -> list[bool]:
-        return [bool(out[0, :, -1].mean() > out[0, :, 0].mean()) for out in (transform(ramp) for _ in range(30))]
-
-    crop, _ = build_transforms(processor, "crop")
-    flip, _ = build_transforms(processor, "crop_flip")
-    assert all(rising(crop))
-    flipped = rising(flip)
-    assert any(flipped) and not all(flipped)
     with pytest.raises(ValueError, match="train_augmentation 'rotate'"):
-        build_transforms(processor, "rotate")
+        build_transforms(ViTImageProcessor(size={"height": 16, "width": 16}), "rotate")

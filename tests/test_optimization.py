@@ -112,3 +112,19 @@ def test_cdb_trainer_refuses_a_schedule_its_run_args_would_override(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), lr_scheduler_type="cosine", use_cpu=True, report_to="none")
     with pytest.raises(UsageError, match="--lr_scheduler_type 'cosine' conflicts with --lr_schedule multistep"):
         trainer_path.CDBTrainer(model=_tiny_vit(), args=args, run_args=RunArguments(lr_schedule="multistep"))
+
+
+def test_cdb_trainer_flop_estimate_is_the_trainers_with_the_parameters_counted_once(tmp_path, monkeypatch):
+    from transformers import Trainer
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    model = _tiny_vit()
+    trainer = trainer_path.CDBTrainer(model=model, args=args)
+    inputs = {"pixel_values": torch.zeros(4, 3, 16, 16), "labels": torch.zeros(4, dtype=torch.long)}
+    expected = Trainer.floating_point_ops(trainer, inputs)
+    counts = []
+    count = model.num_parameters
+    monkeypatch.setattr(model, "num_parameters", lambda **kwargs: counts.append(1) or count(**kwargs))
+    assert [trainer.floating_point_ops(inputs) for _ in range(3)] == [expected] * 3
+    assert len(counts) == 1
+    assert trainer.floating_point_ops({"labels": inputs["labels"]}) == 0  # no main input: the Trainer's answer
