@@ -36,7 +36,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -46,7 +45,7 @@ from pathlib import Path
 
 import yaml
 
-from cdb_hf.builtin import builtin_cache_dir
+from cdb_hf.builtin import builtin_cache_dir, export_once
 from cdb_hf.demo import prepare_base_checkpoint, recipe_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,26 +76,15 @@ def prepare_small_vit(image_size: int, patch_size: int = 16) -> Path:
     import torch
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
-    target = builtin_cache_dir() / f"vit-tiny-random-{image_size}px"
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    def write(folder: Path) -> None:
         torch.manual_seed(0)
         config = ViTConfig(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768,
                            image_size=image_size, patch_size=patch_size, num_labels=10)
-        ViTForImageClassification(config).save_pretrained(staging)
+        ViTForImageClassification(config).save_pretrained(folder)
         ViTImageProcessor(size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3,
-                          image_std=[0.5] * 3).save_pretrained(staging)
-        try:
-            staging.rename(target)
-        except OSError:
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+                          image_std=[0.5] * 3).save_pretrained(folder)
+
+    return export_once(builtin_cache_dir() / f"vit-tiny-random-{image_size}px", write)
 
 
 def command(variant: str, checkpoint: Path, output_dir: Path, args: argparse.Namespace) -> list[str]:

@@ -96,22 +96,30 @@ def _strip_prefix(name: str, kind: str, registry: dict) -> str:
 def builtin_model_dir(name: str) -> Path:
     """The folder holding built-in model ``name`` in Hub layout, exported on first use (atomically)."""
     short = _strip_prefix(name, "model", _MODEL_EXPORTERS)
-    final = builtin_cache_dir() / f"{short}-{_EXPORT_FORMAT}"
-    if (final / "config.json").is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    # Export into a sibling temp dir and rename: a crash or a concurrent run never leaves a half-written folder.
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    return export_once(builtin_cache_dir() / f"{short}-{_EXPORT_FORMAT}", _MODEL_EXPORTERS[short])
+
+
+def export_once(target: Path, write: Callable[[Path], None]) -> Path:
+    """``target``, a checkpoint folder that ``write(folder)`` fills, written on first use only.
+
+    ``write`` fills a sibling temp folder that is then renamed: a crash or a concurrent process never
+    leaves a half-written checkpoint (``config.json`` marks a complete one), and losing the race to
+    another process is fine.
+    """
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        _MODEL_EXPORTERS[short](staging)
+        write(staging)
         try:
-            os.rename(staging, final)
+            os.rename(staging, target)
         except OSError:
-            if not (final / "config.json").is_file():  # not a lost race with another process: a real error
+            if not (target / "config.json").is_file():  # not a lost race with another process: a real error
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return final
+    return target
 
 
 def _pair_state_dicts_by_position(source: dict, target: dict) -> dict:

@@ -22,7 +22,6 @@ import argparse
 import json
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -70,25 +69,14 @@ def prepare_base_checkpoint(image_size: int, cache_dir: str | Path | None = None
                          "checkpoint's native size is 224)")
     source = builtin.builtin_model_dir(BASE_MODEL)
     root = Path(cache_dir) if cache_dir is not None else builtin.builtin_cache_dir()
-    target = root / f"{source.name}-{image_size}px"
-    if (target / "config.json").is_file():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    # Build beside the target and rename: an interrupted export never leaves a half-written checkpoint.
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
-    try:
+
+    def write(folder: Path) -> None:
         config = json.loads((source / "config.json").read_text())
         config["pretrained_cfg"]["input_size"] = [3, image_size, image_size]
-        shutil.copy2(source / "model.safetensors", staging / "model.safetensors")
-        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        try:
-            staging.rename(target)
-        except OSError:
-            if not (target / "config.json").is_file():  # not a lost race with a concurrent demo
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+        shutil.copy2(source / "model.safetensors", folder / "model.safetensors")
+        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    return builtin.export_once(root / f"{source.name}-{image_size}px", write)
 
 
 def build_argv(output_dir: str | Path, extra: list[str]) -> list[str]:
