@@ -27,13 +27,14 @@ from __future__ import annotations
 import math
 import os
 import time
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
+from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, InitProcessGroupKwargs
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import TrainingArguments
@@ -81,6 +82,8 @@ def train(plan: RunPlan) -> dict[str, float]:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=data_seed(args)),
         # The schedule counts optimizer steps, like the Trainer's; the loop steps it once per real step.
         step_scheduler_with_optimizer=False,
+        # --ddp_timeout bounds every barrier, as on the Trainer path (a first image check may be long).
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout))],
     )
     setup_logging(args)
     opened = []

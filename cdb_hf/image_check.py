@@ -8,16 +8,22 @@ decodes). Results of image files are kept in a sqlite file, ``$CDB_HF_CACHE/imag
 over the same folder, or the other ranks of a distributed run, decode nothing. Results of images stored
 inside a dataset (bytes in arrow files) are kept by the dataset's fingerprint. A cache that cannot be
 opened or written never fails a run: it is skipped, with a debug line.
+
+``python -m cdb_hf.image_check FOLDER ...`` checks (and caches) every image file under the folders ahead
+of a run, e.g. once on one process before a distributed run over a large folder.
 """
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import logging
 import os
 import sqlite3
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -218,3 +224,30 @@ class _Cache:
                                         (fingerprint, self.pillow, json.dumps({str(k): v for k, v in bad.items()})))
         except sqlite3.Error as error:
             self._disable(error)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Check every image file under the given folders and fill the cache; exit 1 if any is corrupt."""
+    parser = argparse.ArgumentParser(prog="python -m cdb_hf.image_check",
+                                     description="Decode every image file under FOLDER(s) once and cache the "
+                                                 "verdicts, so that the runs over them only stat the files.")
+    parser.add_argument("folders", nargs="+", type=Path, metavar="FOLDER")
+    parser.add_argument("--threads", type=int, default=None, help="Decoding threads (default: the CPUs available).")
+    args = parser.parse_args(argv)
+    missing = [str(folder) for folder in args.folders if not folder.is_dir()]
+    if missing:
+        parser.error(f"not a folder: {', '.join(missing)}")
+    extensions = {extension.lower() for extension in Image.registered_extensions()}
+    files = sorted(str(path) for folder in args.folders for path in folder.rglob("*")
+                   if path.suffix.lower() in extensions and path.is_file())
+    started = time.perf_counter()
+    bad = check_files(files, threads=args.threads)
+    for path, reason in bad.items():
+        print(f"{path}: {reason}")
+    print(f"checked {len(files)} image file(s) in {time.perf_counter() - started:.1f} s: {len(bad)} corrupt",
+          file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

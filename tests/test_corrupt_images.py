@@ -215,3 +215,16 @@ def test_predict_and_evaluate_only_images_are_checked_too(tmp_path):
         load_eval_split(DataArguments(validation_dir=str(validation)), seed=0)
     kept = load_eval_split(DataArguments(validation_dir=str(validation), corrupt_images="skip"), seed=0)
     assert len(kept) == 2 and sorted(kept["label"]) == [0, 1]
+
+
+def test_the_command_line_checker_names_corrupt_files_and_fills_the_cache(tmp_path, decodes, capsys):
+    folder, bad = folder_with_truncated_jpeg(tmp_path / "images")
+    assert image_check.main([str(folder)]) == 1
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [f"{bad}: {image_check.decode_error(str(bad))}"] and "1 corrupt" in err
+    checked = len(decodes) - 1  # the decode_error call just above
+    assert checked >= 4
+    decodes.clear()
+    assert image_check.main([str(folder)]) == 1 and decodes == []  # the second pass only stats the files
+    with pytest.raises(SystemExit):
+        image_check.main([str(tmp_path / "nowhere")])
