@@ -14,9 +14,9 @@ per-seed results, mean ± std of each arm, and the mean paired difference (CDB -
 t-distribution confidence interval. A run that fails is recorded with its error and reported; the
 statistics use complete pairs only and say how many pairs were lost::
 
-    python run_finetune.py recipes/efficientnet-lite0_mnist5k_ab.yaml   # or: python -m cdb_hf.demo --ab_seeds 5
+    python run_finetune.py recipes/efficientnet-lite0_mnist5k_ab.yaml   # or: python -m cdb_hf.demo --ab_seeds 10
 
-Outputs in ``output_dir``: ``seed{s}/baseline`` and ``seed{s}/cdb`` (each a complete run),
+Outputs in ``output_dir``: ``seed{s}/baseline``, ``seed{s}/cdb`` (and ``seed{s}/extra``), each a complete run,
 ``results.json``, ``results.csv``, ``report.md`` and ``ab_plot.png``.
 """
 
