@@ -167,6 +167,18 @@ def test_lora_run_saves_an_adapter_that_peft_loads(lora_run):
     assert not any(torch.equal(merged.state_dict()[name], reference[name]) for name in adapted)
 
 
+def test_the_merged_model_of_a_lora_run_evaluates_without_training(lora_run, image_folder, tmp_path):
+    output_dir = tmp_path / "eval"
+    code, printed = run_quietly(["--do_train", "false", "--model_name_or_path", str(lora_run.output_dir / "merged"),
+                                 "--validation_dir", str(image_folder / "validation"), "--output_dir",
+                                 str(output_dir), "--report_to", "none", "--use_cpu"])
+    assert code == 0, printed
+    results = json.loads((output_dir / "eval_results.json").read_text())
+    trained = json.loads((lora_run.output_dir / "eval_results.json").read_text())
+    assert results["eval_accuracy"] == pytest.approx(trained["eval_accuracy"])
+    assert results["eval_loss"] == pytest.approx(trained["eval_loss"], rel=1e-4)
+
+
 def test_lora_card_and_push_staging(lora_run):
     out = lora_run.output_dir
     card = (out / "README.md").read_text()
