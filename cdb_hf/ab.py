@@ -257,13 +257,8 @@ def load_eval_curve(output_dir: str | os.PathLike) -> list[dict[str, float]]:
     Reads the Trainer's ``eval_accuracy`` keys and the accelerate loop's ``eval/accuracy`` keys alike;
     an absent or unreadable file gives an empty curve (the final metrics still count).
     """
-    path = Path(output_dir) / "trainer_state.json"
-    try:
-        history = json.loads(path.read_text()).get("log_history", [])
-    except (OSError, ValueError, AttributeError):
-        return []
     curve = []
-    for entry in history:
+    for entry in _log_history(output_dir):
         point = {}
         for name in ("accuracy", "loss"):
             for key in (f"eval_{name}", f"eval/{name}"):
@@ -278,12 +273,17 @@ def load_eval_curve(output_dir: str | os.PathLike) -> list[dict[str, float]]:
 
 def final_train_loss(output_dir: str | os.PathLike) -> float | None:
     """The last logged training loss (a window of ``logging_steps``) in a run's ``trainer_state.json``."""
+    losses = [float(entry["loss"]) for entry in _log_history(output_dir) if _finite(entry.get("loss"))]
+    return losses[-1] if losses else None
+
+
+def _log_history(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The entries of a run's ``trainer_state.json`` log history; none when the file is absent or unreadable."""
     try:
         history = json.loads((Path(output_dir) / "trainer_state.json").read_text()).get("log_history", [])
     except (OSError, ValueError, AttributeError):
-        return None
-    losses = [float(entry["loss"]) for entry in history if isinstance(entry, dict) and _finite(entry.get("loss"))]
-    return losses[-1] if losses else None
+        return []
+    return [entry for entry in history if isinstance(entry, dict)] if isinstance(history, list) else []
 
 
 def _setup(plan: RunPlan, seeds, wall_time_s) -> dict[str, Any]:
@@ -373,6 +373,8 @@ def _fmt(value: float, metric: str, signed: bool = False) -> str:
 _LABELS = {"eval_accuracy": "accuracy (%)", "eval_loss": "eval loss", "final_train_loss": "final train loss",
            "train_runtime": "train time (s)"}
 _ARM_NAMES = {"baseline": "baseline", "cdb": "CDB", EXTRA_ARM: "extra"}
+#: Each arm compared with the baseline, and the summary key of its paired difference.
+_DIFFERENCES = (("cdb", "difference"), (EXTRA_ARM, "extra_difference"))
 
 
 def _arm_names(summary: dict[str, Any]) -> dict[str, str]:
@@ -411,7 +413,7 @@ def render_report(runs: Sequence[ArmRun], summary: dict[str, Any]) -> str:
               "difference (mean) | CI | p | pairs |", "|---|" + "---:|" * len(arms) + "---|---:|---:|---:|---:|"]
     for metric, stats in summary["metrics"].items():
         arm_cells = [f"{_fmt(stats[arm]['mean'], metric)} ± {_fmt(stats[arm]['std'], metric)}" for arm in arms]
-        for arm, key in (("cdb", "difference"), (EXTRA_ARM, "extra_difference")):
+        for arm, key in _DIFFERENCES:
             if key not in stats:
                 continue
             diff = stats[key]
@@ -428,7 +430,7 @@ def render_report(runs: Sequence[ArmRun], summary: dict[str, Any]) -> str:
 
     accuracy = summary["metrics"].get("eval_accuracy", {})
     verdicts = []
-    for arm, key in (("cdb", "difference"), (EXTRA_ARM, "extra_difference")):
+    for arm, key in _DIFFERENCES:
         diff = accuracy.get(key, {})
         if not _finite(diff.get("ci_low")):
             continue
@@ -476,7 +478,7 @@ def plot_ab(runs: Sequence[ArmRun], summary: dict[str, Any], path: str | os.Path
         if _finite(mean):
             left.hlines(100 * mean, x - 0.15, x + 0.15, color=colours[arm], linewidth=3)
     title = "final validation accuracy per seed"
-    for arm, key in (("cdb", "difference"), (EXTRA_ARM, "extra_difference")):
+    for arm, key in _DIFFERENCES:
         diff = stats.get(key, {})
         if _finite(diff.get("ci_low")):
             title += (f"\n{names[arm]} - baseline = {100 * diff['mean']:+.2f} pt, {100 * diff['confidence']:.0f}% CI "

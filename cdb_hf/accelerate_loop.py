@@ -48,6 +48,7 @@ from .preflight import RunPlan, UsageError, check_resume_matches, loop_state_err
 from .run import (
     DivergenceGuard,
     FinalEvaluation,
+    PredictSet,
     Startup,
     checkpoint_load_error,
     failed_run,
@@ -196,9 +197,7 @@ def train(plan: RunPlan) -> dict[str, float]:
         log_event(accelerator, eval_metrics, progress.completed_steps, metrics["epoch"], progress.log_history)
         metrics.update(eval_metrics)
         if parts.predict is not None:
-            final.predict_logits = predict(model, accelerator.prepare(DataLoader(
-                parts.predict.dataset, collate_fn=parts.predict.collate_fn,
-                batch_size=args.per_device_eval_batch_size, num_workers=args.dataloader_num_workers)), accelerator)
+            final.predict_logits = predict(model, parts.predict, accelerator, args)
         if cdb_handle is not None:
             cdb_handle.remove()  # the model may outlive this run: leave its optimizer plain
         accelerator.wait_for_everyone()
@@ -289,8 +288,12 @@ def evaluate(model: torch.nn.Module, eval_dataloader: DataLoader, accelerator: A
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, dataloader: DataLoader, accelerator: Accelerator) -> np.ndarray:
-    """The logits (float32, on the host) of every example of ``dataloader`` (prepared), in order, each once."""
+def predict(model: torch.nn.Module, predict_set: PredictSet, accelerator: Accelerator,
+            args: TrainingArguments) -> np.ndarray:
+    """The logits (float32, on the host) of every image of ``predict_set``, in order, each once."""
+    dataloader = accelerator.prepare(DataLoader(predict_set.dataset, collate_fn=predict_set.collate_fn,
+                                                batch_size=args.per_device_eval_batch_size,
+                                                num_workers=args.dataloader_num_workers))
     was_training = model.training
     model.eval()
     chunks = []

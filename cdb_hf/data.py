@@ -717,14 +717,17 @@ def build_transforms(image_processor, augmentation: str = "crop_flip"
 
 
 class _ExampleTransform:
-    """Batch of raw examples -> ``{"pixel_values": [CHW tensors], "labels": [ints]}`` (for ``set_transform``)."""
+    """Batch of raw examples -> ``{"pixel_values": [CHW tensors], "labels": [ints]}`` (for ``set_transform``);
+    a split without a ``label`` column (images to predict) gives ``pixel_values`` only."""
 
     def __init__(self, image_transform: Callable[[Any], torch.Tensor]):
         self.image_transform = image_transform
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        return {"pixel_values": [self.image_transform(image) for image in batch["image"]],
-                "labels": list(batch["label"])}
+        values = {"pixel_values": [self.image_transform(image) for image in batch["image"]]}
+        if "label" in batch:
+            values["labels"] = list(batch["label"])
+        return values
 
 
 def apply_transforms(dataset_dict: datasets.DatasetDict, image_processor,
@@ -818,7 +821,7 @@ class TrainImages(torch.utils.data.Dataset):
                  cache_bytes: int = 0) -> None:
         self.split, self.transform, self.seed, self.epoch = split, transform, seed, 0
         self.labels = [int(label) for label in split["label"]]
-        self.images = _decode_all(split, cache_bytes)
+        self.images = _decode_into_memory(split, cache_bytes)
 
     @property
     def cached(self) -> bool:
@@ -843,7 +846,7 @@ class TrainImages(torch.utils.data.Dataset):
         return {"pixel_values": pixel_values, "labels": self.labels[index]}
 
 
-def _decode_all(split: datasets.Dataset, cache_bytes: int) -> list[torch.Tensor] | None:
+def _decode_into_memory(split: datasets.Dataset, cache_bytes: int) -> list[torch.Tensor] | None:
     """Every image of ``split`` as a uint8 CHW tensor, or None when they would take more than ``cache_bytes``."""
     if cache_bytes <= 0 or len(split) == 0:
         return None
@@ -925,18 +928,7 @@ def load_predict_images(data_args, *, cache_dir: str | None = None,
 def apply_eval_transform(dataset: datasets.Dataset, image_processor) -> datasets.Dataset:
     """``dataset`` with each example as ``{"pixel_values": CHW tensor}`` (+ ``labels`` when it has a label
     column), through the checkpoint's own evaluation preprocessing."""
-    return dataset.with_transform(_EvalOnlyTransform(_ProcessorEval(image_processor)))
-
-
-class _EvalOnlyTransform:
-    def __init__(self, image_transform: Callable[[Any], torch.Tensor]):
-        self.image_transform = image_transform
-
-    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        values = {"pixel_values": [self.image_transform(image) for image in batch["image"]]}
-        if "label" in batch:
-            values["labels"] = list(batch["label"])
-        return values
+    return dataset.with_transform(_ExampleTransform(_ProcessorEval(image_processor)))
 
 
 def collate_pixels(examples: list[dict]) -> dict[str, torch.Tensor]:

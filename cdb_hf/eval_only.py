@@ -15,9 +15,7 @@ the model knows), else by position when the counts agree (a warning says so), el
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -39,7 +37,7 @@ from .run import (
     setup_logging,
     write_evaluation_files,
 )
-from .run_dir import write_json_atomic
+from .run_dir import write_results_json
 
 __all__ = ["EVAL_RUN_KIND", "evaluate_only", "match_labels", "model_labels"]
 
@@ -127,19 +125,12 @@ def evaluate_only(plan: RunPlan) -> dict[str, float]:
             metrics["eval_samples"] = len(split)
             logger.info("eval: " + ", ".join(f"{key}={value:.4g}" for key, value in metrics.items()))
         if predict_set is not None:
-            final.predict_logits = predict(model, accelerator.prepare(DataLoader(
-                predict_set.dataset, collate_fn=predict_set.collate_fn, batch_size=args.per_device_eval_batch_size,
-                num_workers=args.dataloader_num_workers)), accelerator)
+            final.predict_logits = predict(model, predict_set, accelerator, args)
         if accelerator.is_main_process:
             output_dir = Path(args.output_dir)
             if metrics:
-                write_json_atomic(output_dir / "eval_results.json", {key: _finite_or_none(value)
-                                                                      for key, value in metrics.items()})
+                write_results_json(output_dir / "eval_results.json", metrics)
             write_evaluation_files(output_dir, labels, final, predict_set)
             opened[0].complete()
         accelerator.wait_for_everyone()
     return metrics
-
-
-def _finite_or_none(value: Any) -> Any:
-    return None if isinstance(value, float) and not math.isfinite(value) else value

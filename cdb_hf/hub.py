@@ -10,7 +10,6 @@ the fine-tuned model's config in ``model_config/``), and with ``--lora_merge`` t
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from pathlib import Path
@@ -25,7 +24,8 @@ from transformers.utils import logging
 
 from .builtin import looks_like_hub_id
 from .core import ChannelDropBackConfig
-from .run_dir import RUN_MARKER, write_json_atomic
+from .optimization import OFFICIAL_LR_MILESTONE_FRACTIONS
+from .run_dir import RUN_MARKER, write_results_json
 
 __all__ = ["CDB_CONFIG_NAME", "LORA_MERGED_DIR", "MAX_CARD_CLASSES", "LORA_MODEL_CONFIG_DIR", "UPLOAD_IGNORE_PATTERNS", "check_can_push",
            "is_peft_model", "push_outputs", "save_merged_model", "save_outputs", "write_model_card"]
@@ -70,21 +70,21 @@ def save_outputs(output_dir: str | os.PathLike, model, image_processor, cdb_conf
     if image_processor is not None:
         image_processor.save_pretrained(output_dir)
     if cdb_config is not None:
-        _write_json(output_dir / CDB_CONFIG_NAME, cdb_config.to_dict())
+        write_results_json(output_dir / CDB_CONFIG_NAME, cdb_config.to_dict())
         written.append(CDB_CONFIG_NAME)
     metrics = {key: _plain(value) for key, value in metrics.items()}
     for split in ("train", "eval"):
         split_metrics = {k: v for k, v in metrics.items() if k.startswith(f"{split}_") or k == "epoch"}
         if any(k != "epoch" for k in split_metrics):
-            _write_json(output_dir / f"{split}_results.json", split_metrics)
+            write_results_json(output_dir / f"{split}_results.json", split_metrics)
             written.append(f"{split}_results.json")
-    _write_json(output_dir / "all_results.json", metrics)
+    write_results_json(output_dir / "all_results.json", metrics)
     written.append("all_results.json")
     if trainer_state is not None:
         if hasattr(trainer_state, "save_to_json"):
             trainer_state.save_to_json(str(output_dir / "trainer_state.json"))
         else:
-            _write_json(output_dir / "trainer_state.json", trainer_state)
+            write_results_json(output_dir / "trainer_state.json", trainer_state)
         written.append("trainer_state.json")
     return written
 
@@ -137,8 +137,9 @@ def write_model_card(output_dir: str | os.PathLike, model_args, data_args, cdb_c
                        if training_args is not None else None)
     if hyperparameters is not None and getattr(run_args, "lr_schedule", "trainer") == "multistep":
         milestones = run_args.lr_milestones
+        official = "/".join(f"{100 * fraction:.0f}" for fraction in OFFICIAL_LR_MILESTONE_FRACTIONS)
         where = (f"epochs {', '.join(str(m) for m in milestones)}" if milestones
-                 else "30/60/85 % of the epochs (official)")
+                 else f"{official} % of the epochs (official)")
         hyperparameters["lr_scheduler_type"] = f"multistep (x{run_args.lr_gamma} from {where})"
         hyperparameters.pop("lr_scheduler_warmup_ratio", None)
         hyperparameters.pop("lr_scheduler_warmup_steps", None)
@@ -293,18 +294,3 @@ def _round(value: Any) -> str:
 def _plain(value: Any) -> Any:
     """Tensors and numpy scalars to Python numbers, so the metrics are JSON."""
     return value.item() if hasattr(value, "item") else value
-
-
-def _write_json(path: Path, values: Any) -> None:
-    """Strict JSON (a non-finite number becomes null), written atomically."""
-    write_json_atomic(path, _finite_or_null(values))
-
-
-def _finite_or_null(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _finite_or_null(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_null(item) for item in value]
-    return value

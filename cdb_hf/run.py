@@ -219,7 +219,7 @@ def prepare_run(plan: RunPlan) -> RunParts:
         # resume's skipped batches cannot shift it; the images are decoded once when they fit in memory.
         train_dataset = data_module.TrainImages(dataset["train"], train_transform, seed=data_module.data_seed(args),
                                                 cache_bytes=data_args.train_image_cache_mb * 2**20)
-        eval_dataset = data_module.apply_transforms(dataset, image_processor)["validation"]
+        eval_dataset = data_module.apply_eval_transform(dataset["validation"], image_processor)
     predict = load_predict_set(plan, image_processor) if args.do_predict else None
     return RunParts(labels=labels, model=model, image_processor=image_processor, train_dataset=train_dataset,
                     eval_dataset=eval_dataset, collate_fn=data_module.collate_fn, predict=predict,

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["CHECKPOINT_RECORD", "RUN_MARKER", "RunDirectory", "set_aside_runs", "checkpoint_step", "find_checkpoints",
-           "read_checkpoint_record", "read_run_marker", "write_checkpoint_record", "write_json_atomic",
+           "read_checkpoint_record", "read_run_marker", "write_checkpoint_record", "write_json_atomic", "write_results_json",
            "write_run_marker"]
 
 RUN_MARKER = "cdb_hf_run.json"
@@ -49,6 +49,22 @@ def write_json_atomic(path: str | os.PathLike, values: Any) -> None:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def write_results_json(path: str | os.PathLike, values: Any) -> None:
+    """:func:`write_json_atomic` for results: a non-finite number (a diverged loss) becomes ``null``, so the
+    file stays strict JSON instead of being refused."""
+    write_json_atomic(path, _finite_or_null(values))
+
+
+def _finite_or_null(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(item) for item in value]
+    return value
 
 
 def _read_json_dict(path: Path) -> dict[str, Any] | None:
