@@ -272,10 +272,13 @@ def parse_extra_arm(run_args, training_args: TrainingArguments) -> dict[str, Any
     arm_args = copy.deepcopy(training_args)
     for name, value in overrides.items():
         setattr(arm_args, name, value)
-    _check_finite_everywhere(arm_args)
-    _check_training_arguments(arm_args)
-    if run_args.trainer == "accelerate":
-        _check_loop_arguments(arm_args)
+    try:
+        _check_finite_everywhere(arm_args)
+        _check_training_arguments(arm_args)
+        if run_args.trainer == "accelerate":
+            _check_loop_arguments(arm_args)
+    except UsageError as error:  # the run's own value is fine: say that the arm's is not
+        raise UsageError(f"--ab_extra_arm {spec!r}: {error}") from None
     return overrides
 
 

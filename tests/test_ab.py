@@ -296,8 +296,8 @@ def test_extra_arm_is_parsed_typed_and_trained_on_the_same_seeds(tmp_path):
     ("seed=3", "not a TrainingArguments value"),
     ("cdb_channel_rate=0.1", "not a TrainingArguments value"),
     ("weight_decay=abc", "takes a float"),
-    ("learning_rate=-1", "learning_rate"),
-    ("weight_decay=nan", "weight_decay"),
+    ("learning_rate=-1", "--ab_extra_arm 'learning_rate=-1': .*learning_rate"),
+    ("weight_decay=nan", "--ab_extra_arm 'weight_decay=nan': .*weight_decay"),
 ])
 def test_extra_arm_refuses_bad_specs_before_any_work(tmp_path, spec, message):
     with pytest.raises(UsageError, match=message):

@@ -268,3 +268,24 @@ def test_shipped_accelerate_configs_load_as_plain_ddp(name, processes, machines)
     assert (config.num_processes, config.num_machines) == (processes, machines)
     assert config.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU)  # never FSDP/DeepSpeed
     assert not config.use_cpu, "accelerate's CPU launcher would start processes that each think they are alone"
+
+
+def test_the_loop_gives_its_process_group_the_ddp_timeout(tmp_path, monkeypatch, tiny_vit_dir, image_folder):
+    """``--ddp_timeout`` bounds the loop's barriers as it does the Trainer's (a first image check may be long)."""
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def recording_accelerator(**kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(loop, "Accelerator", recording_accelerator)
+    plan = plan_run(*parse_args(["--model_name_or_path", str(tiny_vit_dir), "--train_dir", str(image_folder / "train"),
+                                 "--output_dir", str(tmp_path / "out"), "--trainer", "accelerate", "--use_cpu",
+                                 "--report_to", "none", "--ddp_timeout", "4321"]))
+    with pytest.raises(Stop):
+        loop.train(plan)
+    (handler,) = seen["kwargs_handlers"]
+    assert handler.timeout.total_seconds() == 4321
