@@ -501,7 +501,8 @@ class ChannelDropBack:
         The per-layer work is batched: one ``index_fill_`` per selected gradient (a fill, not a multiply, so
         an fp16 inf in a dropped row cannot become NaN), then one ``torch._foreach_mul_`` per device/dtype
         group for the rescale; exact mode saves the dropped rows of every selected weight and its
-        per-element optimizer state (one gather per tensor, one scatter back in :meth:`after_step`).
+        per-element optimizer state (one gather per tensor, one scatter back in :meth:`after_step`), and
+        skips the fill when the optimizer is one of torch's element-wise ones.
         """
         optimizer = _unwrap_optimizer(optimizer) if optimizer is not None else self._optimizer
         if optimizer is None and self.config.mode == "exact":
@@ -522,14 +523,21 @@ class ChannelDropBack:
         self._snapshots = []
         if not work:
             return
+        exact = self.config.mode == "exact"
+        # Exact mode puts every dropped row back after the step. With an optimizer whose update of an element
+        # depends on that element alone, what a dropped row's gradient held cannot reach a kept row or survive
+        # the restore, so zeroing it would be wasted memory traffic. Any other optimizer (Adafactor's factored
+        # moments, LAMB's trust ratio, ...) mixes rows and must see the zeros.
+        zero_dropped = not exact or type(optimizer) not in _ELEMENTWISE_OPTIMIZERS
         with _one_cpu_thread(work):
             rows = [_DroppedRows(sel) for sel in work]
-            if self.config.mode == "exact":
+            if exact:
                 self._snapshot(work, rows, optimizer)
             scaled: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[float]]] = {}
             for sel, dropped in zip(work, rows):
                 grad = _local(sel.param.grad)
-                dropped.zero_(grad)
+                if zero_dropped:
+                    dropped.zero_(grad)
                 if sel.scale != 1.0:
                     tensors, scales = scaled.setdefault((grad.device, grad.dtype), ([], []))
                     tensors.append(grad)
@@ -806,6 +814,14 @@ def _one_cpu_thread(work: list[_Selected]) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+#: torch optimizers whose update of each element reads only that element's gradient and state (what
+#: exact mode relies on to skip zeroing the rows it restores). Exact types: a subclass may mix elements.
+_ELEMENTWISE_OPTIMIZERS = frozenset({
+    torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam,
+    torch.optim.Adagrad, torch.optim.RMSprop, torch.optim.Adadelta, torch.optim.Rprop, torch.optim.ASGD,
+})
 
 
 def _is_per_element(value: Any, param: torch.Tensor) -> bool:
