@@ -7,7 +7,8 @@ each aten kernel's time, and the bytes exact mode must move (the dropped rows of
 Adam's two moments, out before the step and back after it) with the bandwidth this implies. It also
 measures this machine's memory copy bandwidth (one thread, a tensor far larger than the caches) and
 turns the bytes the hooks cannot avoid (that save and restore, plus the rescale's read and write of
-every selected gradient) into a lower bound on their time, as a share of the iteration.
+every selected gradient; in grad mode the rescale and the zeroed rows) into a lower bound on their
+time, as a share of the iteration.
 
     python bench/exact_profile.py
 
@@ -164,9 +165,12 @@ def main() -> None:
     rescale = eligible * SETTING["layer_rate"] * 4 * 2  # every selected gradient read and written once
     bandwidth = copy_bandwidth_gb_s()
     bound_ms = (2 * moved + rescale) / (bandwidth * 1e9) * 1e3
+    zeroed = dropped_bytes  # grad mode also writes zeros over the dropped gradient rows
+    grad_bound_ms = (rescale + zeroed) / (bandwidth * 1e9) * 1e3
     results.update({"kernels_ms_per_step": kernels, "eligible_elements": eligible,
                     "save_traffic_mb": moved / 1e6, "rescale_traffic_mb": rescale / 1e6,
                     "copy_bandwidth_gb_s": bandwidth, "exact_lower_bound_ms": bound_ms,
+                    "grad_lower_bound_ms": grad_bound_ms,
                     "index_select_gb_s": moved / (kernels.get("aten::index_select", float("nan")) * 1e-3) / 1e9,
                     "index_copy_gb_s": moved / (kernels.get("aten::index_copy_", float("nan")) * 1e-3) / 1e9})
     print(f"iteration {results['iteration_ms']:.1f} ms; hooks grad {results['hooks_grad_ms']:.2f} ms "
@@ -182,8 +186,11 @@ def main() -> None:
           f"index_select at {results['index_select_gb_s']:.1f} GB/s, index_copy_ at {results['index_copy_gb_s']:.1f} GB/s")
     print(f"memory copy bandwidth (1 thread, read + write): {bandwidth:.1f} GB/s; the save, the restore and the "
           f"rescale ({rescale / 1e6:.1f} MB) cannot take less than {bound_ms:.2f} ms a step, "
-          f"{100 * bound_ms / results['iteration_ms']:.2f} % of the iteration")
-    results["row_kernels_us"] = row_kernels(max((p for p in cdb.layers.values()), key=torch.Tensor.numel))
+          f"{100 * bound_ms / results['iteration_ms']:.2f} % of the iteration; grad mode's rescale and zeroing "
+          f"({(rescale + zeroed) / 1e6:.1f} MB) no less than {grad_bound_ms:.2f} ms, "
+          f"{100 * grad_bound_ms / results['iteration_ms']:.2f} %")
+    results["row_kernels_us"] = row_kernels(max((p for p in cdb.layers.values()), key=torch.Tensor.numel),
+                                          reps=max(2 * args.steps, 10))
     print("row kernels on one", "x".join(map(str, max(cdb.layers.values(), key=torch.Tensor.numel).shape)),
           "weight, half its rows, 1 thread (us):")
     for name, us in results["row_kernels_us"].items():

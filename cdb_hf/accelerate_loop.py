@@ -255,7 +255,8 @@ def train_one_epoch(model: torch.nn.Module, batches, optimizer, lr_scheduler, ac
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, eval_dataloader: DataLoader, accelerator: Accelerator,
              num_labels: int, final: FinalEvaluation | None = None) -> dict[str, float]:
-    """``eval_loss``, ``eval_accuracy`` (and ``eval_top5_accuracy``) over the whole validation set.
+    """``eval_loss`` (the mean cross-entropy per image), ``eval_accuracy`` (and ``eval_top5_accuracy``) over the
+    whole validation set.
 
     ``gather_for_metrics`` collects every process's predictions and drops the samples duplicated to even
     out the last batch, so each example counts exactly once, whatever the number of processes. With
@@ -269,10 +270,11 @@ def evaluate(model: torch.nn.Module, eval_dataloader: DataLoader, accelerator: A
     sum_dtype = torch.float32 if accelerator.device.type == "mps" else torch.float64  # MPS has no float64
     loss_sum, count = torch.zeros((), dtype=sum_dtype, device=accelerator.device), 0
     for batch in eval_dataloader:
-        outputs = model(**batch)
-        labels = batch["labels"]
-        logits, labels, losses = accelerator.gather_for_metrics(
-            (outputs.logits, labels, outputs.loss.detach().float().repeat(labels.shape[0])))
+        logits = model(pixel_values=batch["pixel_values"]).logits
+        # Per image, not the batch mean repeated: a last batch evened out with duplicates would otherwise
+        # leak the duplicates' loss into the images that are kept.
+        losses = torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="none")
+        logits, labels, losses = accelerator.gather_for_metrics((logits, batch["labels"], losses))
         cdb_metrics.add_batch(metrics, logits, labels)
         if final is not None:
             predicted.append(logits.argmax(-1).cpu())

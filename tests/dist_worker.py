@@ -10,7 +10,9 @@ each rank writes what it saw to ``<workdir>/rank<i>.json``; the test compares th
 * ``accelerate``: the accelerate loop, uninterrupted;
 * ``accelerate_resumed``: the same job crashed after optimizer step ``crash_after`` and resumed from the
   newest checkpoint in its output_dir (``--resume_from_checkpoint true``);
-* ``trainer``: the transformers Trainer path with ChannelDropBackCallback.
+* ``trainer``: the transformers Trainer path with ChannelDropBackCallback;
+* ``eval_only``: ``--do_train false`` (with ``--do_predict``) on the ``accelerate`` scenario's saved model,
+  when ``spec.json`` has ``eval_args``: the metrics each rank returned (the files are read by the test).
 
 A spy on ``ChannelDropBack.after_step`` (CDB's optimizer post-hook) records, after every optimizer step,
 the step's selection (bool masks), its scheduled rate, and a hash of every trainable parameter; a spy on
@@ -33,6 +35,7 @@ from cdb_hf.accelerate_loop import train as accelerate_train
 from cdb_hf.cli import parse_args
 from cdb_hf.core import ChannelDropBack
 from cdb_hf.data import collate_fn
+from cdb_hf.eval_only import evaluate_only
 from cdb_hf.preflight import plan_run
 from cdb_hf.trainer_path import train as trainer_train
 
@@ -136,6 +139,11 @@ def main(workdir: Path) -> None:
     output = run(trainer_train, "trainer", ["--trainer", "hf", *spec["trainer_args"]])
     results["trainer"] = {"steps": spy.take(), "batches": train_batches(),
                           "model_sha256": file_sha256(output / "model.safetensors")}
+
+    if spec.get("eval_args"):
+        flags = [*spec["eval_args"], "--model_name_or_path", str(workdir / "accelerate"),
+                 "--output_dir", str(workdir / "eval_only")]
+        results["eval_only"] = {"metrics": evaluate_only(plan_run(*parse_args(flags)))}
 
     (workdir / f"rank{state.process_index}.json").write_text(json.dumps(results, indent=1))
     state.wait_for_everyone()

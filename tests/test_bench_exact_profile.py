@@ -22,7 +22,8 @@ def test_exact_profile_reports_hooks_kernels_and_alternatives(tmp_path):
     assert {"aten::index_select", "aten::index_copy_"} <= set(results["kernels_ms_per_step"])
     # exact mode with AdamW (element-wise) restores the dropped rows and leaves their gradient alone
     assert "aten::index_fill_" not in results["kernels_ms_per_step"]
-    assert results["copy_bandwidth_gb_s"] > 0 and 0 < results["exact_lower_bound_ms"] < results["hooks_exact_ms"]
+    assert results["copy_bandwidth_gb_s"] > 0 and results["exact_lower_bound_ms"] > 0
+    assert 0 < results["grad_lower_bound_ms"] < results["exact_lower_bound_ms"]
     # half of 23 layers' elements, half their rows, 3 fp32 tensors read and written: the model's own size
     assert 10 < results["save_traffic_mb"] < 20
     assert "restore: index_copy_ (used)" in results["row_kernels_us"] and all(

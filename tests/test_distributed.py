@@ -39,7 +39,7 @@ def ranks(tmp_path_factory, tiny_vit_dir, image_folder) -> list[dict]:
               "--cdb_layer_rate_init", "0.3", "--cdb_schedule", "linear", "--cdb_channel_rate", "0.4",
               "--cdb_mode", "exact", "--cdb_seed", "11"]
     spec = {"common_args": common, "loop_args": [], "trainer_args": [], "crash_after": CRASH_AFTER,
-            "train_batch_size": 2}
+            "train_batch_size": 2, "eval_args": eval_only_args(image_folder)}
     (workdir / "spec.json").write_text(json.dumps(spec))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
@@ -47,7 +47,18 @@ def ranks(tmp_path_factory, tiny_vit_dir, image_folder) -> list[dict]:
                "--main_process_port", str(_free_port()), str(WORKER), str(workdir)]
     finished = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert finished.returncode == 0, f"accelerate launch failed:\n{finished.stdout[-4000:]}\n{finished.stderr[-6000:]}"
-    return [json.loads((workdir / f"rank{rank}.json").read_text()) for rank in range(2)]
+    records = [json.loads((workdir / f"rank{rank}.json").read_text()) for rank in range(2)]
+    for record in records:
+        record["workdir"] = str(workdir)
+    return records
+
+
+def eval_only_args(image_folder: Path) -> list[str]:
+    """``--do_train false`` with a prediction over the 15 training images: 8 + 7 over two ranks, so the last
+    batch is evened out with a duplicate that must not reach the results."""
+    return ["--do_train", "false", "--do_predict", "--predict_dir", str(image_folder / "train"),
+            "--validation_dir", str(image_folder / "validation"), "--use_cpu", "--per_device_eval_batch_size", "4",
+            "--report_to", "none", "--disable_tqdm", "true"]
 
 
 def _free_port() -> int:
@@ -121,3 +132,31 @@ def test_interrupted_and_resumed_job_ends_with_the_uninterrupted_weights(ranks):
         assert resumed["batches"] == rank["accelerate"]["batches"][6:]
     rank0 = ranks[0]
     assert rank0["accelerate_resumed"]["model_sha256"] == rank0["accelerate"]["model_sha256"] is not None
+
+
+def test_evaluation_only_on_two_ranks_equals_one_process(ranks, image_folder, tmp_path):
+    """--do_train false under accelerate launch: every image counted and predicted once, the same metrics and
+    predictions as one process, one set of files."""
+    from cdb_hf import cli
+
+    workdir = Path(ranks[0]["workdir"])
+    single = tmp_path / "single"
+    code = cli.main([*eval_only_args(image_folder), "--model_name_or_path", str(workdir / "accelerate"),
+                     "--output_dir", str(single)])
+    assert code == 0
+    expected = json.loads((single / "eval_results.json").read_text())
+    assert expected["eval_samples"] == 6
+    for rank in ranks:
+        metrics = rank["eval_only"]["metrics"]
+        assert metrics["eval_accuracy"] == expected["eval_accuracy"]
+        assert metrics["eval_loss"] == pytest.approx(expected["eval_loss"], rel=1e-5)
+    written = json.loads((workdir / "eval_only" / "eval_results.json").read_text())
+    assert written["eval_samples"] == 6 and written["eval_accuracy"] == expected["eval_accuracy"]
+
+    def predictions(folder: Path) -> list[list[str]]:
+        return [line.split(",") for line in (folder / "predictions.csv").read_text().splitlines()]
+
+    two_ranks, one = predictions(workdir / "eval_only"), predictions(single)
+    assert len(two_ranks) == len(one) == 16  # header + each of the 15 images once
+    assert [row[:2] for row in two_ranks] == [row[:2] for row in one]  # same files, same predicted classes
+    assert [float(row[3]) for row in two_ranks[1:]] == pytest.approx([float(row[3]) for row in one[1:]], abs=1e-5)
