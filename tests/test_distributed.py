@@ -46,8 +46,13 @@ def ranks(tmp_path_factory, tiny_vit_dir, image_folder) -> list[dict]:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_CONFIG),
                "--main_process_port", str(_free_port()), str(WORKER), str(workdir)]
     finished = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
-    assert finished.returncode == 0, f"accelerate launch failed:\n{finished.stdout[-4000:]}\n{finished.stderr[-6000:]}"
-    records = [json.loads((workdir / f"rank{rank}.json").read_text()) for rank in range(2)]
+    written = [workdir / f"rank{rank}.json" for rank in range(2)]
+    # torch 2.14's gloo sometimes aborts a rank at interpreter exit, after destroy_process_group and so after
+    # the rank wrote its record: with exactly that signature and every record written, judge by the records.
+    exit_abort = "terminate called without an active exception" in finished.stderr
+    assert finished.returncode == 0 or (exit_abort and all(path.is_file() for path in written)), (
+        f"accelerate launch failed:\n{finished.stdout[-4000:]}\n{finished.stderr[-6000:]}")
+    records = [json.loads(path.read_text()) for path in written]
     for record in records:
         record["workdir"] = str(workdir)
     return records

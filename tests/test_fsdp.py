@@ -131,7 +131,9 @@ def _rank_main(rank: int, world_size: int, port: int, out_dir: str) -> None:
             fully_shard(model)
             results[f"{axis}-{mode}"] = train(model, cdb_config(axis, mode), rank, world_size)
         results["refusals"] = _refusals(init_device_mesh("cpu", (world_size,)))
-        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+        # Written whole or not at all: the test judges the ranks by these files (see ``ranks``).
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt.tmp")
+        os.replace(Path(out_dir) / f"rank{rank}.pt.tmp", Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -146,8 +148,16 @@ def _free_port() -> int:
 def ranks(tmp_path_factory) -> list[dict]:
     """Spawn both ranks once; return ``[rank 0's record, rank 1's record]``."""
     out_dir = tmp_path_factory.mktemp("fsdp2")
-    mp.start_processes(_rank_main, args=(WORLD_SIZE, _free_port(), str(out_dir)), nprocs=WORLD_SIZE,
-                       join=True, start_method="spawn")
+    written = [out_dir / f"rank{rank}.pt" for rank in range(WORLD_SIZE)]
+    try:
+        mp.start_processes(_rank_main, args=(WORLD_SIZE, _free_port(), str(out_dir)), nprocs=WORLD_SIZE,
+                           join=True, start_method="spawn")
+    except mp.ProcessExitedException as exited:
+        # torch 2.14's gloo sometimes aborts a rank at interpreter exit ("terminate called without an active
+        # exception": SIGABRT), after destroy_process_group and so after the rank wrote its record. That
+        # signature, with every record written, is not a failure of what is tested here; anything else is.
+        if not (exited.signal_name == "SIGABRT" and all(path.is_file() for path in written)):
+            raise
     return [torch.load(out_dir / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
 
 
