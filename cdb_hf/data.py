@@ -890,13 +890,14 @@ def load_eval_split(data_args, seed: int, *, cache_dir: str | None = None,
     return load_image_datasets(data_args, seed, cache_dir=cache_dir, token=token)["validation"]
 
 
-def load_predict_images(data_args, *, cache_dir: str | None = None,
-                        token: str | bool | None = None) -> tuple[str, list[Any], datasets.Dataset]:
-    """``(key name, keys, dataset with an image column)`` for ``--do_predict``.
+def load_predict_images(data_args, *, cache_dir: str | None = None, token: str | bool | None = None
+                        ) -> tuple[str, list[Any], datasets.Dataset, list[str] | None]:
+    """``(key name, keys, dataset with an image column, true class names or None)`` for ``--do_predict``.
 
     ``--predict_dir``: every image file under the folder (flat or in sub-folders), keyed by its path relative to
-    the folder (``file``). ``--predict_split_name``: that split of ``--dataset_name``, keyed by ``index``; its
-    labels, if any, are not needed.
+    the folder (``file``); no true classes. ``--predict_split_name``: that split of ``--dataset_name``, keyed by
+    ``index``; when it has a class-label column, each image's true class name (``""`` for an unlabeled example,
+    e.g. the ``-1`` of a hidden test set), which ``predictions.csv`` lists beside the prediction.
     """
     if data_args.predict_dir:
         folder = _check_is_dir(data_args.predict_dir, "predict_dir")
@@ -908,7 +909,7 @@ def load_predict_images(data_args, *, cache_dir: str | None = None,
                                              features=datasets.Features({"image": datasets.Image()}))
         dataset, kept = _without_corrupt_images(dataset, "predict", getattr(data_args, "corrupt_images", "error"),
                                                 data_args.predict_dir)
-        return "file", [files[i].relative_to(folder).as_posix() for i in kept], dataset
+        return "file", [files[i].relative_to(folder).as_posix() for i in kept], dataset, None
     name = data_args.predict_split_name
     raw = _load_source(data_args, cache_dir=cache_dir, token=token)
     source = data_args.dataset_name or data_args.train_dir
@@ -918,11 +919,25 @@ def load_predict_images(data_args, *, cache_dir: str | None = None,
     if len(split) == 0:
         raise ValueError(f"The {name!r} split of {source!r} is empty.")
     column = _find_image_column(split, data_args.image_column_name, source)
+    class_names = _class_names(split, getattr(data_args, "label_column_name", None))
     split = split.select_columns([column]).rename_columns({column: "image"} if column != "image" else {})
     if not (isinstance(split.features["image"], datasets.Image) and split.features["image"].decode):
         split = split.cast_column("image", datasets.Image())
     split, kept = _without_corrupt_images(split, name, getattr(data_args, "corrupt_images", "error"), source)
-    return "index", kept, split
+    return "index", kept, split, [class_names[i] for i in kept] if class_names is not None else None
+
+
+def _class_names(split: datasets.Dataset, requested: str | None) -> list[str] | None:
+    """Each example's class name from the split's class-label column (``""`` where the id is not a class, such
+    as ``-1``), or None when it has none. Reads that column alone: no image is decoded."""
+    column = requested if requested in split.column_names else next(
+        (name for name, feature in split.features.items() if isinstance(feature, datasets.ClassLabel)), None)
+    feature = split.features.get(column) if column is not None else None
+    if not isinstance(feature, datasets.ClassLabel):
+        return None
+    names = feature.names
+    return [names[i] if isinstance(i, int) and 0 <= i < len(names) else ""
+            for i in split.select_columns([column])[column]]
 
 
 def apply_eval_transform(dataset: datasets.Dataset, image_processor) -> datasets.Dataset:

@@ -7,8 +7,9 @@ so every run writes the same files:
   class's recall; empty when the class has no example);
 * ``eval_confusion_matrix.csv`` — rows are true classes, columns predicted classes, cells counts;
 * ``eval_confusion_matrix.png`` — the same as a picture, when matplotlib is installed (``cdb_hf[demo]``);
-* ``predictions.csv`` (``--do_predict``) — per image: its file or index, the predicted label, then the
-  top-k labels with their probabilities (k = min(5, number of classes)).
+* ``predictions.csv`` (``--do_predict``) — per image: its file or index, its true label when the predicted
+  split has class labels, the predicted label, then the top-k labels with their probabilities
+  (k = min(5, number of classes)).
 
 Nothing here needs torch or transformers: arrays in, files out.
 """
@@ -161,24 +162,28 @@ def top_k(probabilities: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_predictions_csv(path: str | os.PathLike, key_name: str, keys: Sequence[Any], logits: Any,
-                          labels: Sequence[str], k: int = 5) -> int:
-    """Write ``predictions.csv``: ``key_name`` (``file`` or ``index``), ``predicted_label``, then
-    ``top1_label, top1_probability, ...`` for k = min(``k``, number of classes). Returns the row count."""
+                          labels: Sequence[str], k: int = 5, true_labels: Sequence[str] | None = None) -> int:
+    """Write ``predictions.csv``: ``key_name`` (``file`` or ``index``), ``label`` (the true class name, only
+    with ``true_labels``), ``predicted_label``, then ``top1_label, top1_probability, ...`` for k = min(``k``,
+    number of classes). Returns the row count."""
     logits = np.asarray(logits)
     if logits.ndim != 2 or logits.shape[1] != len(labels):
         raise ValueError(f"logits of shape {logits.shape} do not fit {len(labels)} labels")
     if len(keys) != logits.shape[0]:
         raise ValueError(f"{len(keys)} keys for {logits.shape[0]} rows of logits")
+    if true_labels is not None and len(true_labels) != len(keys):
+        raise ValueError(f"{len(true_labels)} true labels for {len(keys)} rows")
     k = min(k, len(labels))
     ids, probabilities = top_k(softmax(logits), k)
-    header = [key_name, "predicted_label"]
+    header = [key_name, *(["label"] if true_labels is not None else []), "predicted_label"]
     for rank in range(1, k + 1):
         header += [f"top{rank}_label", f"top{rank}_probability"]
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
-        for key, row_ids, row_probabilities in zip(keys, ids.tolist(), probabilities.tolist()):
-            cells: list[Any] = [key, labels[row_ids[0]]]
+        truths = true_labels if true_labels is not None else [None] * len(keys)
+        for key, truth, row_ids, row_probabilities in zip(keys, truths, ids.tolist(), probabilities.tolist()):
+            cells: list[Any] = [key, *([truth] if true_labels is not None else []), labels[row_ids[0]]]
             for class_id, probability in zip(row_ids, row_probabilities):
                 cells += [labels[class_id], f"{probability:.6f}" if math.isfinite(probability) else ""]
             writer.writerow(cells)

@@ -80,6 +80,8 @@ class PredictSet:
     keys: list[Any]
     dataset: Any
     collate_fn: Any = data_module.collate_pixels
+    #: each image's true class name, when the predicted split has class labels (``predictions.csv``'s ``label``)
+    true_labels: list[str] | None = None
 
 
 @dataclass
@@ -229,9 +231,10 @@ def prepare_run(plan: RunPlan) -> RunParts:
 def load_predict_set(plan: RunPlan, image_processor) -> PredictSet:
     """``--predict_dir`` / ``--predict_split_name`` through the checkpoint's evaluation preprocessing."""
     with usage_errors():
-        key_name, keys, dataset = data_module.load_predict_images(plan.data, cache_dir=plan.model.cache_dir,
-                                                                  token=plan.model.token)
-        return PredictSet(key_name, keys, data_module.apply_eval_transform(dataset, image_processor))
+        key_name, keys, dataset, true_labels = data_module.load_predict_images(
+            plan.data, cache_dir=plan.model.cache_dir, token=plan.model.token)
+        return PredictSet(key_name, keys, data_module.apply_eval_transform(dataset, image_processor),
+                          true_labels=true_labels)
 
 
 def _check_enough_examples(num_examples: int, args, world_size: int) -> None:
@@ -371,7 +374,7 @@ def write_evaluation_files(output_dir: str | os.PathLike, labels: list[str], fin
         rows = evaluation.write_per_class_files(output_dir, final.predictions, final.references, labels)
     if predict is not None and final.predict_logits is not None:
         evaluation.write_predictions_csv(Path(output_dir) / evaluation.PREDICTIONS_CSV, predict.key_name,
-                                         predict.keys, final.predict_logits, labels)
+                                         predict.keys, final.predict_logits, labels, true_labels=predict.true_labels)
     return rows
 
 

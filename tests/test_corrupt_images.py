@@ -203,8 +203,9 @@ def test_predict_and_evaluate_only_images_are_checked_too(tmp_path):
     (folder / "sub" / "broken.jpg").write_bytes(truncated_jpeg_bytes())
     with pytest.raises(ValueError, match=r"broken\.jpg.*--corrupt_images skip"):
         load_predict_images(DataArguments(predict_dir=str(folder)))
-    key_name, keys, dataset = load_predict_images(DataArguments(predict_dir=str(folder), corrupt_images="skip"))
-    assert (key_name, keys, len(dataset)) == ("file", ["a.jpg", "sub/b.jpg"], 2)
+    key_name, keys, dataset, true_labels = load_predict_images(DataArguments(predict_dir=str(folder),
+                                                                             corrupt_images="skip"))
+    assert (key_name, keys, len(dataset), true_labels) == ("file", ["a.jpg", "sub/b.jpg"], 2, None)
 
     validation = tmp_path / "validation"
     for label in ("cat", "dog"):

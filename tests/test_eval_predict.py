@@ -99,6 +99,13 @@ def test_predictions_csv_has_top_k_in_order(tmp_path):
     expected = np.exp(logits[0]) / np.exp(logits[0]).sum()
     assert float(rows[1][3]) == pytest.approx(expected[1], abs=1e-6)
     check_predictions(tmp_path / "p.csv", ["0", "1"], labels)
+    evaluation.write_predictions_csv(tmp_path / "q.csv", "index", [0, 1], logits, labels, true_labels=["b", ""])
+    with_truth = read_csv(tmp_path / "q.csv")
+    assert with_truth[0][:3] == ["index", "label", "predicted_label"]
+    assert [row[1] for row in with_truth[1:]] == ["b", ""]
+    assert [row[:1] + row[2:] for row in with_truth] == rows, "the rest is unchanged"
+    with pytest.raises(ValueError, match="1 true labels for 2 rows"):
+        evaluation.write_predictions_csv(tmp_path / "r.csv", "index", [0, 1], logits, labels, true_labels=["b"])
 
 
 def test_labels_match_by_name_else_by_position_else_one_error():
@@ -122,20 +129,24 @@ def test_model_card_lists_per_class_accuracy_up_to_twenty_classes(tmp_path):
     assert "25 classes: see `eval_per_class.csv`" in card and "| class24 |" not in card
 
 
-def test_predict_split_of_a_dataset_is_keyed_by_index(tmp_path):
+def test_predict_split_of_a_dataset_is_keyed_by_index_with_its_true_labels(tmp_path):
     rng = np.random.default_rng(0)
-    images = [make_image((200, 30, 30), "RGB", rng) for _ in range(5)]
+    images = [make_image((200, 30, 30), "RGB", rng) for _ in range(7)]
     features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["x", "y"])})
     datasets.DatasetDict({
         "train": datasets.Dataset.from_dict({"img": images[:2], "label": [0, 1]}, features=features),
-        "test": datasets.Dataset.from_dict({"img": images[2:], "label": [-1, -1, -1]}, features=features),
+        "test": datasets.Dataset.from_dict({"img": images[2:5], "label": [-1, -1, -1]}, features=features),
+        "validation": datasets.Dataset.from_dict({"img": images[5:], "label": [1, 0]}, features=features),
     }).save_to_disk(tmp_path / "ds")
     args = SimpleNamespace(predict_dir=None, predict_split_name="test", dataset_name=str(tmp_path / "ds"),
                            dataset_config_name=None, train_dir=None, image_column_name=None)
-    key_name, keys, split = data_module.load_predict_images(args)
+    key_name, keys, split, true_labels = data_module.load_predict_images(args)
     assert (key_name, keys, split.column_names) == ("index", [0, 1, 2], ["image"])
+    assert true_labels == ["", "", ""], "a hidden test set's -1 is no class"
+    args.predict_split_name = "validation"
+    assert data_module.load_predict_images(args)[3] == ["y", "x"]
     args.predict_split_name = "nope"
-    with pytest.raises(ValueError, match=r"--predict_split_name 'nope' is not a split .* \['test', 'train'\]"):
+    with pytest.raises(ValueError, match=r"--predict_split_name 'nope' is not a split .* \['test', 'train', 'valid"):
         data_module.load_predict_images(args)
 
 
@@ -221,3 +232,28 @@ def test_evaluation_only_leaves_the_training_run_untouched(trained, image_folder
                                  str(image_folder / "validation"), "--output_dir", str(output_dir), "--report_to", "none"])
     assert code == 2 and "is not empty; --do_train false writes into a new folder" in printed, printed
     assert tree_hashes(output_dir) == evaluated
+
+
+def test_predicting_a_labelled_split_lists_each_true_label_and_they_agree_with_the_evaluation(trained, tmp_path):
+    """--predict_split_name on a split with class labels: predictions.csv has a `label` column, and counting
+    label == predicted_label over the evaluated split gives the run's eval_accuracy."""
+    rng = np.random.default_rng(1)
+    colours = {"blue": (30, 30, 200), "green": (30, 200, 30), "red": (200, 30, 30)}
+    names = [name for name in TINY_LABELS for _ in range(3)]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=TINY_LABELS)})
+    split = datasets.Dataset.from_dict({"image": [make_image(colours[n], "RGB", rng) for n in names],
+                                       "label": [TINY_LABELS.index(n) for n in names]}, features=features)
+    datasets.DatasetDict({"train": split, "validation": split}).save_to_disk(tmp_path / "ds")
+    output_dir = tmp_path / "out"
+    code, printed = run_quietly(["--do_train", "false", "--model_name_or_path", str(trained), "--dataset_name",
+                                 str(tmp_path / "ds"), "--output_dir", str(output_dir), "--report_to", "none",
+                                 "--use_cpu", "--disable_tqdm", "true", "--do_predict",
+                                 "--predict_split_name", "validation"])
+    assert code == 0, printed
+    rows = read_csv(output_dir / evaluation.PREDICTIONS_CSV)
+    assert rows[0][:3] == ["index", "label", "predicted_label"]
+    assert [row[1] for row in rows[1:]] == names
+    correct = sum(row[1] == row[2] for row in rows[1:])
+    results = json.loads((output_dir / "eval_results.json").read_text())
+    assert results["eval_samples"] == len(names)
+    assert correct / len(names) == pytest.approx(results["eval_accuracy"])
