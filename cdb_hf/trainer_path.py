@@ -256,6 +256,23 @@ class _RunTrainer(CDBTrainer):
         self.divergence_guard.observe(loss)
         return loss
 
+    def evaluation_loop(self, dataloader, description: str, prediction_loss_only: bool | None = None,
+                        ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"):
+        """transformers' loop, with the loss recomputed per image from the gathered logits and labels.
+
+        The Trainer repeats each batch's mean loss for every image of the batch, so on several processes the
+        duplicates that even out the last batch leak into it; the gathered logits and labels have those
+        duplicates dropped. The same per-image mean as the accelerate loop (label smoothing included, as the
+        Trainer's own loss has it).
+        """
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                         metric_key_prefix)
+        key = f"{metric_key_prefix}_loss"
+        if key in output.metrics and output.predictions is not None and output.label_ids is not None:
+            output.metrics[key] = mean_loss_per_image(output.predictions, output.label_ids,
+                                                      self.args.label_smoothing_factor)
+        return output
+
     def _save_checkpoint(self, model, trial) -> None:
         """The Trainer's save, with the checkpoint's record written *before* older checkpoints are rotated
         out: the Trainer rotates before its ``on_save`` callbacks run, so a kill in between would leave no
@@ -334,6 +351,14 @@ def _load_or_refuse(load, checkpoint: str | None, what: str, *args: Any) -> None
         raise
     except Exception as error:
         raise checkpoint_load_error(checkpoint, what, error) from error
+
+
+def mean_loss_per_image(predictions: Any, label_ids: Any, label_smoothing: float = 0.0) -> float:
+    """The mean cross-entropy per image of gathered predictions, smoothed as transformers' ``LabelSmoother``."""
+    logits = torch.as_tensor(_logits(predictions)).float()
+    losses = torch.nn.functional.cross_entropy(logits, torch.as_tensor(label_ids).long(), reduction="none",
+                                               label_smoothing=label_smoothing)
+    return losses.double().mean().item()
 
 
 def _logits(predictions: Any) -> Any:

@@ -165,3 +165,23 @@ def test_evaluation_only_on_two_ranks_equals_one_process(ranks, image_folder, tm
     assert len(two_ranks) == len(one) == 16  # header + each of the 15 images once
     assert [row[:2] for row in two_ranks] == [row[:2] for row in one]  # same files, same predicted classes
     assert [float(row[3]) for row in two_ranks[1:]] == pytest.approx([float(row[3]) for row in one[1:]], abs=1e-5)
+
+
+@pytest.mark.parametrize("scenario", ["trainer", "accelerate"])
+def test_final_evaluation_on_two_ranks_counts_each_image_once_on_both_paths(ranks, image_folder, tmp_path, scenario):
+    """The 6 validation images in batches of 4 over two ranks: the last batch is evened out with duplicates.
+    Both paths' eval_loss and eval_accuracy equal a one-process evaluation of the saved model (the Trainer
+    path's own loss would repeat each batch's mean, duplicates included)."""
+    from cdb_hf import cli
+
+    run = Path(ranks[0]["workdir"]) / scenario
+    single = tmp_path / "single"
+    code = cli.main(["--do_train", "false", "--model_name_or_path", str(run), "--validation_dir",
+                     str(image_folder / "validation"), "--use_cpu", "--per_device_eval_batch_size", "4",
+                     "--report_to", "none", "--disable_tqdm", "true", "--output_dir", str(single)])
+    assert code == 0
+    expected = json.loads((single / "eval_results.json").read_text())
+    got = json.loads((run / "eval_results.json").read_text())
+    assert expected["eval_samples"] == 6
+    assert got["eval_accuracy"] == expected["eval_accuracy"]
+    assert got["eval_loss"] == pytest.approx(expected["eval_loss"], rel=1e-5)

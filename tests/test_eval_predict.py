@@ -257,3 +257,22 @@ def test_predicting_a_labelled_split_lists_each_true_label_and_they_agree_with_t
     results = json.loads((output_dir / "eval_results.json").read_text())
     assert results["eval_samples"] == len(names)
     assert correct / len(names) == pytest.approx(results["eval_accuracy"])
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_the_trainer_paths_per_image_loss_is_the_trainers_own_loss_on_whole_batches(smoothing):
+    """What the CLI's Trainer reports as eval_loss (recomputed per image from the gathered logits) equals the
+    Trainer's own loss, label smoothing included, when no duplicate pads a batch."""
+    import torch
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    from cdb_hf.trainer_path import mean_loss_per_image
+
+    generator = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(12, 5, generator=generator) * 3, torch.randint(0, 5, (12,), generator=generator)
+    if smoothing:
+        expected = LabelSmoother(epsilon=smoothing)({"logits": logits}, labels).item()
+    else:
+        expected = torch.nn.functional.cross_entropy(logits, labels).item()
+    assert mean_loss_per_image(logits.numpy(), labels.numpy(), smoothing) == pytest.approx(expected, rel=1e-6)
+    assert mean_loss_per_image((logits.numpy(),), labels.numpy(), smoothing) == pytest.approx(expected, rel=1e-6)
