@@ -2,7 +2,8 @@
 
 No data loading, no transforms, no Trainer: load the checkpoint as our CLI does (a new 10-class head,
 channels_last weights unless ``--channels_last false``), then time ``--max_steps`` AdamW steps
-(forward, loss, backward, step, zero_grad) on one fixed batch, with the process's default intra-op
+(forward, loss, backward, step, zero_grad; ``--optim`` picks the AdamW implementation as the CLI's flag
+does) on one fixed batch, with the process's default intra-op
 threads, the same as the CLI's. Steps are timed the way the Trainer's ``train_runtime`` counts them, the
 first one included. Prints one JSON line ``{"metrics": {"train_runtime": seconds}}``.
 
@@ -30,6 +31,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num_labels", type=int, default=10)
     parser.add_argument("--channels_last", choices=("true", "false"), default="true")
+    parser.add_argument("--optim", choices=("adamw_torch", "adamw_torch_fused"), default="adamw_torch",
+                        help="torch.optim.AdamW as the CLI builds it for this name: torch's own choice of "
+                             "implementation (on the CPU the per-parameter loop), or fused=True.")
     args, _ = parser.parse_known_args()  # the flags of the data path (e.g. --max_train_samples) do not apply
 
     torch.manual_seed(args.seed)
@@ -41,7 +45,8 @@ def main() -> None:
     size = _input_size(config)
     pixel_values = torch.randn(args.per_device_train_batch_size, 3, *size)
     labels = torch.randint(0, args.num_labels, (args.per_device_train_batch_size,))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate,
+                                  **({"fused": True} if args.optim == "adamw_torch_fused" else {}))
 
     tic = time.perf_counter()
     for _ in range(args.max_steps):

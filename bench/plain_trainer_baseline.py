@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--learning_rate", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dataloader_num_workers", type=int, default=0)  # the TrainingArguments flag and default
+    parser.add_argument("--optim", choices=("adamw_torch", "adamw_torch_fused"), default="adamw_torch")
     args = parser.parse_args()
 
     dataset = load_builtin_dataset(args.dataset_name)
@@ -69,7 +70,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as output_dir:
         training_args = TrainingArguments(
             output_dir=output_dir, per_device_train_batch_size=args.per_device_train_batch_size,
-            max_steps=args.max_steps, learning_rate=args.learning_rate, optim="adamw_torch", seed=args.seed,
+            max_steps=args.max_steps, learning_rate=args.learning_rate, optim=args.optim, seed=args.seed,
             remove_unused_columns=False, save_strategy="no", eval_strategy="no", report_to="none",
             logging_steps=10_000, disable_tqdm=True, dataloader_num_workers=args.dataloader_num_workers)
         trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset,

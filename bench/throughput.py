@@ -92,7 +92,7 @@ def command(variant: str, checkpoint: Path, output_dir: Path, args: argparse.Nam
     variant, _, extra = variant.partition(" ")
     common = ["--model_name_or_path", str(checkpoint), "--max_train_samples", str(args.max_train_samples),
               "--per_device_train_batch_size", str(args.batch_size), "--max_steps", str(args.max_steps),
-              "--learning_rate", "3e-3", "--seed", "0"]
+              "--learning_rate", "3e-3", "--seed", "0", "--optim", args.optim]
     if variant == "limit":
         return [sys.executable, str(REPO / "bench" / "model_limit.py"), *common, *extra.split()]
     if variant == "plain":
@@ -100,7 +100,7 @@ def command(variant: str, checkpoint: Path, output_dir: Path, args: argparse.Nam
     trainer, _, cdb = variant.partition("+")
     return [sys.executable, str(REPO / "run_finetune.py"), *common, "--dataset_name", "builtin:mnist5k",
             "--output_dir", str(output_dir), "--trainer", trainer, "--do_train", "--eval_strategy", "no",
-            "--save_strategy", "no", "--optim", "adamw_torch", "--report_to", "none", "--disable_tqdm", "true",
+            "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
             "--logging_steps", "10000", "--log_level", "error", "--max_eval_samples", "32",
             "--cdb", "true" if cdb else "false", *(cdb_settings()[cdb] if cdb else []), *extra.split()]
 
@@ -136,6 +136,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_steps", type=int, default=30)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--max_train_samples", type=int, default=1000)
+    parser.add_argument("--optim", choices=("adamw_torch", "adamw_torch_fused"), default="adamw_torch",
+                        help="The AdamW of every variant, the limit included: adamw_torch (torch's own choice of "
+                             "implementation, on the CPU the per-parameter loop) or adamw_torch_fused (the CLI's "
+                             "default).")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"Comma-separated, from {VARIANTS}.")
     parser.add_argument("--ours_args", action="append", default=[],
                         help="An ablation: run each of our variants once more with these extra run_finetune.py "

@@ -45,3 +45,11 @@ def test_throughput_runs_end_to_end_and_reports_fractions_of_the_limit(throughpu
     for variant in ("limit", "hf+cdb"):
         sample = payload["samples"][variant][0]
         assert sample["images_per_s"] == pytest.approx(2 * 4 / sample["train_runtime"])
+
+
+def test_optim_reaches_every_variant_the_limit_included(throughput, tmp_path):
+    args = throughput.parse_args(["--optim", "adamw_torch_fused", "--variants", "limit,hf+cdb,plain"])
+    for variant in ("limit", "plain", "hf+cdb", "accelerate"):
+        argv = throughput.command(variant, tmp_path / "ckpt", tmp_path / "out", args)
+        assert argv[argv.index("--optim") + 1] == "adamw_torch_fused" and argv.count("--optim") == 1, variant
+    assert throughput.parse_args(["--variants", "limit"]).optim == "adamw_torch"
