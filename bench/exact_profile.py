@@ -123,36 +123,39 @@ def main() -> None:
         cdb.after_step(optimizer)
         return time.perf_counter() - tic
 
+    def interleaved(cdb: ChannelDropBack, setups: dict) -> dict[str, float]:
+        """Median ms of the hooks under each setup (a callable run before them), alternating setups and their
+        order step by step, each on the same selection, so that machine noise hits all alike."""
+        samples = {name: [] for name in setups}
+        for step in range(args.steps):
+            for name in list(setups) if step % 2 else list(setups)[::-1]:
+                setups[name]()
+                cdb.step = step
+                samples[name].append(hooks(cdb))
+        return {name: statistics.median(times) * 1e3 for name, times in samples.items()}
+
     results = {"iteration_ms": iteration_s * 1e3}
-    # One intra-op thread (what the hooks do) against all of them, interleaved step by step so that machine
-    # noise hits both alike.
+    # One intra-op thread (what the hooks do) against all of them.
     one_thread = core._one_cpu_thread
-    for mode in ("grad", "exact"):
-        cdb = ChannelDropBack(model, ChannelDropBackConfig(mode=mode, **SETTING))
-        samples = {"one": [], "all": []}
-        try:
-            for step in range(args.steps):
-                for threads in ("one", "all") if step % 2 else ("all", "one"):
-                    core._one_cpu_thread = one_thread if threads == "one" else (lambda work: contextlib.nullcontext())
-                    cdb.step = step
-                    samples[threads].append(hooks(cdb))
-        finally:
-            core._one_cpu_thread = one_thread
-        results[f"hooks_{mode}_ms"] = statistics.median(samples["one"]) * 1e3
-        results[f"hooks_{mode}_all_threads_ms"] = statistics.median(samples["all"]) * 1e3
+    try:
+        for mode in ("grad", "exact"):
+            cdb = ChannelDropBack(model, ChannelDropBackConfig(mode=mode, **SETTING))
+            medians = interleaved(cdb, {
+                "one": lambda: setattr(core, "_one_cpu_thread", one_thread),
+                "all": lambda: setattr(core, "_one_cpu_thread", lambda work: contextlib.nullcontext())})
+            results[f"hooks_{mode}_ms"], results[f"hooks_{mode}_all_threads_ms"] = medians["one"], medians["all"]
+    finally:
+        core._one_cpu_thread = one_thread
     # Exact mode leaves the dropped gradient rows alone for element-wise torch optimizers; what does that save?
-    # An AdamW subclass (which CDB cannot vouch for) gets the zeroing; the two run interleaved, same steps.
-    cdb = ChannelDropBack(model, ChannelDropBackConfig(mode="exact", **SETTING))
+    # An AdamW subclass (which CDB cannot vouch for) gets the zeroing.
     unknown_type = type("AdamWSubclass", (torch.optim.AdamW,), {})
-    samples = {"skip": [], "zero": []}
-    for step in range(args.steps):
-        for variant in ("skip", "zero") if step % 2 else ("zero", "skip"):
-            optimizer.__class__ = unknown_type if variant == "zero" else torch.optim.AdamW
-            cdb.step = step
-            samples[variant].append(hooks(cdb))
-    optimizer.__class__ = torch.optim.AdamW
-    results["hooks_exact_interleaved_ms"] = {"zeroing the dropped gradient rows": statistics.median(samples["zero"]) * 1e3,
-                                             "leaving them (AdamW)": statistics.median(samples["skip"]) * 1e3}
+    try:
+        results["hooks_exact_interleaved_ms"] = interleaved(
+            ChannelDropBack(model, ChannelDropBackConfig(mode="exact", **SETTING)),
+            {"zeroing the dropped gradient rows": lambda: setattr(optimizer, "__class__", unknown_type),
+             "leaving them (AdamW)": lambda: setattr(optimizer, "__class__", torch.optim.AdamW)})
+    finally:
+        optimizer.__class__ = torch.optim.AdamW
     cdb = ChannelDropBack(model, ChannelDropBackConfig(mode="exact", **SETTING))
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(args.steps):
