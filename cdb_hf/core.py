@@ -29,16 +29,19 @@ from __future__ import annotations
 import bisect
 import contextlib
 import fnmatch
+import functools
 import logging
 import math
 import sys
 import warnings
+import weakref
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 logger = logging.getLogger(__name__)
 
@@ -312,7 +315,8 @@ def eligible_layers(model: nn.Module, config: ChannelDropBackConfig | None = Non
     """
     config = config if config is not None else ChannelDropBackConfig()
     dim = _AXES[config.axis]
-    names = {id(p): n for n, p in model.named_parameters()}
+    model = _bare_model(model)
+    names = {id(p): _bare_name(n) for n, p in model.named_parameters()}
     lora_targets, lora_factors = _lora_structure(model, dim)
     typed: dict[str, nn.Parameter] = {}
     for module in model.modules():
@@ -408,7 +412,7 @@ class _HookHandle:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._cdb._optimizer = None
+        self._cdb._optimizer, self._cdb._chain, self._cdb._watching = None, [], False
 
 
 class ChannelDropBack:
@@ -445,35 +449,69 @@ class ChannelDropBack:
         self._params = list(self.layers.values())
         self._shards = [_local_shard(name, param, self.dim) for name, param in self.layers.items()]
         self._sizes = [param.shape[self.dim] for param in self._params]
-        self.step = 0
+        self._param_ids = {id(p) for p in self._params}
+        self._step, self._step_known = 0, False
+        self._wrote_step: dict[int, bool] = {}
         self._host_generator = torch.Generator(device="cpu")
         # Which rows a selected layer drops comes from its device's generator, reseeded from (seed, step)
         # once per step: a pure function of those two numbers (and the model), on every rank alike.
         # (Created lazily: the model may move to its device after CDB is built.)
         self._device_generators: dict[torch.device, torch.Generator] = {}
-        self._optimizer: torch.optim.Optimizer | None = None
+        self._optimizer: torch.optim.Optimizer | None = None  # the innermost attached optimizer
+        self._chain: list[torch.optim.Optimizer] = []  # attached: [outermost wrapper, ..., innermost]
         self._selected: list[_Selected] = []
-        self._snapshots: list[tuple[_Selected, _DroppedRows, dict[str | None, torch.Tensor]]] = []
+        self._work: list[tuple[_Selected, _DroppedRows]] = []
+        self._snapshots: list[tuple[_Selected, _DroppedRows, dict[Any, torch.Tensor]]] = []
+        self._step_chain: list[torch.optim.Optimizer] = []
+        self._in_step = self._framed_outside = self._masked = False
         self._warned_no_grad: set[str] = set()
+        self._warned: set[str] = set()
+        # Any optimizer step in this process that updates CDB's layers while CDB's hooks did not run is
+        # noticed (warned once, counted in unseen_steps), until handle.remove().
+        self._watching, self._unseen_steps = True, 0
+        self._holds: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        this = weakref.ref(self)
+
+        def watch(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            cdb = this()
+            if cdb is not None:
+                cdb._watch(optimizer)
+
+        weakref.finalize(self, register_optimizer_step_post_hook(watch).remove)
         self.last_stats: dict[str, float] = {"applied": 0.0, "layers": 0.0, "keep_fraction": 1.0,
                                              "layer_rate": self.config.rate_at(0)}
 
     # ------------------------------------------------------------------ optimizer hooks
-    def attach(self, optimizer: torch.optim.Optimizer) -> _HookHandle:
-        """Install CDB on ``optimizer``'s step (pre and post hooks) and return a removable handle.
+    def attach(self, optimizer: Any) -> _HookHandle:
+        """Install CDB on ``optimizer``'s step and return a removable handle.
 
-        Works with any ``torch.optim.Optimizer`` (foreach and fused included) and with wrappers that
-        expose the real optimizer as ``.optimizer`` (accelerate's ``AcceleratedOptimizer``). The hooks
-        run after gradient clipping and AMP unscaling, whichever trainer drives the loop.
+        Works with any ``torch.optim.Optimizer`` (foreach and fused included), with accelerate's
+        ``AcceleratedOptimizer``, and with optimizers that wrap another one and expose it as
+        ``base_optimizer``, ``_base_optimizer`` or ``optimizer`` (timm's ``Lookahead``, ...): the rows are
+        masked right before the wrapped optimizer's update, and exact mode restores them (and every
+        per-element state of every optimizer in the chain) after the wrapper's whole step. A wrapper
+        exposing something other than a torch optimizer is refused here. The hooks run after gradient
+        clipping and AMP unscaling, whichever trainer drives the loop.
+
+        CDB's step counter travels in the optimizer's param groups (``cdb_step``), so restoring the
+        optimizer (``load_state_dict``, accelerate's ``load_state``, a Trainer checkpoint), before or
+        after ``attach``, also resumes the selection sequence.
         """
-        inner = _unwrap_optimizer(optimizer)
+        chain = _optimizer_chain(optimizer)
         if self._optimizer is not None:
             raise RuntimeError("this ChannelDropBack is already attached to an optimizer; call "
                                "handle.remove() first")
+        inner = chain[-1]
         self._check_optimizer_covers_layers(inner)
-        self._optimizer = inner
-        handles = [inner.register_step_pre_hook(lambda opt, args, kwargs: self.before_step()),
-                   inner.register_step_post_hook(lambda opt, args, kwargs: self.after_step())]
+        self._optimizer, self._chain, self._watching = inner, chain, True
+        self._sync_step(inner)
+        handles: list[Any] = [inner.register_step_pre_hook(lambda opt, args, kwargs: self._inner_pre_step()),
+                              inner.register_step_post_hook(lambda opt, args, kwargs: self._inner_post_step())]
+        # A wrapper updates the weights after (Lookahead's sync) or around its inner step, and an optimizer
+        # that skipped Optimizer.__init__ runs no step hooks until its class is patched (timm's Lookahead:
+        # at the first zero_grad): CDB then frames the outermost step itself.
+        if len(chain) > 1 or not getattr(type(inner).step, "hooked", False):
+            handles.append(_StepFrame(chain[0], self))
         return _HookHandle(self, handles)
 
     def _check_optimizer_covers_layers(self, optimizer: torch.optim.Optimizer) -> None:
@@ -493,9 +531,22 @@ class ChannelDropBack:
             self._shards = [self._shards[i] for i in keep]
             self._sizes = [self._sizes[i] for i in keep]
             self.layers = dict(zip(self._names, self._params))
+            self._param_ids = {id(p) for p in self._params}
+
+    # The step hooks. A step is framed by _begin (draw the selection, snapshot for exact mode) and _end
+    # (restore, advance the counter); _mask works on the gradients right before the innermost update.
+    def _inner_pre_step(self) -> None:
+        if not self._in_step:  # a plain optimizer (or the inner one stepped on its own): frame the step here
+            self._begin(self._chain, framed_outside=False)
+        if not self._masked:
+            self._mask()
+
+    def _inner_post_step(self) -> None:
+        if self._in_step and not self._framed_outside:
+            self._end()
 
     @torch.no_grad()
-    def before_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+    def before_step(self, optimizer: Any = None) -> None:
         """Draw this step's selection and mask the selected gradients (call right before ``step()``).
 
         The per-layer work is batched: one ``index_fill_`` per selected gradient (a fill, not a multiply, so
@@ -504,11 +555,26 @@ class ChannelDropBack:
         per-element optimizer state (one gather per tensor, one scatter back in :meth:`after_step`), and
         skips the fill when the optimizer is one of torch's element-wise ones.
         """
-        optimizer = _unwrap_optimizer(optimizer) if optimizer is not None else self._optimizer
-        if optimizer is None and self.config.mode == "exact":
+        chain = _optimizer_chain(optimizer) if optimizer is not None else self._chain
+        self._begin(chain, framed_outside=True)
+        self._mask()
+
+    @torch.no_grad()
+    def after_step(self, optimizer: Any = None) -> None:
+        """Restore the dropped rows in exact mode and advance the step counter (call after ``step()``)."""
+        if not self._in_step:
+            raise RuntimeError("after_step() without before_step(): call before_step(optimizer) right before "
+                               "optimizer.step() and after_step(optimizer) right after it")
+        self._end()
+
+    @torch.no_grad()
+    def _begin(self, chain: list[torch.optim.Optimizer], framed_outside: bool) -> None:
+        if self.config.mode == "exact" and not chain:
             raise ValueError("mode='exact' restores the optimizer state of dropped rows: pass the optimizer to "
                              "before_step(optimizer)/after_step(optimizer), or attach(optimizer)")
-        drawn = self._draw(self.step)
+        if chain:
+            self._sync_step(chain[-1])
+        drawn = self._draw(self._step)
         # A selected layer without a gradient this step (unused by the forward, frozen by the user) gets no
         # update at all: it is left out of the selection and of the statistics, and named once.
         self._selected = [sel for sel in drawn if sel.param.grad is not None]
@@ -517,24 +583,32 @@ class ChannelDropBack:
         self.last_stats = {"applied": float(bool(self._selected)), "layers": float(len(self._selected)),
                            "keep_fraction": (sum(1.0 - sel.count / sel.size for sel in self._selected)
                                              / len(self._selected)) if self._selected else 1.0,
-                           "layer_rate": self.config.rate_at(self.step)}
+                           "layer_rate": self.config.rate_at(self._step)}
         # A shape, known on the host: a layer whose draw dropped nothing needs no kernel at all.
         work = [sel for sel in self._selected if sel.count]
-        self._snapshots = []
-        if not work:
+        self._in_step, self._framed_outside, self._masked = True, framed_outside, False
+        self._step_chain, self._snapshots = chain, []
+        self._work = [(sel, _DroppedRows(sel)) for sel in work]
+        if work and self.config.mode == "exact":
+            with _one_cpu_thread(work):
+                self._snapshot(chain)
+
+    @torch.no_grad()
+    def _mask(self) -> None:
+        self._masked = True
+        if not self._work:
             return
-        exact = self.config.mode == "exact"
         # Exact mode puts every dropped row back after the step. With an optimizer whose update of an element
         # depends on that element alone, what a dropped row's gradient held cannot reach a kept row or survive
         # the restore, so zeroing it would be wasted memory traffic. Any other optimizer (Adafactor's factored
-        # moments, LAMB's trust ratio, ...) mixes rows and must see the zeros.
-        zero_dropped = not exact or type(optimizer) not in _ELEMENTWISE_OPTIMIZERS
-        with _one_cpu_thread(work):
-            rows = [_DroppedRows(sel) for sel in work]
-            if exact:
-                self._snapshot(work, rows, optimizer)
+        # moments, LAMB's trust ratio, a wrapper, ...) mixes rows and must see the zeros.
+        zero_dropped = self.config.mode != "exact" or any(
+            type(opt) not in _ELEMENTWISE_OPTIMIZERS for opt in self._step_chain)
+        with _one_cpu_thread([sel for sel, _ in self._work]):
             scaled: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[float]]] = {}
-            for sel, dropped in zip(work, rows):
+            for sel, dropped in self._work:
+                if sel.param.grad is None:
+                    continue
                 grad = _local(sel.param.grad)
                 if zero_dropped:
                     dropped.zero_(grad)
@@ -546,22 +620,34 @@ class ChannelDropBack:
                 torch._foreach_mul_(tensors, scales)
 
     @torch.no_grad()
-    def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Restore the dropped rows in exact mode and advance the step counter (call after ``step()``)."""
-        optimizer = _unwrap_optimizer(optimizer) if optimizer is not None else self._optimizer
+    def _end(self) -> None:
+        """Restore the dropped rows (exact mode) and advance the step, unless the optimizer did not step."""
+        stepped = self._masked
+        if not stepped:  # a wrapper's step returned without running its inner optimizer's step
+            self._warn_once("unstepped", f"{type(self._step_chain[0]).__name__}.step() returned without running "
+                            f"{type(self._step_chain[-1]).__name__}.step(): ChannelDropBack counted it as a skipped "
+                            "step (as an AMP overflow skip); if that wrapper updates the weights itself, CDB cannot "
+                            "mask that update")
+        states = _optimizer_states(self._step_chain)
         with _one_cpu_thread([sel for sel, _, _ in self._snapshots]):
             for sel, rows, saved in self._snapshots:
                 rows.restore_(sel.param, saved.pop(None))
-                state = optimizer.state.get(sel.param, {}) if optimizer is not None else {}
-                for key, value in state.items():
-                    if not _is_per_element(value, sel.param):
-                        continue
-                    if key in saved:
-                        rows.restore_(value, saved[key])
-                    else:  # state created by this very step: "not happened" is its initial value, zero
-                        rows.zero_(value)
-        self._snapshots = []
-        self.step += 1
+                for level, optimizer_state in enumerate(states):
+                    for key, value in optimizer_state.get(sel.param, {}).items():
+                        if not _is_per_element(value, sel.param):
+                            continue
+                        if (level, key) in saved:
+                            rows.restore_(value, saved[(level, key)])
+                        elif key in _CREATED_AS_WEIGHT_COPY:  # e.g. Lookahead's slow weights, born a copy
+                            rows.restore_(value, rows.save(sel.param))
+                        else:  # state created by this very step: "not happened" is its initial value, zero
+                            rows.zero_(value)
+        self._snapshots, self._work, self._in_step = [], [], False
+        if stepped:
+            self._step += 1
+            self._step_known = True
+            if self._step_chain:
+                self._write_step(self._step_chain[-1])
 
     def _warn_no_grad(self, names: list[str]) -> None:
         new = [name for name in names if name not in self._warned_no_grad]
@@ -572,14 +658,85 @@ class ChannelDropBack:
                           "was built?). Leave them out with exclude=[...]; this warning is shown once per layer",
                           stacklevel=3)
 
-    def _snapshot(self, work: list[_Selected], rows: list[_DroppedRows],
-                  optimizer: torch.optim.Optimizer | None) -> None:
-        """Save the dropped rows of each selected weight (key None) and of its per-element optimizer state."""
-        for sel, dropped in zip(work, rows):
-            state = optimizer.state.get(sel.param, {}) if optimizer is not None else {}
-            saved = {key: dropped.save(value) for key, value in state.items() if _is_per_element(value, sel.param)}
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, stacklevel=4)
+
+    def _snapshot(self, chain: list[torch.optim.Optimizer]) -> None:
+        """Save the dropped rows of each selected weight (key None) and of its per-element state in every
+        optimizer of the chain (key ``(level, name)``)."""
+        states = _optimizer_states(chain)
+        for sel, dropped in self._work:
+            saved: dict[Any, torch.Tensor] = {
+                (level, key): dropped.save(value) for level, optimizer_state in enumerate(states)
+                for key, value in optimizer_state.get(sel.param, {}).items() if _is_per_element(value, sel.param)}
             saved[None] = dropped.save(sel.param)
             self._snapshots.append((sel, dropped, saved))
+
+    # ------------------------------------------------------------------ the step counter
+    @property
+    def step(self) -> int:
+        """Completed optimizer steps, the position in the selection sequence.
+
+        Kept in the attached optimizer's param groups (``cdb_step``) as well, so that it is saved and
+        restored with the optimizer; a value restored there is what the next step uses.
+        """
+        restored = _group_step(self._optimizer) if self._optimizer is not None else None
+        return self._step if restored is None else restored
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self._step, self._step_known = int(value), True
+        if self._optimizer is not None:
+            self._write_step(self._optimizer)
+
+    def _sync_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Adopt a step restored into ``optimizer``'s param groups; say so when it contradicts CDB's own."""
+        restored = _group_step(optimizer)
+        if restored is None:
+            if self._wrote_step.get(id(optimizer)):
+                self._warn_once("lost", "the optimizer's param groups no longer carry ChannelDropBack's step "
+                                f"('{_STEP_KEY}'): it was restored from a state saved without CDB; CDB continues at "
+                                f"its own step {self._step}. If this run resumes a CDB run, set cdb.step to the "
+                                "completed optimizer steps, or the earlier selections repeat")
+        elif restored != self._step:
+            if self._step_known:
+                self._warn_once("disagree", f"the restored optimizer carries ChannelDropBack step {restored} but "
+                                f"CDB's own step is {self._step} (set or loaded separately): continuing from the "
+                                f"optimizer's, {restored}; set cdb.step after restoring the optimizer if that is "
+                                "wrong")
+            self._step = restored
+        self._step_known = self._step_known or restored is not None
+        self._write_step(optimizer)
+
+    def _write_step(self, optimizer: torch.optim.Optimizer) -> None:
+        for group in optimizer.param_groups:
+            group[_STEP_KEY] = self._step
+        self._wrote_step[id(optimizer)] = True
+
+    # ------------------------------------------------------------------ hooks that never ran
+    def _watch(self, optimizer: torch.optim.Optimizer) -> None:
+        """Global post-step hook: an optimizer updated CDB's layers in a step CDB did not see."""
+        if not self._watching or self._in_step or any(optimizer is o for o in self._chain):
+            return
+        holds = self._holds.get(optimizer)
+        if holds is None:
+            holds = self._holds[optimizer] = any(
+                id(p) in self._param_ids for group in optimizer.param_groups for p in group["params"])
+        if holds:
+            self._unseen_steps += 1
+            attached = type(self._chain[0]).__name__ if self._chain else "no optimizer"
+            self._warn_once("unseen", f"{type(optimizer).__name__}.step() updated ChannelDropBack's layers but "
+                            f"CDB's hooks did not run (CDB is attached to {attached}): CDB did nothing in that "
+                            "step. attach() CDB to the optimizer your loop steps (again if the loop replaced it), "
+                            "or call before_step()/after_step() around optimizer.step(); shown once, "
+                            "cdb.unseen_steps counts them")
+
+    @property
+    def unseen_steps(self) -> int:
+        """Optimizer steps that updated CDB's layers without CDB's hooks running (0 in a working loop)."""
+        return self._unseen_steps
 
     # ------------------------------------------------------------------ selection
     def _draw(self, step: int) -> list[_Selected]:
@@ -664,7 +821,7 @@ class ChannelDropBack:
             warnings.warn(f"loading CDB state saved with seed {state_dict['seed']} into a run with seed "
                           f"{self.config.seed}: the selection sequence will differ from the saved run",
                           stacklevel=2)
-        self.step = int(state_dict["step"])
+        self.step = int(state_dict["step"])  # also into the attached optimizer's param groups
 
     def __repr__(self) -> str:
         return (f"ChannelDropBack(layers={len(self.layers)}, step={self.step}, "
@@ -829,15 +986,115 @@ def _is_per_element(value: Any, param: torch.Tensor) -> bool:
     return isinstance(value, torch.Tensor) and value.shape == param.shape and value.dim() > 0
 
 
-def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
-    """The real ``torch.optim.Optimizer`` behind wrappers such as accelerate's AcceleratedOptimizer."""
-    inner = optimizer
-    while not type(inner).__module__.startswith("torch.") and isinstance(
-            getattr(inner, "optimizer", None), torch.optim.Optimizer):
-        inner = inner.optimizer
-    if not isinstance(inner, torch.optim.Optimizer):
-        raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    return inner
+#: Attributes under which optimizer wrappers expose the optimizer they wrap (timm's Lookahead:
+#: ``_base_optimizer``; SAM-style wrappers: ``base_optimizer``; accelerate, torch-optimizer's Lookahead:
+#: ``optimizer``).
+_INNER_OPTIMIZER_ATTRIBUTES = ("base_optimizer", "_base_optimizer", "optimizer")
+
+#: Optimizer state born as a copy of the weight (Lookahead's slow weights: timm, torch-optimizer): when a step
+#: creates it, the dropped rows get the weight's unchanged rows, as if it had been created without them.
+_CREATED_AS_WEIGHT_COPY = frozenset({"lookahead_slow_buff", "slow_param"})
+
+#: The param-group entry that carries CDB's step counter inside the optimizer's own state_dict.
+_STEP_KEY = "cdb_step"
+
+
+def _optimizer_chain(optimizer: Any) -> list[torch.optim.Optimizer]:
+    """``[outermost wrapper, ..., innermost torch.optim.Optimizer]`` behind ``optimizer``.
+
+    accelerate's ``AcceleratedOptimizer`` only forwards (skipping AMP-overflow steps) and is left out; any
+    other optimizer exposing an inner one is a wrapper with an update of its own.
+    """
+    chain = [optimizer]
+    while True:
+        current = chain[-1]
+        found = [(name, getattr(current, name, None)) for name in _INNER_OPTIMIZER_ATTRIBUTES]
+        found = [(name, inner) for name, inner in found if inner is not None and inner is not current]
+        if not found:
+            break
+        name, inner = found[0]
+        if not isinstance(inner, torch.optim.Optimizer):
+            raise TypeError(f"{type(current).__name__}.{name} is a {type(inner).__name__}, not a "
+                            "torch.optim.Optimizer: ChannelDropBack cannot see or mask the update it makes; attach "
+                            "CDB to a torch optimizer (or a wrapper of one)")
+        if any(inner is seen for seen in chain):
+            break
+        chain.append(inner)
+    if not isinstance(chain[-1], torch.optim.Optimizer):
+        raise TypeError(f"expected a torch.optim.Optimizer, or a wrapper exposing one as "
+                        f"{'/'.join(_INNER_OPTIMIZER_ATTRIBUTES)}; got {type(optimizer).__name__}")
+    while len(chain) > 1 and type(chain[0]).__module__.split(".")[0] == "accelerate":
+        chain.pop(0)
+    return chain
+
+
+def _optimizer_states(chain: list[torch.optim.Optimizer]) -> list[dict]:
+    """The distinct per-parameter state dicts of the optimizers in ``chain``."""
+    states: list[dict] = []
+    for optimizer in chain:
+        state = getattr(optimizer, "state", None)
+        if isinstance(state, dict) and not any(state is seen for seen in states):
+            states.append(state)
+    return states
+
+
+def _group_step(optimizer: torch.optim.Optimizer) -> int | None:
+    """CDB's step as stored in ``optimizer``'s param groups (None when no group carries it)."""
+    for group in optimizer.param_groups:
+        if _STEP_KEY in group:
+            return int(group[_STEP_KEY])
+    return None
+
+
+class _StepFrame:
+    """Frames the outermost optimizer's ``step`` (an instance attribute, as torch's LR schedulers do) so CDB
+    draws and snapshots before the wrapper does anything and restores after its whole step."""
+
+    def __init__(self, optimizer: Any, cdb: ChannelDropBack) -> None:
+        self._optimizer, self._original = optimizer, optimizer.step
+        self._active = True
+        frame = self
+
+        @functools.wraps(self._original)
+        def step(*args: Any, **kwargs: Any) -> Any:
+            if not frame._active or cdb._in_step:
+                return frame._original(*args, **kwargs)
+            cdb._begin(cdb._chain, framed_outside=True)
+            try:
+                result = frame._original(*args, **kwargs)
+            except BaseException:
+                cdb._snapshots, cdb._work, cdb._in_step = [], [], False
+                raise
+            cdb._end()
+            return result
+
+        self._step = step
+        optimizer.step = step
+
+    def remove(self) -> None:
+        self._active = False
+        if self._optimizer.__dict__.get("step") is self._step:  # nobody wrapped it after us
+            del self._optimizer.step
+
+
+def _bare_model(model: nn.Module) -> nn.Module:
+    """``model`` without the wrappers that only forward to it (DDP, DataParallel, ``torch.compile``)."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+#: Name segments that wrappers put inside a model: FSDP1, activation checkpointing, torch.compile.
+_WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
+
+
+def _bare_name(name: str) -> str:
+    """A parameter name as the bare model spells it."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
 
 
 def _preview(names: list[str], limit: int = 4) -> str:
