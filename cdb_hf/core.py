@@ -543,7 +543,7 @@ class ChannelDropBack:
 
     def _inner_post_step(self) -> None:
         if self._in_step and not self._framed_outside:
-            self._end()
+            self.after_step()
 
     @torch.no_grad()
     def before_step(self, optimizer: Any = None) -> None:
@@ -1065,7 +1065,7 @@ class _StepFrame:
             except BaseException:
                 cdb._snapshots, cdb._work, cdb._in_step = [], [], False
                 raise
-            cdb._end()
+            cdb.after_step()
             return result
 
         self._step = step
