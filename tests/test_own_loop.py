@@ -416,3 +416,142 @@ def test_a_cdb_that_was_never_attached_is_noticed():
     with pytest.warns(UserWarning, match="attached to no optimizer"):
         train_steps(model, optimizer, cdb, [0])
     assert cdb.unseen_steps == 1
+
+
+# ---------------------------------------------------------------------------- the README's "In your own loop"
+def readme_block(marker: str) -> str:
+    """The python block of README.md that contains ``marker``."""
+    import re
+
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    found = [block for block in blocks if marker in block]
+    assert len(found) == 1, f"{len(found)} README blocks contain {marker!r}"
+    return found[0]
+
+
+def test_readme_trainer_script_gets_the_statistics_to_tensorboard(tmp_path):
+    from test_callback import RandomImages, tensorboard_tags, tiny_model, training_args
+    from transformers import Trainer
+
+    namespace = {"Trainer": Trainer, "model": tiny_model("convnext"), "train_ds": RandomImages(), "eval_ds": None,
+                 "training_args": training_args(tmp_path, report_to=["tensorboard"], logging_steps=2, max_steps=4),
+                 "collate_fn": None, "compute_metrics": None}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        exec(readme_block("add_channel_drop_back(trainer"), namespace)
+    assert namespace["cdb"].cdb.step == 4, "callback.cdb is the core, and it saw every optimizer step"
+    assert all("cdb/applied" in entry for entry in namespace["trainer"].state.log_history if "loss" in entry)
+    tags = tensorboard_tags(tmp_path)
+    for stat in ("applied", "layers", "keep_fraction", "layer_rate"):
+        assert any(tag.endswith(f"cdb/{stat}") for tag in tags), f"cdb/{stat} missing from {sorted(tags)}"
+
+
+class LossModel(nn.Module):
+    """The shape of a transformers model in a no_trainer loop: ``model(**batch).loss``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp()
+
+    def forward(self, x, y):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(loss=(self.net(x) - y).pow(2).mean())
+
+
+def readme_accelerate_run(batches: list[int], output_dir: Path, resume: Path | None, monkeypatch):
+    from accelerate import Accelerator
+
+    recorded = {}
+    after_step = ChannelDropBack.after_step
+
+    def spy(cdb, optimizer=None):
+        after_step(cdb, optimizer)
+        recorded[cdb.step - 1] = {name: mask.tolist() for name, mask in cdb.last_selection.items()}
+
+    monkeypatch.setattr(ChannelDropBack, "after_step", spy)
+    model = LossModel()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
+    data = [{"x": batch(i)[0], "y": torch.full((4,), float(i))} for i in batches for _ in range(2)]
+    namespace = {"accelerator": Accelerator(cpu=True), "model": model, "optimizer": optimizer,
+                 "train_dataloader": torch.utils.data.DataLoader(data, batch_size=2),
+                 "lr_scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+                 "resume_from_checkpoint": str(resume) if resume else None, "output_dir": str(output_dir),
+                 "ChannelDropBack": ChannelDropBack, "ChannelDropBackConfig": ChannelDropBackConfig}
+    exec(readme_block("accelerator.load_state(resume_from_checkpoint)"), namespace)
+    return recorded, weights(model), namespace["cdb"]
+
+
+def test_readme_accelerate_loop_resumes_bitwise(tmp_path, monkeypatch):
+    uninterrupted, final, _ = readme_accelerate_run(list(range(6)), tmp_path / "a", None, monkeypatch)
+    first, _, _ = readme_accelerate_run(list(range(3)), tmp_path / "b", None, monkeypatch)
+    second, resumed_final, cdb = readme_accelerate_run(list(range(3, 6)), tmp_path / "c", tmp_path / "b",
+                                                       monkeypatch)
+    assert sorted(uninterrupted) == list(range(6)) and sorted(second) == [3, 4, 5] and cdb.step == 6
+    assert {**first, **second} == uninterrupted
+    assert all(torch.equal(final[name], resumed_final[name]) for name in final)
+
+
+def test_readme_timm_loop_freezes_every_dropped_row_and_state_at_every_step():
+    """timm train.py's shape: zero_grad, backward, step, and sync_lookahead at each epoch's end."""
+    from timm.optim import create_optimizer_v2
+
+    model = mlp()
+    namespace = {"model": model, "epochs": 2, "loss_fn": lambda out, target: (out - target).pow(2).mean(),
+                 "create_optimizer_v2": create_optimizer_v2, "ChannelDropBack": ChannelDropBack,
+                 "ChannelDropBackConfig": ChannelDropBackConfig}
+    params = dict(model.named_parameters())
+    checked = []
+
+    def loader():
+        """Seven batches; after each step (when the loop asks for the next batch) check its dropped rows."""
+        for step in range(7):
+            before_weights = weights(model)
+            before_state = per_element_state(namespace["optimizer"], model)
+            yield batch(step), torch.zeros(8, 4)
+            after_state = per_element_state(namespace["optimizer"], model)
+            for layer, keep in namespace["cdb"].last_selection.items():
+                dropped = (~keep).nonzero().flatten()
+                assert torch.equal(params[layer].detach()[dropped], before_weights[layer][dropped])
+                for (level, param, key), value in after_state.items():
+                    if param == layer:
+                        expected = before_state.get((level, param, key), before_weights[layer] if
+                                                    key == "lookahead_slow_buff" else torch.zeros_like(value))
+                        assert torch.equal(value[dropped], expected[dropped]), (step, layer, level, key)
+                checked.append(len(dropped))
+
+    class Loader:
+        def __iter__(self):
+            return loader()
+
+    namespace["loader"] = Loader()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        exec(readme_block("create_optimizer_v2(model"), namespace)
+    assert namespace["cdb"].step == 14 and sum(n > 0 for n in checked) >= 10
+
+
+def test_readme_plain_loop_checkpoint_resumes_the_selections(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    core = readme_block("handle = cdb.attach(optimizer)")
+    build = core.split("for _ in range(3):")[0]
+    first: dict = {}
+    exec(core, first)  # the core example: three steps
+    capsys.readouterr()
+    plain = readme_block('torch.save({"model"')
+    save, restore = plain.split("# later, in a fresh process")
+    restore = restore.split("\n", 1)[1]  # the rest of that comment line
+    exec(save, first)
+    later: dict = {}
+    exec(build, later)
+    exec(restore, later)
+    assert capsys.readouterr().out.split() == ["3"]
+    for step in range(3):
+        for namespace in (first, later):
+            x = torch.randn(16, 8, generator=torch.Generator().manual_seed(step))
+            namespace["model"](x).pow(2).mean().backward()
+            namespace["optimizer"].step()
+            namespace["optimizer"].zero_grad()
+        assert {n: m.tolist() for n, m in first["cdb"].last_selection.items()} == {
+            n: m.tolist() for n, m in later["cdb"].last_selection.items()}
+    assert later["cdb"].step == 6
