@@ -5,7 +5,8 @@ Usage with any ``Trainer`` (ours or yours)::
     trainer = Trainer(model=model, args=args, ...)
     add_channel_drop_back(trainer, ChannelDropBackConfig(channel_rate=0.3))
 
-or ``Trainer(..., callbacks=[ChannelDropBackCallback(config)])``. Both apply CDB identically. They differ
+or ``Trainer(..., callbacks=[ChannelDropBackCallback(config)])``. Both apply CDB identically (reach the core
+as ``callback.cdb`` once training has begun). They differ
 in where the ``cdb/*`` statistics go: ``Trainer.log`` hands each log to the ``report_to`` integrations
 (TensorBoard, W&B, ...) before user callbacks, so a callback passed in ``callbacks=`` adds its statistics
 to ``state.log_history`` and the console only; :func:`add_channel_drop_back` (and
@@ -23,7 +24,7 @@ The accelerate loop uses the same order.
 Resume. The selection of optimizer step ``s`` is a pure function of ``(seed, s)``, and the callback
 sets ``cdb.step = state.global_step`` before every step, so a resumed run draws exactly the rows the
 uninterrupted run would have drawn; nothing beyond the Trainer's own ``trainer_state.json`` has to be
-restored (the callback is also an ``ExportableState`` for visibility, but does not depend on
+restored (the step also rides in ``optimizer.pt``, in the optimizer's param groups) (the callback is also an ``ExportableState`` for visibility, but does not depend on
 ``restore_callback_states_from_checkpoint``).
 
 Hyperparameter search. ``cdb`` and ``cdb_*`` keys in a trial's parameters (``Trainer.hyperparameter_search``

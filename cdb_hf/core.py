@@ -13,7 +13,9 @@ The module is torch-only and is built around three objects:
 
 Selections are a pure function of ``(seed, step)``: each step reseeds dedicated generators, so the
 global RNG is never consumed, every rank of a distributed job draws the same rows, and a checkpoint
-only needs the step counter. All decisions that steer Python control flow (which layers, how many
+only needs the step counter, which :meth:`ChannelDropBack.attach` keeps in the optimizer's param groups
+(``cdb_step``) so that the optimizer's own ``state_dict`` carries it. Layer names are the bare model's,
+whatever wraps it (DDP, ``torch.compile``, FSDP1, activation checkpointing). All decisions that steer Python control flow (which layers, how many
 rows) are drawn on the host from a CPU generator; only *which* rows is drawn on the parameter's
 device. The number of dropped rows is therefore known on the host and the step path never reads a
 device value back (no ``.item()``, no boolean indexing).
