@@ -31,10 +31,10 @@ from __future__ import annotations
 import bisect
 import contextlib
 import fnmatch
-import functools
 import logging
 import math
 import sys
+import types
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -453,7 +453,7 @@ class ChannelDropBack:
         self._sizes = [param.shape[self.dim] for param in self._params]
         self._param_ids = {id(p) for p in self._params}
         self._step, self._step_known = 0, False
-        self._wrote_step: dict[int, bool] = {}
+        self._wrote_step: weakref.WeakSet = weakref.WeakSet()  # optimizers whose groups CDB wrote its step into
         self._host_generator = torch.Generator(device="cpu")
         # Which rows a selected layer drops comes from its device's generator, reseeded from (seed, step)
         # once per step: a pure function of those two numbers (and the model), on every rank alike.
@@ -697,7 +697,7 @@ class ChannelDropBack:
         """Adopt a step restored into ``optimizer``'s param groups; say so when it contradicts CDB's own."""
         restored = _group_step(optimizer)
         if restored is None:
-            if self._wrote_step.get(id(optimizer)):
+            if optimizer in self._wrote_step:
                 self._warn_once("lost", "the optimizer's param groups no longer carry ChannelDropBack's step "
                                 f"('{_STEP_KEY}'): it was restored from a state saved without CDB; CDB continues at "
                                 f"its own step {self._step}. If this run resumes a CDB run, set cdb.step to the "
@@ -715,7 +715,7 @@ class ChannelDropBack:
     def _write_step(self, optimizer: torch.optim.Optimizer) -> None:
         for group in optimizer.param_groups:
             group[_STEP_KEY] = self._step
-        self._wrote_step[id(optimizer)] = True
+        self._wrote_step.add(optimizer)
 
     # ------------------------------------------------------------------ hooks that never ran
     def _watch(self, optimizer: torch.optim.Optimizer) -> None:
@@ -1025,6 +1025,12 @@ def _optimizer_chain(optimizer: Any) -> list[torch.optim.Optimizer]:
     if not isinstance(chain[-1], torch.optim.Optimizer):
         raise TypeError(f"expected a torch.optim.Optimizer, or a wrapper exposing one as "
                         f"{'/'.join(_INNER_OPTIMIZER_ATTRIBUTES)}; got {type(optimizer).__name__}")
+    hidden = [name for name, value in vars(chain[-1]).items() if isinstance(value, torch.optim.Optimizer)]
+    if hidden:
+        raise TypeError(f"{type(chain[-1]).__name__} wraps an optimizer under .{hidden[0]}, where ChannelDropBack "
+                        f"does not look for one (it follows {'/'.join(_INNER_OPTIMIZER_ATTRIBUTES)}): it could not "
+                        "mask that optimizer's update or restore its state; attach CDB to that inner optimizer instead "
+                        "if the wrapper adds no update of its own")
     while len(chain) > 1 and type(chain[0]).__module__.split(".")[0] == "accelerate":
         chain.pop(0)
     return chain
@@ -1057,11 +1063,12 @@ class _StepFrame:
         self._active = True
         frame = self
 
-        @functools.wraps(self._original)
-        def step(*args: Any, **kwargs: Any) -> Any:
+        def step(owner: Any, *args: Any, **kwargs: Any) -> Any:
             if not frame._active or cdb._in_step:
                 return frame._original(*args, **kwargs)
             cdb._begin(cdb._chain, framed_outside=True)
+            if cdb._chain[0] is cdb._chain[-1]:  # no inner optimizer whose pre-hook would mask
+                cdb._mask()
             try:
                 result = frame._original(*args, **kwargs)
             except BaseException:
@@ -1070,8 +1077,13 @@ class _StepFrame:
             cdb.after_step()
             return result
 
-        self._step = step
-        optimizer.step = step
+        # A bound method, as torch's LR schedulers expect when they wrap optimizer.step after us; and the mark
+        # of one that wrapped it before us, so that it does not warn that step() was overridden.
+        step.__wrapped__ = self._original
+        if getattr(self._original, "_wrapped_by_lr_sched", False):
+            step._wrapped_by_lr_sched = True
+        self._step = types.MethodType(step, optimizer)
+        optimizer.step = self._step
 
     def remove(self) -> None:
         self._active = False

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -382,6 +383,67 @@ def test_a_wrapper_that_never_steps_its_inner_optimizer_is_named_and_not_counted
     with pytest.warns(UserWarning, match="Frozen.step\\(\\) returned without running SGD.step\\(\\)"):
         optimizer.step()
     assert cdb.step == 0
+
+
+def test_a_wrapper_hiding_its_inner_optimizer_is_refused_at_attach():
+    class Hidden(torch.optim.Optimizer):
+        def __init__(self, base):
+            self._opt, self.param_groups, self.state, self.defaults = base, base.param_groups, {}, {}
+
+    model = mlp()
+    with pytest.raises(TypeError, match=r"Hidden wraps an optimizer under \._opt, where ChannelDropBack does not"):
+        ChannelDropBack(model).attach(Hidden(torch.optim.SGD(model.parameters(), lr=0.1)))
+
+
+@pytest.mark.parametrize("scheduler_first", [True, False])
+def test_torch_lr_schedulers_and_the_framed_wrapper_step_get_along(scheduler_first):
+    """torch's LR schedulers wrap optimizer.step too: before or after attach, both keep working, silently."""
+    from timm.optim import create_optimizer_v2
+
+    model = mlp()
+    optimizer = create_optimizer_v2(model, "lookahead_sgd", lr=0.1, momentum=0.9)
+    cdb = ChannelDropBack(model, ChannelDropBackConfig(mode="exact", **CONFIG))
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5) if scheduler_first else None
+    handle = cdb.attach(optimizer)
+    scheduler = scheduler or torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for step in range(3):
+            train_steps(model, optimizer, cdb, [step])
+            scheduler.step()
+    assert cdb.step == 3 and optimizer.param_groups[0]["lr"] == 0.1 / 8
+    handle.remove()
+    train_steps(model, optimizer, cdb, [3])
+    assert cdb.step == 3, "removed: the optimizer steps without CDB"
+
+
+def test_an_optimizer_that_skipped_optimizer_init_is_masked_from_the_first_step():
+    """torch runs no step hooks for such a class until its first zero_grad (timm's Lookahead's trap)."""
+    class Plain(torch.optim.Optimizer):
+        def __init__(self, params, lr):
+            self.param_groups, self.state, self.defaults = [{"params": list(params), "lr": lr}], {}, {}
+            self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = OrderedDict(), OrderedDict()
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for param in group["params"]:
+                    param.add_(param.grad, alpha=-group["lr"])
+
+    model = mlp()
+    optimizer = Plain(model.parameters(), lr=0.1)
+    cdb = ChannelDropBack(model, ChannelDropBackConfig(**CONFIG))
+    cdb.attach(optimizer)
+    before = weights(model)
+    model(batch(0)).pow(2).mean().backward()
+    optimizer.step()
+    assert cdb.step == 1 and cdb.last_selection
+    params = dict(model.named_parameters())
+    for layer, keep in cdb.last_selection.items():
+        assert torch.equal(params[layer].detach()[~keep], before[layer][~keep])
+    optimizer.zero_grad()  # torch now patches the class: still one CDB step per optimizer step
+    train_steps(model, optimizer, cdb, [1])
+    assert cdb.step == 2
 
 
 # ---------------------------------------------------------------------------- hooks that never run
