@@ -15,10 +15,12 @@ Selections are a pure function of ``(seed, step)``: each step reseeds dedicated 
 global RNG is never consumed, every rank of a distributed job draws the same rows, and a checkpoint
 only needs the step counter, which :meth:`ChannelDropBack.attach` keeps in the optimizer's param groups
 (``cdb_step``) so that the optimizer's own ``state_dict`` carries it. Layer names are the bare model's,
-whatever wraps it (DDP, ``torch.compile``, FSDP1, activation checkpointing). All decisions that steer Python control flow (which layers, how many
-rows) are drawn on the host from a CPU generator; only *which* rows is drawn on the parameter's
-device. The number of dropped rows is therefore known on the host and the step path never reads a
-device value back (no ``.item()``, no boolean indexing).
+whatever wraps it (DDP, ``torch.compile``, FSDP1, activation checkpointing).
+
+All decisions that steer Python control flow (which layers, how many rows) are drawn on the host
+from a CPU generator; only *which* rows is drawn on the parameter's device. The number of dropped
+rows is therefore known on the host and the step path never reads a device value back (no
+``.item()``, no boolean indexing).
 
 FSDP2 (``torch.distributed.fsdp.fully_shard``) parameters are DTensors sharded ``Shard(0)`` on a 1-D
 mesh; their gradients and optimizer state are sharded the same way. CDB draws every selection over
