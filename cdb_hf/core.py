@@ -417,6 +417,7 @@ class _HookHandle:
             handle.remove()
         self._handles = []
         self._cdb._optimizer, self._cdb._chain, self._cdb._watching = None, [], False
+        _WATCHED.discard(self._cdb)
 
 
 class ChannelDropBack:
@@ -474,14 +475,7 @@ class ChannelDropBack:
         # noticed (warned once, counted in unseen_steps), until handle.remove().
         self._watching, self._unseen_steps = True, 0
         self._holds: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        this = weakref.ref(self)
-
-        def watch(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-            cdb = this()
-            if cdb is not None:
-                cdb._watch(optimizer)
-
-        weakref.finalize(self, register_optimizer_step_post_hook(watch).remove)
+        _watch_steps(self)
         self.last_stats: dict[str, float] = {"applied": 0.0, "layers": 0.0, "keep_fraction": 1.0,
                                              "layer_rate": self.config.rate_at(0)}
 
@@ -508,6 +502,7 @@ class ChannelDropBack:
         inner = chain[-1]
         self._check_optimizer_covers_layers(inner)
         self._optimizer, self._chain, self._watching = inner, chain, True
+        _watch_steps(self)
         self._sync_step(inner)
         handles: list[Any] = [inner.register_step_pre_hook(lambda opt, args, kwargs: self._inner_pre_step()),
                               inner.register_step_post_hook(lambda opt, args, kwargs: self._inner_post_step())]
@@ -720,7 +715,7 @@ class ChannelDropBack:
         self._wrote_step.add(optimizer)
 
     # ------------------------------------------------------------------ hooks that never ran
-    def _watch(self, optimizer: torch.optim.Optimizer) -> None:
+    def _after_any_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Global post-step hook: an optimizer updated CDB's layers in a step CDB did not see."""
         if not self._watching or self._in_step or any(optimizer is o for o in self._chain):
             return
@@ -1036,6 +1031,23 @@ def _optimizer_chain(optimizer: Any) -> list[torch.optim.Optimizer]:
     while len(chain) > 1 and type(chain[0]).__module__.split(".")[0] == "accelerate":
         chain.pop(0)
     return chain
+
+
+#: The ChannelDropBack objects that watch every optimizer step of the process (weakly held: a WeakSet defers the
+#: removal of a collected one while it is being iterated, which removing a global hook would not).
+_WATCHED: weakref.WeakSet = weakref.WeakSet()
+_WATCH_HOOK: list = []
+
+
+def _watch_steps(cdb: ChannelDropBack) -> None:
+    """Have ``cdb`` see every optimizer step of the process (one global post-step hook for all of them)."""
+    if not _WATCH_HOOK:
+        def after_any_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            for watcher in list(_WATCHED):
+                watcher._after_any_step(optimizer)
+
+        _WATCH_HOOK.append(register_optimizer_step_post_hook(after_any_step))
+    _WATCHED.add(cdb)
 
 
 def _optimizer_states(chain: list[torch.optim.Optimizer]) -> list[dict]:
