@@ -83,9 +83,11 @@ def resume_in_this_process(checkpoint: str, out: str) -> None:
     Path(out).write_text(json.dumps(results))
 
 
-def test_a_plain_torch_loop_resumes_the_selections_from_the_optimizer_alone(tmp_path):
-    """Save model + optimizer at step 3; a fresh process restores them, attaches a fresh CDB, and steps
-    4-6 draw the uninterrupted run's selections and end with its weights, bitwise."""
+@pytest.fixture(scope="module")
+def fresh_process(tmp_path_factory) -> dict:
+    """One fresh Python process (start-up is the cost here) runs both scenarios that need one: the plain loop
+    resumed from a step-3 checkpoint, and the one-process DDP wrap. The uninterrupted plain run is made here."""
+    tmp_path = tmp_path_factory.mktemp("fresh_process")
     model = mlp()
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
     cdb = ChannelDropBack(model, ChannelDropBackConfig(mode="exact", **CONFIG))
@@ -93,14 +95,23 @@ def test_a_plain_torch_loop_resumes_the_selections_from_the_optimizer_alone(tmp_
     train_steps(model, optimizer, cdb, range(3))
     checkpoint = tmp_path / "checkpoint.pt"
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, checkpoint)
-    assert torch.load(checkpoint, weights_only=True)["optimizer"]["param_groups"][0]["cdb_step"] == 3
     expected = train_steps(model, optimizer, cdb, range(3, 6))
-    assert any(expected), "the run selects rows"
+    resumed, ddp = tmp_path / "resumed.json", tmp_path / "ddp.json"
+    run_python(f"import test_own_loop as t; t.resume_in_this_process({str(checkpoint)!r}, {str(resumed)!r}); "
+               f"t.ddp_one_process({str(ddp)!r})")
+    return {"checkpoint": checkpoint, "expected": expected, "final": weights(model), "resumed": resumed,
+            "ddp": ddp}
 
-    out = tmp_path / "resumed.json"
-    run_python(f"import test_own_loop as t; t.resume_in_this_process({str(checkpoint)!r}, {str(out)!r})")
+
+def test_a_plain_torch_loop_resumes_the_selections_from_the_optimizer_alone(fresh_process):
+    """Save model + optimizer at step 3; a fresh process restores them, attaches a fresh CDB, and steps
+    4-6 draw the uninterrupted run's selections and end with its weights, bitwise."""
+    checkpoint, expected, final = fresh_process["checkpoint"], fresh_process["expected"], fresh_process["final"]
+    assert torch.load(checkpoint, weights_only=True)["optimizer"]["param_groups"][0]["cdb_step"] == 3
+    assert any(expected), "the run selects rows"
+    out = fresh_process["resumed"]
     resumed = json.loads(out.read_text())
-    final = weights(model)
+    assert sorted(resumed) == ["attach_after_load", "attach_before_load"]
     for order, result in resumed.items():
         assert result["selections"] == expected, order
         assert result["step"] == 6
@@ -178,15 +189,14 @@ def ddp_one_process(out: str) -> None:
     Path(out).write_text(json.dumps(result))
 
 
-def test_a_ddp_wrapped_model_keeps_the_bare_names_patterns_and_selections(tmp_path):
+def test_a_ddp_wrapped_model_keeps_the_bare_names_patterns_and_selections(fresh_process):
     model = mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     cdb = ChannelDropBack(model, ChannelDropBackConfig(include=["2.*", "4.weight"], **CONFIG))
     cdb.attach(optimizer)
     expected = train_steps(model, optimizer, cdb, range(4))
 
-    out = tmp_path / "ddp.json"
-    run_python(f"import test_own_loop as t; t.ddp_one_process({str(out)!r})")
+    out = fresh_process["ddp"]
     result = json.loads(out.read_text())
     assert result["layers"] == ["2.weight", "4.weight"]
     assert result["selections"] == expected and any(expected)
