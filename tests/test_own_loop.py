@@ -511,7 +511,7 @@ def test_readme_trainer_script_gets_the_statistics_to_tensorboard(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         exec(readme_block("add_channel_drop_back(trainer"), namespace)
-    assert namespace["cdb"].cdb.step == 4, "callback.cdb is the core, and it saw every optimizer step"
+    assert namespace["callback"].cdb.step == 4, "callback.cdb is the core, and it saw every optimizer step"
     assert all("cdb/applied" in entry for entry in namespace["trainer"].state.log_history if "loss" in entry)
     tags = tensorboard_tags(tmp_path)
     for stat in ("applied", "layers", "keep_fraction", "layer_rate"):
