@@ -183,13 +183,21 @@ def ddp_one_process(out: str) -> None:
         cdb = ChannelDropBack(wrapped, ChannelDropBackConfig(include=["2.*", "4.weight"], **CONFIG))
         cdb.attach(optimizer)
         result = {"layers": list(cdb.layers), "selections": train_steps(wrapped, optimizer, cdb, range(4))}
+        # FSDP1 (nested, use_orig_params) puts _fsdp_wrapped_module. inside every name
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        nested = mlp()
+        nested[2] = FSDP(nested[2], device_id=torch.device("cpu"), use_orig_params=True)
+        sharded = FSDP(nested, device_id=torch.device("cpu"), use_orig_params=True)
+        result["fsdp1_names"] = [name for name, _ in sharded.named_parameters()]
+        result["fsdp1_layers"] = list(ChannelDropBack(sharded, ChannelDropBackConfig(include=["2.*", "4.weight"])).layers)
     finally:
         dist.destroy_process_group()
     torch.save(weights(model), out + ".pt")
     Path(out).write_text(json.dumps(result))
 
 
-def test_a_ddp_wrapped_model_keeps_the_bare_names_patterns_and_selections(fresh_process):
+def test_ddp_and_fsdp1_wrapped_models_keep_the_bare_names_patterns_and_selections(fresh_process):
     model = mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     cdb = ChannelDropBack(model, ChannelDropBackConfig(include=["2.*", "4.weight"], **CONFIG))
@@ -200,6 +208,8 @@ def test_a_ddp_wrapped_model_keeps_the_bare_names_patterns_and_selections(fresh_
     result = json.loads(out.read_text())
     assert result["layers"] == ["2.weight", "4.weight"]
     assert result["selections"] == expected and any(expected)
+    assert "_fsdp_wrapped_module.2._fsdp_wrapped_module.weight" in result["fsdp1_names"]
+    assert result["fsdp1_layers"] == ["2.weight", "4.weight"]
     theirs = torch.load(f"{out}.pt", weights_only=True)
     assert all(torch.equal(value, theirs[name]) for name, value in weights(model).items())
 
