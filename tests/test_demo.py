@@ -8,7 +8,14 @@ import pytest
 from safetensors.torch import load_file
 
 from cdb_hf import builtin, cli
-from cdb_hf.demo import build_argv, main, prepare_base_checkpoint, recipe_path
+from cdb_hf.demo import (
+    BENCHMARK_RESULTS,
+    benchmark_verdict,
+    build_argv,
+    main,
+    prepare_base_checkpoint,
+    recipe_path,
+)
 
 QUICK = ["--image_size", "32", "--max_steps", "2", "--max_train_samples", "16", "--max_eval_samples", "16",
          "--eval_strategy", "steps", "--eval_steps", "1"]
@@ -45,6 +52,7 @@ def test_demo_smoke_run(tmp_path, capsys):
     printed = capsys.readouterr().out
     for row in ("validation accuracy (%)", "validation loss", "training time (s)"):
         assert row in printed
+    assert benchmark_verdict() in printed  # the 10-seed verdict sits under the one-seed table
     results = json.loads((output_dir / "results.json").read_text())
     assert results["summary"]["complete_seeds"] == [0] and results["summary"]["failed_runs"] == []
     table_line = next(line for line in printed.splitlines() if line.startswith("validation accuracy"))
@@ -81,3 +89,22 @@ def test_demo_refuses_a_folder_it_did_not_write(tmp_path, capsys):
     assert main(["--output_dir", str(output_dir), *QUICK]) == 2
     assert "holds files that are not a cdb_hf run" in capsys.readouterr().err
     assert (output_dir / "notes.txt").read_text() == "keep me"
+
+
+def test_the_verdict_is_read_from_the_benchmark_results_not_typed_in(tmp_path):
+    """The verdict line carries whatever the benchmark's results.json says, and says when it is missing."""
+    shipped = json.loads((BENCHMARK_RESULTS / "results.json").read_text())["summary"]
+    difference = shipped["metrics"]["eval_accuracy"]["difference"]
+    line = benchmark_verdict()
+    assert f"{100 * difference['ci_low']:+.2f}" in line and f"{100 * difference['ci_high']:+.2f}" in line
+    assert f"{len(shipped['complete_seeds'])} paired seeds" in line and "--ab_seeds 10" in line
+
+    forged = {"summary": {"complete_seeds": [7, 8, 9], "metrics": {"eval_accuracy": {"difference": {
+        "mean": 0.0123, "ci_low": 0.0045, "ci_high": 0.0201, "p_value": 0.01}}}}}
+    folder = tmp_path / "bench" / "results" / "study"
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps(forged))
+    line = benchmark_verdict(folder)
+    assert "+1.23 points" in line and "[+0.45, +2.01]" in line and "3 paired seeds 7-9" in line
+    assert "a detectable difference" in line
+    assert "not shipped" in benchmark_verdict(tmp_path / "missing")
