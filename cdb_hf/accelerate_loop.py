@@ -44,6 +44,7 @@ from . import metrics as cdb_metrics
 from .core import ChannelDropBack, StatsWindow
 from .data import data_seed
 from .optimization import build_lr_scheduler, build_optimizer, optimizer_steps_per_epoch
+from .preemption import PREEMPTION
 from .preflight import RunPlan, UsageError, check_resume_matches, loop_state_error, trackers_for
 from .run import (
     DivergenceGuard,
@@ -55,6 +56,7 @@ from .run import (
     finish_run,
     last_checkpoint,
     open_run_dir,
+    preempted,
     prepare_run,
     setup_logging,
 )
@@ -164,6 +166,11 @@ def train(plan: RunPlan) -> dict[str, float]:
                           epoch_position, progress.log_history)
             if due["save"]:
                 save_checkpoint(accelerator, plan, progress, cdb_config)
+            if PREEMPTION.due(accelerator.num_processes, accelerator.device):  # this step is done: save, stop
+                if not due["save"]:
+                    guard.check(step, last_checkpoint(args.output_dir))
+                    save_checkpoint(accelerator, plan, progress, cdb_config)
+                raise preempted(plan, step)
 
         model.train()
         for epoch in range(starting_epoch, num_epochs):

@@ -24,8 +24,10 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from . import launch
 from .arguments import CDBArguments, DataArguments, ModelArguments, RunArguments
+from .preemption import PREEMPTION, Preempted
 from .preflight import UsageError, check_supported_setup, plan_run, usage_errors
 from .run import TrainingDiverged
+from .run_lock import RunLock
 
 __all__ = ["PROG", "build_parser", "load_recipe", "main", "parse_args"]
 
@@ -112,8 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     2: bad input (one line on stderr, nothing changed); 1: the run failed after it started (a diverged run:
     one line; anything else: its traceback), or an A/B run failed; 0: done.
     """
+    lock = None
     try:
         plan = plan_run(*parse_args(argv))
+        lock = _lock_output_dir(plan)
+        PREEMPTION.install()
         if plan.run.ab_seeds > 0:
             from .ab import run_ab
 
@@ -129,7 +134,32 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as error:
         print(f"{PROG}: {error}", file=sys.stderr)
         return 1
+    except Preempted as error:
+        if _is_main_rank():
+            print(f"{PROG}: {error}", file=sys.stderr)
+        return error.exit_code
+    finally:
+        PREEMPTION.uninstall()
+        if lock is not None:
+            lock.release()
     return 0
+
+
+def _is_main_rank() -> bool:
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
+def _lock_output_dir(plan) -> RunLock | None:
+    """Take ``--output_dir``'s lock for this run (the launch's main process; the other ranks recognise it)."""
+    if not _is_main_rank():
+        return None
+    lock = RunLock(plan.training.output_dir)
+    try:
+        lock.acquire()
+    except RuntimeError as error:
+        raise UsageError(f"--output_dir {plan.training.output_dir!r} is in use by a live run ({error}); wait for it "
+                         "to end or choose another --output_dir (nothing was changed)") from None
+    return lock
 
 
 def _refuse_deepspeed_early(recipe: dict[str, Any], argv: list[str]) -> None:

@@ -477,6 +477,11 @@ def _plan_output_dir(plan: RunPlan) -> None:
     args, run_args = plan.training, plan.run
     output_dir = Path(os.path.expanduser(args.output_dir))
     resolved = output_dir.resolve()
+    _check_not_locked(args.output_dir, plan.notes)
+    if output_dir.is_symlink():  # every later rename, deletion and check acts on the folder itself, not the link
+        plan.notes.append(f"--output_dir {args.output_dir!r} is a symlink; the run writes into {str(resolved)!r}")
+        args.output_dir = str(resolved)
+        output_dir = resolved
     if output_dir.exists() and not output_dir.is_dir():
         raise UsageError(f"--output_dir {args.output_dir!r} exists and is not a directory")
     home = Path(os.path.expanduser("~")).resolve()
@@ -521,12 +526,27 @@ def _plan_output_dir(plan: RunPlan) -> None:
     if plan.kind == "eval":
         raise UsageError(f"output_dir {args.output_dir!r} is not empty; --do_train false writes into a new folder (or "
                          "over an earlier evaluation with --overwrite_output_dir): choose another --output_dir")
-    if marker is not None and marker.get("status") in ("running", "failed") and find_checkpoints(output_dir):
+    if marker is not None and marker.get("status") in ("running", "failed", "interrupted") and find_checkpoints(output_dir):
         raise UsageError(f"output_dir {args.output_dir!r} holds an unfinished run; pass --resume_from_checkpoint "
                          "true to continue it, --overwrite_output_dir to replace it, or choose another --output_dir")
     raise UsageError(f"output_dir {args.output_dir!r} already holds a different run; pass --overwrite_output_dir "
                      "to write over it, --resume_from_checkpoint true to continue it, or choose another "
                      "--output_dir")
+
+
+def _check_not_locked(output_dir: str, notes: list[str]) -> None:
+    """Refuse an output folder whose run is alive (another process holds its lock); note a stale lock."""
+    from .run_lock import read_lock
+
+    holder = read_lock(output_dir)
+    if holder is None or holder.is_ours():
+        return
+    stale = holder.stale_reason()
+    if stale is None:
+        raise UsageError(f"--output_dir {output_dir!r} is in use by a live run ({holder.describe()}); wait for it to "
+                         "end or choose another --output_dir (nothing was changed)")
+    notes.append(f"the lock of --output_dir {output_dir!r} was left by a run that is gone ({holder.describe()}; "
+                 f"{stale}); it is taken over")
 
 
 # ------------------------------------------------------------------------------------------------ resume
@@ -545,9 +565,10 @@ def resolve_resume_checkpoint(training_args: TrainingArguments, notes: list[str]
             if record is not None:
                 for path, reason in skipped:
                     message = f"skipped incomplete checkpoint {path}: {reason}"
-                    logger.warning(message)
-                    if notes is not None:
+                    if notes is not None:  # said once, with the run's other notes, when it starts
                         notes.append(message)
+                    else:
+                        logger.warning(message)
                     if skipped_paths is not None:
                         skipped_paths.append(path)
                 return str(checkpoint)

@@ -82,8 +82,8 @@ def _refuse_constant(name: str) -> Any:
 
 # ------------------------------------------------------------------------------------------ run marker
 def write_run_marker(output_dir: str | os.PathLike, *, status: str, kind: str = "run",
-                     replaces: str | None = None) -> None:
-    """Mark ``output_dir`` as a run of this tool (``status``: running, complete, failed)."""
+                     replaces: str | None = None, notes: list[str] | None = None) -> None:
+    """Mark ``output_dir`` as a run of this tool (``status``: running, complete, failed, interrupted)."""
     from . import __version__
 
     marker = Path(output_dir) / RUN_MARKER
@@ -92,6 +92,7 @@ def write_run_marker(output_dir: str | os.PathLike, *, status: str, kind: str = 
         "tool": "cdb_hf", "version": __version__, "kind": kind, "status": status,
         "started": previous.get("started", time.strftime("%Y-%m-%dT%H:%M:%S")),
         "replaces": replaces if replaces is not None else previous.get("replaces"),
+        "notes": notes if notes is not None else previous.get("notes", []),
     })
 
 
@@ -115,14 +116,15 @@ class RunDirectory:
         self.output_dir, self.mode, self.kind = Path(output_dir), mode, kind
         self.backup: Path | None = None
 
-    def open(self) -> None:
-        """Make the directory this run's; in replace mode, set the previous run aside first."""
+    def open(self, notes: list[str] | None = None) -> None:
+        """Make the directory this run's; in replace mode, set the previous run aside first. ``notes`` (what
+        pre-flight told the user) are recorded in the marker."""
         if self.mode == "replace" and self.output_dir.exists():
             self.backup = self._sibling("previous")
             os.rename(self.output_dir, self.backup)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         write_run_marker(self.output_dir, status="running", kind=self.kind,
-                         replaces=self.backup.name if self.backup is not None else None)
+                         replaces=self.backup.name if self.backup is not None else None, notes=list(notes or []))
 
     def complete(self) -> None:
         """The run completed: mark it so, then delete the run(s) it replaced (a chain, if a replacement
@@ -139,6 +141,17 @@ class RunDirectory:
         marker = read_run_marker(self.output_dir) or {}
         write_json_atomic(self.output_dir / RUN_MARKER, {**marker, "replaces": None})
         self.backup = None
+
+    def interrupt(self) -> Path | None:
+        """The run stopped at a preemption signal after a complete checkpoint: mark it ``interrupted`` and keep
+        everything where it is, so that ``--resume_from_checkpoint true`` continues it. Returns the earlier run
+        it is replacing (kept aside until the continued run completes), if any."""
+        write_run_marker(self.output_dir, status="interrupted", kind=self.kind)
+        replaced = (read_run_marker(self.output_dir) or {}).get("replaces")
+        self.backup = None
+        if _is_backup_name(replaced, self.output_dir) and (self.output_dir.parent / replaced).is_dir():
+            return self.output_dir.parent / replaced
+        return None
 
     def fail(self) -> Path | None:
         """The run failed: mark it so; in replace mode restore the previous run, keeping the failed attempt

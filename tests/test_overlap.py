@@ -1,0 +1,205 @@
+"""Runs that overlap, stop and restart: one live run per output folder, preemption by a scheduler's signal.
+
+Every run here is a real subprocess (``tests/hook_worker.py``) held or signalled at a point the test
+chooses, on the tiny ViT and the generated image folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_cli import assert_same_weights, run_quietly
+from test_safety import PATHS, argv_for, make_previous_run, one_error_line, tree_hashes
+
+from cdb_hf import cli
+from cdb_hf.run_dir import RUN_MARKER, read_checkpoint_record, read_run_marker
+from cdb_hf.run_lock import RunLock, lock_path, read_lock
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def start_worker(target: str, nth: int, action: str, argv: list[str], cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests"),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen([sys.executable, str(REPO / "tests" / "hook_worker.py"), target, str(nth), action, *argv],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env)
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        if process.poll() is not None:
+            raise AssertionError(f"the worker ended early ({process.returncode}): {process.stderr.read()[-3000:]}")
+        assert time.time() < deadline, "the worker never reached its hook"
+        time.sleep(0.05)
+
+
+# ------------------------------------------------------------------------------------------ one live run
+OVERLAPS = {
+    # case: (the first run replaces an earlier run, the second run's extra flags)
+    "a fresh run, then one with --overwrite_output_dir": (False, ["--overwrite_output_dir", "true"]),
+    "a replacing run, then one without --overwrite_output_dir": (True, []),
+}
+
+
+@pytest.mark.parametrize("case", list(OVERLAPS))
+def test_a_second_run_into_a_live_runs_folder_is_refused_and_the_live_run_finishes_untouched(
+        case, tmp_path, tiny_vit_dir, image_folder, capsys):
+    replaces, second_flags = OVERLAPS[case]
+    output_dir = tmp_path / "out"
+    first_flags = []
+    if replaces:
+        make_previous_run(output_dir)
+        first_flags = ["--overwrite_output_dir", "true"]
+    argv = argv_for("hf", tiny_vit_dir, image_folder, output_dir, *first_flags)
+    go = tmp_path / "go"
+    first = start_worker("cdb_hf.run:DivergenceGuard.observe", 2, f"wait:{go}", argv, tmp_path)
+    try:
+        wait_for(Path(f"{go}.ready"), first)
+        during = tree_hashes(output_dir)
+
+        code = cli.main(argv_for("hf", tiny_vit_dir, image_folder, output_dir, *second_flags))
+
+        assert code == 2
+        line = one_error_line(capsys)
+        assert f"is in use by a live run (host {socket.gethostname()}, pid {first.pid}, started " in line, line
+        assert tree_hashes(output_dir) == during
+    finally:
+        go.touch()
+        out, err = first.communicate(timeout=240)
+    assert first.returncode == 0, err[-3000:]
+    assert read_run_marker(output_dir)["status"] == "complete"
+    assert (output_dir / "model.safetensors").is_file()
+    assert not lock_path(output_dir).exists(), "the lock outlived its run"
+    assert not list(tmp_path.glob(".out.previous-*")), "the replaced run is deleted once the new one completed"
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over_and_said_so(tmp_path, tiny_vit_dir, image_folder, caplog):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    output_dir = tmp_path / "out"
+    lock_path(output_dir).write_text(json.dumps({"host": socket.gethostname(), "pid": gone.pid,
+                                                 "started": "2026-01-01T00:00:00", "token": "old"}))
+
+    code, printed = run_quietly(argv_for("hf", tiny_vit_dir, image_folder, output_dir))
+
+    assert code == 0, printed
+    assert f"was left by a run that is gone (host {socket.gethostname()}, pid {gone.pid}" in caplog.text
+    assert "its process is gone" in caplog.text
+    assert any("its process is gone" in note for note in read_run_marker(output_dir)["notes"])
+    assert not lock_path(output_dir).exists()
+
+
+def test_a_lock_from_another_host_is_live_while_its_heartbeat_beats_and_stale_after(tmp_path, monkeypatch):
+    output_dir = tmp_path / "out"
+    path = lock_path(output_dir)
+    path.write_text(json.dumps({"host": "node-17", "pid": 1, "started": "2026-01-01T00:00:00", "token": "t"}))
+    monkeypatch.setenv("CDB_HF_LOCK_STALE_SECONDS", "60")
+    assert read_lock(output_dir).stale_reason() is None
+    with pytest.raises(RuntimeError, match="host node-17, pid 1"):
+        RunLock(output_dir).acquire()
+
+    os.utime(path, (time.time() - 120, time.time() - 120))
+    assert "heartbeat stopped" in read_lock(output_dir).stale_reason()
+    lock = RunLock(output_dir)
+    lock.acquire()
+    assert lock.taken_over.host == "node-17" and read_lock(output_dir).pid == os.getpid()
+    lock.release()
+    assert not path.exists()
+
+
+def test_the_heartbeat_keeps_a_long_run_live(tmp_path, monkeypatch):
+    monkeypatch.setenv("CDB_HF_LOCK_STALE_SECONDS", "1")
+    monkeypatch.setenv("CDB_HF_LOCK_HEARTBEAT_SECONDS", "0.1")
+    lock = RunLock(tmp_path / "out")
+    lock.acquire()
+    try:
+        time.sleep(1.5)
+        holder = read_lock(tmp_path / "out")
+        assert holder.heartbeat_age < 1 and holder.stale_reason() is None
+    finally:
+        lock.release()
+
+
+# ------------------------------------------------------------------------------------------ preemption
+@pytest.fixture(scope="module")
+def straight_runs(tmp_path_factory, tiny_vit_dir, image_folder):
+    """Per path: an uninterrupted 6-step CDB run (the reference for the resumed ones)."""
+    runs = {}
+    for trainer in PATHS:
+        output_dir = tmp_path_factory.mktemp(f"straight_{trainer}") / "out"
+        code, printed = run_quietly(argv_for(trainer, tiny_vit_dir, image_folder, output_dir, "--max_steps", "6"))
+        assert code == 0, printed
+        runs[trainer] = output_dir
+    return runs
+
+
+SIGNAL_POINTS = {
+    # (path, where): (hooked callable, its call that gets the signal, the signal, the step the run stops after)
+    ("hf", "mid-epoch"): ("cdb_hf.run:DivergenceGuard.observe", 3, "SIGTERM", 3),
+    ("hf", "mid-save"): ("cdb_hf.trainer_path:write_checkpoint_record", 1, "SIGUSR1", 3),
+    ("accelerate", "mid-epoch"): ("cdb_hf.run:DivergenceGuard.observe", 3, "SIGUSR1", 3),
+    ("accelerate", "mid-save"): ("cdb_hf.accelerate_loop:write_checkpoint_record", 1, "SIGTERM", 2),  # saved: stop
+}
+
+
+@pytest.mark.parametrize("trainer,where", list(SIGNAL_POINTS))
+def test_a_preempted_run_saves_stops_and_resumes_to_the_uninterrupted_weights(trainer, where, tmp_path,
+                                                                              straight_runs, tiny_vit_dir,
+                                                                              image_folder):
+    target, nth, sig, step = SIGNAL_POINTS[trainer, where]
+    output_dir = tmp_path / "out"
+    argv = argv_for(trainer, tiny_vit_dir, image_folder, output_dir, "--max_steps", "6")
+
+    stopped = start_worker(target, nth, sig, argv, tmp_path)
+    _, err = stopped.communicate(timeout=240)
+
+    assert stopped.returncode == 128 + getattr(signal, sig), err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last == (f"run_finetune.py: stopped by {sig} after optimizer step {step}: {output_dir}/checkpoint-{step} "
+                    "is complete and the run is marked interrupted; to continue, run the same command with "
+                    "--resume_from_checkpoint true"), err[-3000:]
+    assert read_checkpoint_record(output_dir / f"checkpoint-{step}")[0] is not None
+    assert read_run_marker(output_dir)["status"] == "interrupted"
+    assert not (output_dir / "model.safetensors").exists() and not lock_path(output_dir).exists()
+
+    code, printed = run_quietly(argv + ["--resume_from_checkpoint", "true"])
+
+    assert code == 0, printed
+    assert_same_weights(straight_runs[trainer], output_dir)
+    assert read_run_marker(output_dir)["status"] == "complete"
+
+
+@pytest.mark.parametrize("trainer", PATHS)
+def test_a_preempted_replacement_names_the_earlier_run_and_completes_when_continued(trainer, tmp_path,
+                                                                                    straight_runs, tiny_vit_dir,
+                                                                                    image_folder):
+    output_dir = make_previous_run(tmp_path / "out")
+    previous = tree_hashes(output_dir)
+    argv = argv_for(trainer, tiny_vit_dir, image_folder, output_dir, "--max_steps", "6")
+
+    stopped = start_worker("cdb_hf.run:DivergenceGuard.observe", 2, "SIGTERM", argv + ["--overwrite_output_dir",
+                                                                                       "true"], tmp_path)
+    _, err = stopped.communicate(timeout=240)
+
+    assert stopped.returncode == 143, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    aside = list(tmp_path.glob(".out.previous-*"))
+    assert len(aside) == 1 and tree_hashes(aside[0]) == previous
+    assert "--resume_from_checkpoint true (instead of --overwrite_output_dir)" in last, last
+    assert f"the earlier run it replaces is kept in {str(aside[0])!r} until the continued run completes" in last
+
+    code, printed = run_quietly(argv + ["--resume_from_checkpoint", "true"])
+
+    assert code == 0, printed
+    assert_same_weights(straight_runs[trainer], output_dir)
+    assert not aside[0].exists(), "the replacement completed: the run it replaced goes"
+    assert json.loads((output_dir / RUN_MARKER).read_text())["replaces"] is None
