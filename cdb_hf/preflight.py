@@ -86,6 +86,7 @@ def plan_run(model_args, data_args, cdb_args, run_args, training_args: TrainingA
     with usage_errors():
         check_supported_setup(training_args)
         _check_run_arguments(run_args)
+        _check_path_values(model_args, data_args, training_args)
         if not model_args.model_name_or_path:
             raise UsageError("--model_name_or_path is required (a Hub model id, a local save_pretrained directory, "
                              f"or one of {', '.join(builtin.list_builtin_sources('model'))})")
@@ -97,6 +98,7 @@ def plan_run(model_args, data_args, cdb_args, run_args, training_args: TrainingA
             raise UsageError("no training data: pass --dataset_name (Hub id, local dataset folder or builtin:...) "
                              "or --train_dir (an image folder)")
         _check_finite_everywhere(model_args, data_args, cdb_args, run_args, training_args)
+        _check_ranges(model_args, run_args, training_args)
         if data_args.train_augmentation not in data_module.TRAIN_AUGMENTATIONS:  # a recipe bypasses argparse's choices
             raise UsageError(f"--train_augmentation {data_args.train_augmentation!r} is not valid; choose one of "
                              f"{', '.join(data_module.TRAIN_AUGMENTATIONS)}")
@@ -129,6 +131,91 @@ def plan_run(model_args, data_args, cdb_args, run_args, training_args: TrainingA
                                  f"{training_args.output_dir!r}; an evaluation never touches a training run: give "
                                  "another --output_dir")
     return plan
+
+
+#: The most paired seeds ``--ab_seeds`` takes (each is two full training runs).
+MAX_AB_SEEDS = 1000
+#: The most epochs a run may have (a larger --num_train_epochs is a typo, not a plan).
+MAX_EPOCHS = 100_000
+_MAX_SEED = 2**32 - 1
+
+
+def preview(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to a short preview (nested or huge values, such as a YAML alias bomb, stay cheap)."""
+    import reprlib
+
+    short = reprlib.Repr()
+    short.maxlevel, short.maxlist, short.maxtuple, short.maxdict = 2, 6, 6, 4
+    short.maxstring = short.maxother = short.maxlong = limit
+    text = short.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+#: Flags that name a local path (or a Hub id): never an empty string, always a string.
+_PATH_FLAGS = {"model": ("model_name_or_path", "config_name", "image_processor_name", "cache_dir"),
+               "data": ("dataset_name", "train_dir", "validation_dir", "predict_dir"),
+               "training": ("output_dir", "logging_dir")}
+
+
+def _check_path_values(model_args, data_args, training_args: TrainingArguments) -> None:
+    """Every path value is a real path: a string, not empty (an empty one would mean the current directory);
+    the validation folder is not the training folder."""
+    for group, arguments in (("model", model_args), ("data", data_args), ("training", training_args)):
+        for name in _PATH_FLAGS[group]:
+            value = getattr(arguments, name, None)
+            if value is None:
+                continue
+            if not isinstance(value, (str, os.PathLike)):
+                raise UsageError(f"--{name} {preview(value)} is not valid: it must be a path or name (a string), "
+                                 f"got a {type(value).__name__}")
+            if not str(value).strip():
+                raise UsageError(f"--{name} {str(value)!r} is empty: give a path (an empty one would silently mean "
+                                 "the current directory), or leave the flag out")
+    train_dir, validation_dir = data_args.train_dir, data_args.validation_dir
+    if train_dir and validation_dir and os.path.exists(os.path.expanduser(train_dir)) and \
+            Path(os.path.expanduser(train_dir)).resolve() == Path(os.path.expanduser(validation_dir)).resolve():
+        raise UsageError(f"--validation_dir {validation_dir!r} is --train_dir: the run would be evaluated on its own "
+                         "training images; give a separate folder, or leave --validation_dir out to carve a "
+                         "validation split (--train_val_split)")
+
+
+def _check_ranges(model_args, run_args, training_args: TrainingArguments) -> None:
+    """Values whose range only shows late (after a first A/B arm trained) or as a MemoryError."""
+    seed = training_args.seed
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MAX_SEED:
+        raise UsageError(f"--seed {preview(seed)} is not valid; it must be an integer in [0, 2**32 - 1]")
+    n_seeds = run_args.ab_seeds
+    if isinstance(n_seeds, int) and not isinstance(n_seeds, bool) and n_seeds > 0:
+        if n_seeds > MAX_AB_SEEDS:
+            raise UsageError(f"--ab_seeds {n_seeds} is not valid; it must be at most {MAX_AB_SEEDS} (each seed is "
+                             "two full training runs)")
+        if seed + n_seeds - 1 > _MAX_SEED:
+            raise UsageError(f"--ab_seeds {n_seeds} with --seed {seed} would use seeds up to {seed + n_seeds - 1}, "
+                             f"beyond 2**32 - 1; lower --seed to at most {_MAX_SEED - n_seeds + 1}")
+    max_steps = training_args.max_steps
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or (max_steps != -1 and max_steps < 1):
+        raise UsageError(f"--max_steps {preview(max_steps)} is not valid; it must be a positive integer, or unset "
+                         "(-1: the run's length is --num_train_epochs)")
+    epochs = training_args.num_train_epochs
+    if max_steps == -1 and isinstance(epochs, (int, float)) and not isinstance(epochs, bool) and epochs > MAX_EPOCHS:
+        raise UsageError(f"--num_train_epochs {epochs!r} is not valid; it must be at most {MAX_EPOCHS}")
+    size = getattr(model_args, "image_size", None)
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        batch = max(int(training_args.per_device_train_batch_size or 1), 1)
+        needed = batch * 3 * size * size * 4  # one float32 batch of pixels, before any activation
+        available = _physical_memory()
+        if available and needed > available // 4:
+            largest = int(math.sqrt(available // 4 / (batch * 12)))
+            raise UsageError(f"--image_size {size} is not valid: one batch of {batch} such images takes "
+                             f"{needed / 2**30:.1f} GiB as float32, over a quarter of this machine's "
+                             f"{available / 2**30:.0f} GiB; give at most {largest} px (typical: 224 or 384)")
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 class usage_errors:
@@ -300,7 +387,7 @@ def check_lr_schedule(run_args, args: TrainingArguments) -> None:
         if (not isinstance(milestones, (list, tuple)) or not milestones
                 or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in milestones)
                 or list(milestones) != sorted(set(milestones))):
-            raise UsageError(f"--lr_milestones {milestones!r} is not valid; give increasing epochs >= 1 (the first "
+            raise UsageError(f"--lr_milestones {preview(milestones)} is not valid; give increasing epochs >= 1 (the first "
                              "epoch at each lower rate, e.g. 26 51 72), or leave it unset for the official "
                              "round(0.3E), round(0.6E), round(0.85E)")
     if schedule != "multistep":

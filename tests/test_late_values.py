@@ -1,0 +1,111 @@
+"""Every value is checked before any work, naming the flag: the refusals that used to come late (after an A/B
+arm trained, as a MemoryError, as a TypeError traceback) and the settings that used to do nothing silently."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from test_cli import finetune_argv, run_quietly
+from test_safety import make_previous_run, one_error_line, tree_hashes
+
+from cdb_hf import cli
+from cdb_hf.run_dir import read_run_marker
+
+RECIPES = {
+    # case: (recipe text, fragment of the one line)
+    "output_dir: 123": ("output_dir: 123\n", "output_dir: 123 is not valid; it must be a string"),
+    "seed: 1.5": ("seed: 1.5\n", "seed: 1.5 is not valid; it must be an integer"),
+    "train_dir: [a, b]": ("train_dir: [a, b]\n", "train_dir: ['a', 'b'] is not valid; it must be a string"),
+    "max_steps: true": ("max_steps: true\n", "max_steps: True is not valid; it must be an integer"),
+    "a duplicate key": ("learning_rate: 0.1\nseed: 1\nlearning_rate: 0.01\n", "'learning_rate' is given twice"),
+    "train_dir: ''": ("train_dir: ''\n", "--train_dir '' is empty"),
+}
+
+
+@pytest.mark.parametrize("case", list(RECIPES))
+def test_a_recipe_value_of_the_wrong_type_is_one_line_naming_the_key(case, tmp_path, capsys, tiny_vit_dir,
+                                                                     image_folder):
+    text, expected = RECIPES[case]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text)
+    argv = finetune_argv(tiny_vit_dir, image_folder, tmp_path / "out")
+    for key in ("output_dir", "train_dir", "max_steps", "seed"):  # the recipe's value is the one under test
+        if f"{key}:" in text:
+            position = argv.index(f"--{key}")
+            del argv[position:position + 2]
+
+    code = cli.main([str(recipe), *argv])
+
+    assert code == 2
+    assert expected in one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_yaml_alias_bomb_is_refused_fast_with_a_short_message(tmp_path, capsys, tiny_vit_dir, image_folder):
+    recipe = tmp_path / "bomb.yaml"
+    # 9**7 list items from a few hundred bytes (anchors nested inside the one value: other keys are refused)
+    recipe.write_text("lr_schedule: multistep\nlr_milestones: [" + ", ".join(
+        ["&g [&f [&e [&d [&c [&b [&a [x, x, x, x, x, x, x, x, x]" + ", *a" * 8 + "]" + ", *b" * 8 + "]"
+         + ", *c" * 8 + "]" + ", *d" * 8 + "]" + ", *e" * 8 + "]" + ", *f" * 8 + "]"] + ["*g"] * 8) + "]\n")
+    started = time.time()
+
+    code = cli.main([str(recipe), *finetune_argv(tiny_vit_dir, image_folder, tmp_path / "out")])
+
+    assert code == 2
+    line = one_error_line(capsys)
+    assert "lr_milestones" in line and len(line) < 400, line
+    assert time.time() - started < 20
+
+
+FLAGS = {
+    # case: (extra flags, fragment of the one line)
+    "A/B seeds past 2**32 - 1": (["--ab_seeds", "2", "--seed", "4294967295"],
+                                 "--ab_seeds 2 with --seed 4294967295 would use seeds up to 4294967296"),
+    "a billion A/B seeds": (["--ab_seeds", "1000000000"], "--ab_seeds 1000000000 is not valid; it must be at most"),
+    "a seed past 2**32 - 1": (["--seed", "4294967296"], "--seed 4294967296 is not valid"),
+    "a 100000 px image size": (["--image_size", "100000"], "--image_size 100000 is not valid: one batch of 4"),
+    "an empty --train_dir": (["--train_dir", ""], "--train_dir '' is empty"),
+    "an empty --output_dir": (["--output_dir", " "], "--output_dir ' ' is empty"),
+    "--max_steps -5": (["--max_steps", "-5"], "--max_steps -5 is not valid; it must be a positive integer"),
+    "--max_steps 0": (["--max_steps", "0"], "--max_steps 0 is not valid"),
+    "--num_train_epochs 1e300": (["--max_steps", "-1", "--num_train_epochs", "1e300"],
+                                 "--num_train_epochs 1e+300 is not valid; it must be at most 100000"),
+}
+
+
+@pytest.mark.parametrize("case", list(FLAGS))
+def test_values_that_failed_late_are_refused_first_and_the_previous_run_stays(case, tmp_path, capsys, tiny_vit_dir,
+                                                                             image_folder):
+    previous = make_previous_run(tmp_path / "out")
+    before = tree_hashes(previous)
+    extra, expected = FLAGS[case]
+
+    code = cli.main(finetune_argv(tiny_vit_dir, image_folder, previous, "--overwrite_output_dir", "true", *extra))
+
+    assert code == 2
+    assert expected in one_error_line(capsys)
+    assert tree_hashes(previous) == before and not list(tmp_path.glob(".out.*"))
+
+
+def test_the_validation_folder_may_not_be_the_training_folder(tmp_path, capsys, tiny_vit_dir, image_folder):
+    code = cli.main(finetune_argv(tiny_vit_dir, image_folder, tmp_path / "out", "--validation_dir",
+                                  str(image_folder / "train" / ".." / "train")))
+    assert code == 2
+    assert "--validation_dir" in one_error_line(capsys) and not (tmp_path / "out").exists()
+
+
+def test_a_symlinked_output_folder_over_an_old_run_is_replaced_through_the_link(tmp_path, tiny_vit_dir,
+                                                                                 image_folder):
+    target = make_previous_run(tmp_path / "runs" / "real")
+    link = tmp_path / "out"
+    os.symlink(target, link)
+
+    code, printed = run_quietly(finetune_argv(tiny_vit_dir, image_folder, link, "--overwrite_output_dir", "true"))
+
+    assert code == 0, printed
+    assert link.is_symlink() and Path(os.readlink(link)) == target
+    assert read_run_marker(target)["status"] == "complete" and (target / "model.safetensors").stat().st_size > 100
+    assert not list((tmp_path / "runs").glob(".real.*")), "the replaced run goes once the new one completed"
