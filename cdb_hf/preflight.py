@@ -26,6 +26,7 @@ from . import builtin
 from . import data as data_module
 from .core import ChannelDropBackConfig, eligible_layers
 from .run_dir import (
+    checkpoint_step,
     find_checkpoints,
     is_finite_number,
     read_checkpoint_record,
@@ -248,6 +249,12 @@ def check_evaluate_only(model_args, data_args, run_args, training_args: Training
                                                             and str(value).lower() in _FALSE_STRINGS):
             raise UsageError(f"--{name} needs training, but --do_train is false (evaluate/predict only); drop "
                              f"--{name}, or train with --do_train true")
+    model = model_args.model_name_or_path
+    marker = read_run_marker(os.path.expanduser(model)) if isinstance(model, str) and model else None
+    if marker is not None and marker.get("kind", "run") == "run" and marker.get("status") != "complete":
+        raise UsageError(f"--model_name_or_path {model!r} is a cdb_hf run that did not complete (status "
+                         f"{marker.get('status')!r}): its final model was never written, or is from another run; "
+                         "evaluate one of its checkpoint-N folders, or finish it with --resume_from_checkpoint true")
     has_eval_data = bool(data_args.dataset_name or data_args.train_dir or data_args.validation_dir)
     if not has_eval_data and not training_args.do_predict:
         raise UsageError("--do_train false has nothing to do: pass data to evaluate on (--dataset_name, "
@@ -609,6 +616,11 @@ def _plan_output_dir(plan: RunPlan) -> None:
             raise UsageError(f"--overwrite_output_dir refuses {args.output_dir!r}: it holds files that are not a "
                              f"cdb_hf run (no cdb_hf_run.json), which would be lost; choose another --output_dir")
         plan.output_mode = "replace"
+        replaced = marker.get("replaces")
+        if isinstance(replaced, str) and "/" not in replaced and (output_dir.parent / replaced).is_dir():
+            plan.notes.append(f"the {marker.get('status', 'unfinished')} run in {args.output_dir!r} was itself "
+                              f"replacing an earlier run, kept in {str(output_dir.parent / replaced)!r}; both are "
+                              "deleted when this run completes (and kept if it does not)")
         return
     if plan.kind == "eval":
         raise UsageError(f"output_dir {args.output_dir!r} is not empty; --do_train false writes into a new folder (or "
@@ -616,6 +628,10 @@ def _plan_output_dir(plan: RunPlan) -> None:
     if marker is not None and marker.get("status") in ("running", "failed", "interrupted") and find_checkpoints(output_dir):
         raise UsageError(f"output_dir {args.output_dir!r} holds an unfinished run; pass --resume_from_checkpoint "
                          "true to continue it, --overwrite_output_dir to replace it, or choose another --output_dir")
+    if marker is not None and marker.get("status") != "complete":
+        raise UsageError(f"output_dir {args.output_dir!r} holds a {marker.get('status', 'unfinished')} run with no "
+                         "checkpoint to continue from; pass --overwrite_output_dir to replace it, or choose another "
+                         "--output_dir")
     raise UsageError(f"output_dir {args.output_dir!r} already holds a different run; pass --overwrite_output_dir "
                      "to write over it, --resume_from_checkpoint true to continue it, or choose another "
                      "--output_dir")
@@ -665,6 +681,15 @@ def resolve_resume_checkpoint(training_args: TrainingArguments, notes: list[str]
                          f"{training_args.output_dir!r} to resume from{detail}")
     if not os.path.isdir(value):
         raise UsageError(f"--resume_from_checkpoint {value!r} is not a checkpoint folder")
+    if read_run_marker(value) is not None and checkpoint_step(value) is None:  # a run folder: its newest checkpoint
+        for checkpoint in find_checkpoints(value):
+            if read_checkpoint_record(checkpoint)[0] is not None:
+                if notes is not None:
+                    notes.append(f"--resume_from_checkpoint {value!r} is a run folder: resuming from its newest "
+                                 f"complete checkpoint, {checkpoint}")
+                return str(checkpoint)
+        raise UsageError(f"--resume_from_checkpoint {value!r} is a run folder with no complete checkpoint-N to "
+                         f"resume from; to fine-tune its final model further, pass --model_name_or_path {value!r}")
     return str(value)
 
 
@@ -679,6 +704,13 @@ def _check_resume_checkpoint(checkpoint: str, plan: RunPlan) -> dict[str, Any] |
         # A checkpoint of a plain transformers Trainer: resumable, but nothing records its CDB settings.
         _check_trainer_state(checkpoint)
         plan.notes.append(f"{checkpoint} was not written by cdb_hf: its CDB settings cannot be checked")
+        missing = [name for name in ("optimizer.pt", "scheduler.pt") if not (Path(checkpoint) / name).is_file()]
+        if missing:
+            plan.notes.append(f"{checkpoint} has no {' or '.join(missing)}: the resumed run starts "
+                              f"{'the optimizer (its momentum)' if 'optimizer.pt' in missing else ''}"
+                              f"{' and ' if len(missing) == 2 else ''}"
+                              f"{'the learning-rate schedule' if 'scheduler.pt' in missing else ''} afresh, so it "
+                              "does not continue the interrupted run exactly")
         return None
     if record["trainer"] != trainer:
         other = {"hf": "the Trainer (--trainer hf)", "accelerate": "the accelerate loop (--trainer accelerate)"}
@@ -771,7 +803,30 @@ def check_cdb_against_model(model, cdb_config: ChannelDropBackConfig | None) -> 
     """Raise UsageError now if include/exclude/skip_first leave no layer of this model (None: baseline)."""
     if cdb_config is not None:
         with usage_errors():
-            eligible_layers(model, cdb_config)
+            layers = eligible_layers(model, cdb_config)
+        _check_cdb_does_something(cdb_config, layers)
+
+
+def _check_cdb_does_something(config: ChannelDropBackConfig, layers: dict[str, Any]) -> None:
+    """Settings under which CDB never drops a channel are refused (they cannot be meant: ``--cdb false`` is the
+    baseline); settings under which it almost never does are warned about once."""
+    rates = {"constant": [config.layer_rate], "step": [config.layer_rate_init, config.layer_rate / 2, config.layer_rate],
+             "linear": [config.layer_rate_init, config.layer_rate],
+             "piecewise": list(config.schedule_rates or [config.layer_rate])}[config.schedule]
+    if max(rates) == 0 or config.step_rate == 0:
+        what = "--cdb_step_rate 0" if config.step_rate == 0 else f"--cdb_layer_rate {config.layer_rate:g}"
+        raise UsageError(f"{what} (schedule {config.schedule!r}) never selects a layer, so ChannelDropBack would do "
+                         "nothing; for a baseline run pass --cdb false, else give a rate > 0")
+    sizes = [int(weight.shape[1 if config.axis == "cols" else 0]) for weight in layers.values()]
+    expected = max(config.channel_rate * n for n in sizes)  # channels dropped in the widest selected layer
+    if config.channel_sampling == "exact" and all(min(round(config.channel_rate * n), n - 1) == 0 for n in sizes):
+        raise UsageError(f"--cdb_channel_rate {config.channel_rate:g} with exact sampling drops round(rate x "
+                         f"channels) = 0 channels in every layer (at most {max(sizes)} channels), so ChannelDropBack "
+                         "would do nothing; give a larger rate, or --cdb false for a baseline run")
+    if config.channel_sampling == "bernoulli" and expected < 0.01:
+        logger.warning(f"--cdb_channel_rate {config.channel_rate:g} drops {expected:.2g} channels per selected "
+                       f"layer on average (at most {max(sizes)} channels), so ChannelDropBack almost never acts "
+                       "(cdb/applied stays near 0); the paper uses 0.3 to 0.5")
 
 
 def loop_state_error(path: str, state: Any, max_steps: int | None = None) -> str | None:

@@ -312,6 +312,10 @@ class _RunWatch(TrainerCallback):
     def _run_config(self) -> dict[str, Any] | None:
         return self.cdb_callback.cdb.config.to_dict() if self.cdb_callback is not None else None
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        # A resume loads the checkpoint's TrainerState, intervals included: the run keeps the ones it was given.
+        state.compute_steps(args, state.max_steps)
+
     def on_step_begin(self, args, state, control, **kwargs):
         if not self.startup.started:
             if self.plan.resume_checkpoint is not None:

@@ -109,3 +109,96 @@ def test_a_symlinked_output_folder_over_an_old_run_is_replaced_through_the_link(
     assert link.is_symlink() and Path(os.readlink(link)) == target
     assert read_run_marker(target)["status"] == "complete" and (target / "model.safetensors").stat().st_size > 100
     assert not list((tmp_path / "runs").glob(".real.*")), "the replaced run goes once the new one completed"
+
+
+# ------------------------------------------------------------------------------------------ resume guards
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_vit_dir, image_folder):
+    """A complete 4-step CDB run (Trainer path) with checkpoints at steps 2 and 4."""
+    output_dir = tmp_path_factory.mktemp("finished") / "out"
+    code, printed = run_quietly(finetune_argv(tiny_vit_dir, image_folder, output_dir))
+    assert code == 0, printed
+    return output_dir
+
+
+def test_resuming_from_a_run_folder_checks_its_newest_checkpoint(tmp_path, capsys, finished_run, tiny_vit_dir,
+                                                                  image_folder):
+    code = cli.main(finetune_argv(tiny_vit_dir, image_folder, tmp_path / "resumed", "--resume_from_checkpoint",
+                                  str(finished_run), "--cdb_seed", "1"))
+    assert code == 2
+    line = one_error_line(capsys)
+    assert f"{finished_run / 'checkpoint-4'}" in line and "seed: 0 in the checkpoint, 1 now" in line, line
+
+
+def test_a_run_folder_without_checkpoints_is_not_taken_for_one(tmp_path, capsys, tiny_vit_dir, image_folder):
+    run = make_previous_run(tmp_path / "old")
+    import shutil
+
+    shutil.rmtree(run / "checkpoint-2")
+    code = cli.main(finetune_argv(tiny_vit_dir, image_folder, tmp_path / "resumed", "--resume_from_checkpoint",
+                                  str(run)))
+    assert code == 2
+    assert "is a run folder with no complete checkpoint-N" in one_error_line(capsys)
+
+
+def test_resume_notes_are_printed_and_recorded_and_the_given_save_steps_kept(tmp_path, caplog, finished_run,
+                                                                             tiny_vit_dir, image_folder):
+    import shutil
+
+    checkpoint = Path(shutil.copytree(finished_run / "checkpoint-2", tmp_path / "plain" / "checkpoint-2"))
+    for name in ("cdb_hf_checkpoint.json", "optimizer.pt"):  # a plain transformers checkpoint, its optimizer lost
+        (checkpoint / name).unlink()
+
+    code, printed = run_quietly(finetune_argv(tiny_vit_dir, image_folder, tmp_path / "resumed", "--save_steps", "1",
+                                              "--resume_from_checkpoint", str(checkpoint)))
+
+    assert code == 0, printed
+    expected = f"{checkpoint} has no optimizer.pt: the resumed run starts the optimizer (its momentum) afresh"
+    assert caplog.text.count(expected) == 1, caplog.text
+    assert any(note.startswith(expected) for note in read_run_marker(tmp_path / "resumed")["notes"])
+    assert sorted(p.name for p in (tmp_path / "resumed").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+
+
+def test_an_unfinished_run_without_checkpoints_is_not_advised_to_resume(tmp_path, capsys, tiny_vit_dir,
+                                                                         image_folder):
+    from cdb_hf.run_dir import write_run_marker
+
+    (tmp_path / "out").mkdir()
+    write_run_marker(tmp_path / "out", status="running")  # what a SIGKILL before the first save leaves
+    code = cli.main(finetune_argv(tiny_vit_dir, image_folder, tmp_path / "out"))
+    assert code == 2
+    line = one_error_line(capsys)
+    assert "holds a 'running' run with no checkpoint" in line or "holds a running run with no checkpoint" in line
+    assert "--resume_from_checkpoint" not in line
+
+
+def test_an_interrupted_run_is_not_evaluated_as_if_finished(tmp_path, capsys, finished_run, image_folder):
+    import shutil
+
+    from cdb_hf.run_dir import write_run_marker
+
+    run = Path(shutil.copytree(finished_run, tmp_path / "run"))
+    write_run_marker(run, status="interrupted")
+    code = cli.main(["--do_train", "false", "--model_name_or_path", str(run), "--validation_dir",
+                     str(image_folder / "validation"), "--output_dir", str(tmp_path / "eval"), "--use_cpu", "true",
+                     "--report_to", "none"])
+    assert code == 2
+    assert "did not complete (status 'interrupted')" in one_error_line(capsys)
+
+
+# ------------------------------------------------------------------------------------------ silent no-ops
+@pytest.mark.parametrize("extra,expected", [
+    (["--cdb_layer_rate", "0"], "--cdb_layer_rate 0 (schedule 'constant') never selects a layer"),
+    (["--cdb_channel_rate", "0.001", "--cdb_channel_sampling", "exact"], "drops round(rate x channels) = 0 channels"),
+])
+def test_cdb_settings_that_do_nothing_are_refused(extra, expected, tmp_path, capsys, tiny_vit_dir, image_folder):
+    code = cli.main(finetune_argv(tiny_vit_dir, image_folder, tmp_path / "out", *extra))
+    assert code == 2
+    assert expected in one_error_line(capsys) and not (tmp_path / "out").exists()
+
+
+def test_a_channel_rate_that_almost_never_drops_is_warned_about_once(tmp_path, caplog, tiny_vit_dir, image_folder):
+    code, printed = run_quietly(finetune_argv(tiny_vit_dir, image_folder, tmp_path / "out", "--cdb_channel_rate",
+                                              "1e-12", "--max_steps", "2"))
+    assert code == 0, printed
+    assert caplog.text.count("--cdb_channel_rate 1e-12 drops") == 1, caplog.text
