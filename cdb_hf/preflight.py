@@ -28,6 +28,7 @@ from .core import ChannelDropBackConfig, eligible_layers
 from .run_dir import (
     checkpoint_step,
     find_checkpoints,
+    foreign_entries,
     is_finite_number,
     read_checkpoint_record,
     read_run_marker,
@@ -615,6 +616,11 @@ def _plan_output_dir(plan: RunPlan) -> None:
         if marker is None:
             raise UsageError(f"--overwrite_output_dir refuses {args.output_dir!r}: it holds files that are not a "
                              f"cdb_hf run (no cdb_hf_run.json), which would be lost; choose another --output_dir")
+        foreign = foreign_entries(output_dir)
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise UsageError(f"--overwrite_output_dir would delete what cdb_hf did not write in {args.output_dir!r}: "
+                             f"{shown}; move it out of the folder first, or choose another --output_dir")
         plan.output_mode = "replace"
         replaced = marker.get("replaces")
         if isinstance(replaced, str) and "/" not in replaced and (output_dir.parent / replaced).is_dir():

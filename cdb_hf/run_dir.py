@@ -26,7 +26,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CHECKPOINT_RECORD", "RUN_MARKER", "RunDirectory", "set_aside_runs", "checkpoint_step", "find_checkpoints",
+__all__ = ["CHECKPOINT_RECORD", "RUN_MARKER", "TOOL_OUTPUTS", "RunDirectory", "foreign_entries", "set_aside_runs", "checkpoint_step", "find_checkpoints",
            "read_checkpoint_record", "read_run_marker", "write_checkpoint_record", "write_json_atomic", "write_results_json",
            "write_run_marker"]
 
@@ -139,7 +139,8 @@ class RunDirectory:
             shutil.rmtree(backup)
             replaced = marker.get("replaces")
         marker = read_run_marker(self.output_dir) or {}
-        write_json_atomic(self.output_dir / RUN_MARKER, {**marker, "replaces": None})
+        files = sorted(p.name for p in self.output_dir.iterdir() if p.name != RUN_MARKER)
+        write_json_atomic(self.output_dir / RUN_MARKER, {**marker, "replaces": None, "files": files})
         self.backup = None
 
     def interrupt(self) -> Path | None:
@@ -174,6 +175,30 @@ class RunDirectory:
     def _sibling(self, what: str) -> Path:
         return self.output_dir.parent / (f".{self.output_dir.name}.{what}-{time.strftime('%Y%m%d-%H%M%S')}-"
                                          f"{uuid.uuid4().hex[:6]}")
+
+
+#: What a run of this tool writes at the top of its folder (for a marker without its own ``files`` list: an
+#: older or unfinished run).
+TOOL_OUTPUTS = ("README.md", "all_results.json", "train_results.json", "eval_results.json", "cdb_config.json",
+                "config.json", "model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors",
+                "preprocessor_config.json", "trainer_state.json", "training_args.bin", "eval_per_class.csv",
+                "eval_confusion_matrix.csv", "eval_confusion_matrix.png", "predictions.csv", "merged",
+                "adapter_config.json", "adapter_model.safetensors", "ab_plot.png", "report.md", "results.csv",
+                "results.json", "seed[0-9]*", "checkpoint-[0-9]*", "runs", RUN_MARKER, ".*.tmp-*")
+
+
+def foreign_entries(output_dir: str | os.PathLike) -> list[str]:
+    """The top-level entries of a run folder that this tool did not write (a user's notes, an analysis folder),
+    judged by the list its marker records at completion, else by :data:`TOOL_OUTPUTS`."""
+    import fnmatch
+
+    output_dir = Path(output_dir)
+    recorded = (read_run_marker(output_dir) or {}).get("files")
+    if isinstance(recorded, list) and all(isinstance(name, str) for name in recorded):
+        return sorted(p.name + ("/" if p.is_dir() else "") for p in output_dir.iterdir()
+                      if p.name not in recorded and p.name != RUN_MARKER)
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in output_dir.iterdir()
+                  if not any(fnmatch.fnmatchcase(p.name, pattern) for pattern in TOOL_OUTPUTS))
 
 
 def set_aside_runs(output_dir: str | os.PathLike) -> list[Path]:

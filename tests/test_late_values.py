@@ -202,3 +202,27 @@ def test_a_channel_rate_that_almost_never_drops_is_warned_about_once(tmp_path, c
                                               "1e-12", "--max_steps", "2"))
     assert code == 0, printed
     assert caplog.text.count("--cdb_channel_rate 1e-12 drops") == 1, caplog.text
+
+
+# ------------------------------------------------------------------------------------------ the user's files
+@pytest.mark.parametrize("recorded", [True, False], ids=["files recorded at completion", "an older marker"])
+def test_overwrite_refuses_to_delete_files_the_user_put_inside_an_old_run(recorded, tmp_path, capsys, finished_run,
+                                                                          tiny_vit_dir, image_folder):
+    import shutil
+
+    run = Path(shutil.copytree(finished_run, tmp_path / "out"))
+    if not recorded:
+        marker = read_run_marker(run)
+        marker.pop("files")
+        (run / "cdb_hf_run.json").write_text(__import__("json").dumps(marker))
+    (run / "NOTES.txt").write_text("why this run matters")
+    (run / "analysis").mkdir()
+    (run / "analysis" / "plot.py").write_text("print(1)")
+    before = tree_hashes(run)
+
+    code = cli.main(finetune_argv(tiny_vit_dir, image_folder, run, "--overwrite_output_dir", "true"))
+
+    assert code == 2
+    assert "would delete what cdb_hf did not write in" in (line := one_error_line(capsys))
+    assert "NOTES.txt, analysis/;" in line, line
+    assert tree_hashes(run) == before
