@@ -116,6 +116,8 @@ def plan_run(model_args, data_args, cdb_args, run_args, training_args: TrainingA
         check_lr_schedule(run_args, training_args)
         if run_args.trainer == "accelerate":
             _check_loop_arguments(training_args)
+        notes: list[str] = []
+        _resolve_epoch_milestones(cdb_args, run_args, training_args, notes)
         cdb_config = cdb_args.to_config()  # the core validates every rate and mode
         if run_args.ab_seeds and cdb_config is None:  # the A/B runner's CDB arm must be valid too
             dataclasses.replace(cdb_args, cdb=True).to_config()
@@ -124,7 +126,7 @@ def plan_run(model_args, data_args, cdb_args, run_args, training_args: TrainingA
         check_can_push(training_args)
         extra_arm = parse_extra_arm(run_args, training_args)
         plan = RunPlan(model_args, data_args, cdb_args, run_args, training_args, cdb_config, extra_arm=extra_arm,
-                       kind=kind)
+                       kind=kind, notes=notes)
         _plan_output_dir(plan)
         if kind == "eval" and plan.output_mode == "replace":
             marker = read_run_marker(training_args.output_dir) or {}
@@ -414,6 +416,59 @@ def check_lr_schedule(run_args, args: TrainingArguments) -> None:
             raise UsageError(f"--{name} {getattr(value, 'value', value)!r} conflicts with --lr_schedule multistep, which sets "
                              f"the whole schedule (MultiStepLR, no warmup); drop --{name} or use --lr_schedule "
                              "trainer")
+
+
+def official_cdb_phase_starts(epochs: float) -> list[int]:
+    """The official StepLR_Dropback's phase starts for a run of ``epochs``: round(0.3E)+2 and round(0.6E)+2 (its
+    epoch counter is compared before it is incremented, so each phase starts two epochs after round(fE))."""
+    return [round(0.3 * epochs) + 2, round(0.6 * epochs) + 2]
+
+
+def _resolve_epoch_milestones(cdb_args, run_args, args: TrainingArguments, notes: list[str]) -> None:
+    """Epoch milestones follow the run's own length: unset ones are the official rule for its E (the learning
+    rate's in :mod:`cdb_hf.optimization`, CDB's filled in here); given ones must fall inside the run."""
+    from .optimization import lr_milestone_epochs
+
+    by_epochs = args.max_steps is None or args.max_steps <= 0
+    epochs = args.num_train_epochs
+    piecewise = cdb_args.cdb_schedule == "piecewise" and cdb_args.cdb_schedule_unit == "epochs"  # A/B: either arm
+    multistep = getattr(run_args, "lr_schedule", "trainer") == "multistep"
+    if piecewise and cdb_args.cdb_schedule_milestones is None:
+        if not by_epochs:
+            raise UsageError("--cdb_schedule piecewise in epochs without --cdb_schedule_milestones takes the official "
+                             "rule from the run's epochs, but --max_steps sets the run's length in steps; give "
+                             "--num_train_epochs instead, or the milestones (epochs)")
+        starts = official_cdb_phase_starts(epochs)
+        if starts[0] >= starts[1] or cdb_args.cdb_schedule_rates is None or len(cdb_args.cdb_schedule_rates) != 3:
+            raise UsageError(f"--cdb_schedule piecewise without --cdb_schedule_milestones needs three "
+                             f"--cdb_schedule_rates and a run long enough for the official phases (round(0.3E)+2 < "
+                             f"round(0.6E)+2; E = {epochs:g} gives {starts}); give the milestones explicitly")
+        cdb_args.cdb_schedule_milestones = starts
+        notes.append(f"CDB layer rate by the official rule for {epochs:g} epochs: "
+                     f"{', '.join(f'{r:g} from epoch {e}' for r, e in zip(cdb_args.cdb_schedule_rates, [0, *starts]))}")
+    elif piecewise and by_epochs:
+        _refuse_outside_run("cdb_schedule_milestones", cdb_args.cdb_schedule_milestones, epochs,
+                            "round(0.3E)+2, round(0.6E)+2")
+    elif piecewise:
+        notes.append(f"--cdb_schedule_milestones {preview(cdb_args.cdb_schedule_milestones)} count epochs of a run "
+                     "whose length is --max_steps: check that they fall inside it")
+    if multistep and by_epochs:
+        if run_args.lr_milestones is None:
+            notes.append(f"learning rate x{run_args.lr_gamma:g} by the official rule for {epochs:g} epochs: from "
+                         f"epochs {', '.join(str(m) for m in lr_milestone_epochs(None, math.ceil(epochs)))}")
+        else:
+            _refuse_outside_run("lr_milestones", run_args.lr_milestones, epochs, "round(0.3E), round(0.6E), "
+                                "round(0.85E)")
+    elif multistep and run_args.lr_milestones is not None:
+        notes.append(f"--lr_milestones {preview(run_args.lr_milestones)} count epochs of a run whose length is "
+                     "--max_steps: check that they fall inside it")
+
+
+def _refuse_outside_run(flag: str, milestones: Any, epochs: float, rule: str) -> None:
+    if isinstance(milestones, (list, tuple)) and any(is_finite_number(m) and m >= epochs for m in milestones):
+        raise UsageError(f"--{flag} {preview(milestones)} do not fit a run of {epochs:g} epochs (a milestone at or "
+                         f"past the last epoch never takes effect); give milestones below {epochs:g}, or leave them "
+                         f"unset for the official rule for the run's length ({rule})")
 
 
 def check_lora_arguments(model_args) -> None:
