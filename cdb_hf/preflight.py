@@ -869,25 +869,28 @@ def check_cdb_against_model(model, cdb_config: ChannelDropBackConfig | None) -> 
 
 
 def _check_cdb_does_something(config: ChannelDropBackConfig, layers: dict[str, Any]) -> None:
-    """Settings under which CDB never drops a channel are refused (they cannot be meant: ``--cdb false`` is the
-    baseline); settings under which it almost never does are warned about once."""
+    """Settings under which CDB never drops a channel (or almost never) train like ``--cdb false``: say so once.
+
+    Not refused: a zero rate is a legitimate way to check that CDB changes nothing (``--cdb false`` is the
+    plain baseline)."""
     rates = {"constant": [config.layer_rate], "step": [config.layer_rate_init, config.layer_rate / 2, config.layer_rate],
              "linear": [config.layer_rate_init, config.layer_rate],
              "piecewise": list(config.schedule_rates or [config.layer_rate])}[config.schedule]
-    if max(rates) == 0 or config.step_rate == 0:
-        what = "--cdb_step_rate 0" if config.step_rate == 0 else f"--cdb_layer_rate {config.layer_rate:g}"
-        raise UsageError(f"{what} (schedule {config.schedule!r}) never selects a layer, so ChannelDropBack would do "
-                         "nothing; for a baseline run pass --cdb false, else give a rate > 0")
     sizes = [int(weight.shape[1 if config.axis == "cols" else 0]) for weight in layers.values()]
     expected = max(config.channel_rate * n for n in sizes)  # channels dropped in the widest selected layer
-    if config.channel_sampling == "exact" and all(min(round(config.channel_rate * n), n - 1) == 0 for n in sizes):
-        raise UsageError(f"--cdb_channel_rate {config.channel_rate:g} with exact sampling drops round(rate x "
-                         f"channels) = 0 channels in every layer (at most {max(sizes)} channels), so ChannelDropBack "
-                         "would do nothing; give a larger rate, or --cdb false for a baseline run")
-    if config.channel_sampling == "bernoulli" and expected < 0.01:
-        logger.warning(f"--cdb_channel_rate {config.channel_rate:g} drops {expected:.2g} channels per selected "
-                       f"layer on average (at most {max(sizes)} channels), so ChannelDropBack almost never acts "
-                       "(cdb/applied stays near 0); the paper uses 0.3 to 0.5")
+    if max(rates) == 0 or config.step_rate == 0:
+        what = "--cdb_step_rate 0" if config.step_rate == 0 else f"--cdb_layer_rate {config.layer_rate:g}"
+        reason = f"{what} (schedule {config.schedule!r}) never selects a layer"
+    elif config.channel_sampling == "exact" and all(min(round(config.channel_rate * n), n - 1) == 0 for n in sizes):
+        reason = (f"--cdb_channel_rate {config.channel_rate:g} with exact sampling drops round(rate x channels) = 0 "
+                  f"channels in every layer (at most {max(sizes)} channels)")
+    elif config.channel_sampling == "bernoulli" and expected < 0.01:
+        reason = (f"--cdb_channel_rate {config.channel_rate:g} drops {expected:.2g} channels per selected layer on "
+                  f"average (at most {max(sizes)} channels)")
+    else:
+        return
+    logger.warning(f"{reason}, so ChannelDropBack does (almost) nothing: cdb/applied stays near 0 and the run trains "
+                   "like --cdb false; the paper drops 0.3 to 0.5 of the channels of its selected layers")
 
 
 def loop_state_error(path: str, state: Any, max_steps: int | None = None) -> str | None:
