@@ -8,6 +8,8 @@ Before the N-th call of ``ATTRIBUTE`` of ``MODULE`` (``Class.method`` works), AC
   call runs;
 * ``wait:PATH``: the process writes ``PATH.ready`` and waits (up to 120 s) until ``PATH`` exists: a run
   held alive at a known point while a test starts another one.
+
+Under ``accelerate launch``, ``HOOK_RANK=1`` arms the hook on that rank only (a signal one rank gets first).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ def act(action: str) -> None:
 
 if __name__ == "__main__":
     action = sys.argv[3]
-    arm_with(sys.argv[1], int(sys.argv[2]), lambda: act(action))
+    if os.environ.get("HOOK_RANK", os.environ.get("RANK", "0")) == os.environ.get("RANK", "0"):
+        arm_with(sys.argv[1], int(sys.argv[2]), lambda: act(action))
     from cdb_hf import cli
 
     sys.exit(cli.main(sys.argv[4:]))

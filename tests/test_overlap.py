@@ -203,3 +203,31 @@ def test_a_preempted_replacement_names_the_earlier_run_and_completes_when_contin
     assert_same_weights(straight_runs[trainer], output_dir)
     assert not aside[0].exists(), "the replacement completed: the run it replaced goes"
     assert json.loads((output_dir / RUN_MARKER).read_text())["replaces"] is None
+
+
+# One path in the suite (a launch costs ~30 s here); the Trainer path's stop goes through the same
+# Preemption.due (with args.world_size) and passes the same test with "hf".
+@pytest.mark.parametrize("trainer", ["accelerate"])
+def test_under_accelerate_launch_all_ranks_share_the_lock_and_stop_together_at_one_ranks_signal(
+        trainer, tmp_path, tiny_vit_dir, image_folder):
+    """Two gloo ranks: rank 1 alone gets SIGTERM mid-run; both stop after the same step, with one complete
+    checkpoint and one line (rank 0's). That the run starts at all shows rank 1 took rank 0's lock for its own."""
+    from test_distributed import CPU_CONFIG, _free_port
+
+    output_dir = tmp_path / "out"
+    argv = argv_for(trainer, tiny_vit_dir, image_folder, output_dir, "--max_steps", "6", "--save_steps", "100",
+                    "--per_device_train_batch_size", "2")
+    env = {**os.environ, "HOOK_RANK": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    launched = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_CONFIG),
+                               "--main_process_port", str(_free_port()), str(REPO / "tests" / "hook_worker.py"),
+                               "cdb_hf.run:DivergenceGuard.observe", "2", "SIGTERM", *argv],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+    assert launched.returncode != 0, launched.stderr[-3000:]
+    lines = [line for line in launched.stderr.splitlines() if line.startswith("run_finetune.py: stopped by SIGTERM")]
+    assert len(lines) == 1, launched.stderr[-5000:]
+    checkpoints = [p.name for p in output_dir.glob("checkpoint-*")]
+    assert len(checkpoints) == 1 and f"after optimizer step {checkpoints[0].split('-')[1]}:" in lines[0], lines
+    assert read_checkpoint_record(output_dir / checkpoints[0])[0] is not None
+    assert read_run_marker(output_dir)["status"] == "interrupted" and not lock_path(output_dir).exists()
