@@ -181,6 +181,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except Preempted as error:
         if _is_main_rank():
+            if plan.run.ab_seeds > 0:  # an A/B comparison is not resumable: say what is kept instead
+                error = Preempted(error.signum, f"{str(error).split(':')[0]} during the A/B comparison in "
+                                                f"{plan.training.output_dir!r}: the finished arms and the interrupted "
+                                                "one (marked interrupted) are kept; an A/B comparison does not "
+                                                "resume: run it again into a new --output_dir")
             print(f"{PROG}: {error}", file=sys.stderr)
         return error.exit_code
     finally:

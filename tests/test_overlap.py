@@ -231,3 +231,37 @@ def test_under_accelerate_launch_all_ranks_share_the_lock_and_stop_together_at_o
     assert len(checkpoints) == 1 and f"after optimizer step {checkpoints[0].split('-')[1]}:" in lines[0], lines
     assert read_checkpoint_record(output_dir / checkpoints[0])[0] is not None
     assert read_run_marker(output_dir)["status"] == "interrupted" and not lock_path(output_dir).exists()
+
+
+def test_overwriting_a_replacement_says_it_deletes_the_run_that_one_set_aside(tmp_path, caplog, tiny_vit_dir,
+                                                                             image_folder):
+    """What a killed replacement leaves: its folder (marked running, no checkpoint) naming the earlier run it set
+    aside. Overwriting it says that both go when the new run completes, and then both go."""
+    from cdb_hf.run_dir import write_run_marker
+
+    aside = make_previous_run(tmp_path / ".out.previous-20260101-000000-abcdef")
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    write_run_marker(output_dir, status="running", replaces=aside.name)
+
+    code, printed = run_quietly(argv_for("hf", tiny_vit_dir, image_folder, output_dir, "--overwrite_output_dir",
+                                         "true"))
+
+    assert code == 0, printed
+    assert (f"was itself replacing an earlier run, kept in {str(aside)!r}; both are deleted when this run completes"
+            in caplog.text)
+    assert not aside.exists() and read_run_marker(output_dir)["status"] == "complete"
+
+
+def test_a_preempted_ab_comparison_does_not_advise_a_resume(tmp_path, tiny_vit_dir, image_folder):
+    output_dir = tmp_path / "ab"
+    argv = argv_for("hf", tiny_vit_dir, image_folder, output_dir, "--ab_seeds", "2", "--max_steps", "2")
+    stopped = start_worker("cdb_hf.run:DivergenceGuard.observe", 3, "SIGTERM", argv, tmp_path)
+    _, err = stopped.communicate(timeout=240)
+    assert stopped.returncode == 143, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("run_finetune.py: stopped by SIGTERM after optimizer step 1 during the A/B comparison in"), last
+    assert "--resume_from_checkpoint" not in last and "run it again into a new --output_dir" in last
+    assert read_run_marker(output_dir)["status"] == "interrupted"
+    assert read_run_marker(output_dir / "seed0" / "baseline")["status"] == "complete"
+    assert read_run_marker(output_dir / "seed0" / "cdb")["status"] == "interrupted"
