@@ -173,18 +173,19 @@ def train(plan: RunPlan) -> dict[str, float]:
                 raise preempted(plan, step)
 
         model.train()
-        for epoch in range(starting_epoch, num_epochs):
-            parts.train_dataset.set_epoch(epoch)
-            train_dataloader.set_epoch(epoch)
-            # Epoch orders are fixed, so skipping the consumed batches lands where the saved run was.
-            skip = resume_step * args.gradient_accumulation_steps if epoch == starting_epoch else 0
-            batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
-            epoch_loss, epoch_batches = train_one_epoch(
-                model, batches, optimizer, lr_scheduler, accelerator, args, cdb=cdb, guard=guard, window=window,
-                progress=progress, max_steps=max_steps, steps_per_epoch=steps_per_epoch, after_step=after_step)
-            run_loss, run_batches = run_loss + epoch_loss, run_batches + epoch_batches
-            if progress.completed_steps >= max_steps:
-                break
+        with PREEMPTION.training_steps():  # a SIGTERM/SIGUSR1 now waits for the end of the current step
+            for epoch in range(starting_epoch, num_epochs):
+                parts.train_dataset.set_epoch(epoch)
+                train_dataloader.set_epoch(epoch)
+                # Epoch orders are fixed, so skipping the consumed batches lands where the saved run was.
+                skip = resume_step * args.gradient_accumulation_steps if epoch == starting_epoch else 0
+                batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
+                epoch_loss, epoch_batches = train_one_epoch(
+                    model, batches, optimizer, lr_scheduler, accelerator, args, cdb=cdb, guard=guard, window=window,
+                    progress=progress, max_steps=max_steps, steps_per_epoch=steps_per_epoch, after_step=after_step)
+                run_loss, run_batches = run_loss + epoch_loss, run_batches + epoch_batches
+                if progress.completed_steps >= max_steps:
+                    break
         progress_bar.close()
 
         runtime = time.time() - start_time

@@ -25,7 +25,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from . import launch
 from .arguments import CDBArguments, DataArguments, ModelArguments, RunArguments
-from .preemption import PREEMPTION, Preempted
+from .preemption import PREEMPTION, Preempted, Terminated
 from .preflight import UsageError, check_supported_setup, plan_run, preview, usage_errors
 from .run import TrainingDiverged
 from .run_lock import RunLock
@@ -179,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as error:
         print(f"{PROG}: {error}", file=sys.stderr)
         return 1
+    except Terminated as error:
+        if _is_main_rank():
+            print(f"{PROG}: {error}", file=sys.stderr)
+        return error.exit_code
     except Preempted as error:
         if _is_main_rank():
             if plan.run.ab_seeds > 0:  # an A/B comparison is not resumable: say what is kept instead

@@ -13,13 +13,14 @@ stop together one step after the signal reached any of them, with no blocking co
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 from typing import Any
 
 import torch
 
-__all__ = ["PREEMPTION", "Preempted", "Preemption"]
+__all__ = ["PREEMPTION", "Preempted", "Preemption", "Terminated"]
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -40,11 +41,27 @@ class Preempted(BaseException):
         return 128 + self.signum
 
 
+class Terminated(BaseException):
+    """A preemption signal outside the training loop (setup, final evaluation): there is no step to finish, so
+    the run stops at once, like Ctrl-C (a replaced run is put back)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name} outside training, before a checkpoint could "
+                         "be written; nothing to continue from: run the command again")
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
 class Preemption:
     """The process's preemption state: the signal received (if any), and the ranks' agreement on it."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        #: True while a face runs its training steps (a signal is then noted and honoured after the step).
+        self.training = False
         self._previous: dict[int, Any] = {}
         self._pending: tuple[Any, torch.Tensor] | None = None
 
@@ -62,8 +79,19 @@ class Preemption:
         self._previous = {}
 
     def _note(self, signum: int, frame: Any) -> None:
+        if not self.training:
+            raise Terminated(signum)
         if self.signum is None:
             self.signum = signum
+
+    @contextlib.contextmanager
+    def training_steps(self):
+        """The span in which a signal waits for the end of the current step (the faces' training loops)."""
+        self.training = True
+        try:
+            yield
+        finally:
+            self.training = False
 
     def due(self, num_processes: int = 1, device: torch.device | str = "cpu") -> bool:
         """Whether the run stops after this optimizer step (every rank answers alike at every step)."""

@@ -223,7 +223,8 @@ def train(plan: RunPlan) -> dict[str, float]:
             + ([cdb_callback] if cdb_callback is not None else []),
         )
         opened.append(open_run_dir(plan))
-        result = trainer.train(resume_from_checkpoint=plan.resume_checkpoint)
+        with PREEMPTION.training_steps():
+            result = trainer.train(resume_from_checkpoint=plan.resume_checkpoint)
         if run_watch.preempted_step is not None:  # stopped at a signal, checkpoint written: continue later
             raise preempted(plan, run_watch.preempted_step)
         metrics: dict[str, float] = dict(result.metrics)

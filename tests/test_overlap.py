@@ -265,3 +265,22 @@ def test_a_preempted_ab_comparison_does_not_advise_a_resume(tmp_path, tiny_vit_d
     assert read_run_marker(output_dir)["status"] == "interrupted"
     assert read_run_marker(output_dir / "seed0" / "baseline")["status"] == "complete"
     assert read_run_marker(output_dir / "seed0" / "cdb")["status"] == "interrupted"
+
+
+@pytest.mark.parametrize("trainer", PATHS)
+def test_a_signal_before_the_first_step_stops_at_once_and_puts_the_replaced_run_back(trainer, tmp_path,
+                                                                                     tiny_vit_dir, image_folder):
+    output_dir = make_previous_run(tmp_path / "out")
+    previous = tree_hashes(output_dir)
+    argv = argv_for(trainer, tiny_vit_dir, image_folder, output_dir, "--overwrite_output_dir", "true")
+
+    # the folder is replaced by now; the training steps are about to start
+    stopped = start_worker("cdb_hf.preemption:Preemption.training_steps", 1, "SIGTERM", argv, tmp_path)
+    _, err = stopped.communicate(timeout=240)
+
+    assert stopped.returncode == 143, err[-3000:]
+    assert err.strip().splitlines()[-1] == ("run_finetune.py: stopped by SIGTERM outside training, before a "
+                                            "checkpoint could be written; nothing to continue from: run the command "
+                                            "again"), err[-3000:]
+    assert tree_hashes(output_dir) == previous
+    assert not list(tmp_path.glob(".out.*"))
