@@ -44,6 +44,7 @@ from . import metrics as cdb_metrics
 from .core import ChannelDropBack, StatsWindow
 from .data import data_seed
 from .optimization import build_lr_scheduler, build_optimizer, optimizer_steps_per_epoch
+from .preemption import PREEMPTION
 from .preflight import RunPlan, UsageError, check_resume_matches, loop_state_error, trackers_for
 from .run import (
     DivergenceGuard,
@@ -55,6 +56,7 @@ from .run import (
     finish_run,
     last_checkpoint,
     open_run_dir,
+    preempted,
     prepare_run,
     setup_logging,
 )
@@ -164,20 +166,26 @@ def train(plan: RunPlan) -> dict[str, float]:
                           epoch_position, progress.log_history)
             if due["save"]:
                 save_checkpoint(accelerator, plan, progress, cdb_config)
+            if PREEMPTION.due(accelerator.num_processes, accelerator.device):  # this step is done: save, stop
+                if not due["save"]:
+                    guard.check(step, last_checkpoint(args.output_dir))
+                    save_checkpoint(accelerator, plan, progress, cdb_config)
+                raise preempted(plan, step)
 
         model.train()
-        for epoch in range(starting_epoch, num_epochs):
-            parts.train_dataset.set_epoch(epoch)
-            train_dataloader.set_epoch(epoch)
-            # Epoch orders are fixed, so skipping the consumed batches lands where the saved run was.
-            skip = resume_step * args.gradient_accumulation_steps if epoch == starting_epoch else 0
-            batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
-            epoch_loss, epoch_batches = train_one_epoch(
-                model, batches, optimizer, lr_scheduler, accelerator, args, cdb=cdb, guard=guard, window=window,
-                progress=progress, max_steps=max_steps, steps_per_epoch=steps_per_epoch, after_step=after_step)
-            run_loss, run_batches = run_loss + epoch_loss, run_batches + epoch_batches
-            if progress.completed_steps >= max_steps:
-                break
+        with PREEMPTION.training_steps():  # a SIGTERM/SIGUSR1 now waits for the end of the current step
+            for epoch in range(starting_epoch, num_epochs):
+                parts.train_dataset.set_epoch(epoch)
+                train_dataloader.set_epoch(epoch)
+                # Epoch orders are fixed, so skipping the consumed batches lands where the saved run was.
+                skip = resume_step * args.gradient_accumulation_steps if epoch == starting_epoch else 0
+                batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
+                epoch_loss, epoch_batches = train_one_epoch(
+                    model, batches, optimizer, lr_scheduler, accelerator, args, cdb=cdb, guard=guard, window=window,
+                    progress=progress, max_steps=max_steps, steps_per_epoch=steps_per_epoch, after_step=after_step)
+                run_loss, run_batches = run_loss + epoch_loss, run_batches + epoch_batches
+                if progress.completed_steps >= max_steps:
+                    break
         progress_bar.close()
 
         runtime = time.time() - start_time

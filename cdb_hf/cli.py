@@ -20,12 +20,15 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from . import launch
 from .arguments import CDBArguments, DataArguments, ModelArguments, RunArguments
-from .preflight import UsageError, check_supported_setup, plan_run, usage_errors
+from .preemption import PREEMPTION, Preempted, Terminated
+from .preflight import UsageError, check_supported_setup, plan_run, preview, usage_errors
 from .run import TrainingDiverged
+from .run_lock import RunLock
 
 __all__ = ["PROG", "build_parser", "load_recipe", "main", "parse_args"]
 
@@ -62,11 +65,9 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
     text = path.read_text(encoding="utf-8")
     try:
         if path.suffix == ".json":
-            values = json.loads(text)
+            values = json.loads(text, object_pairs_hook=_json_unique_keys)
         else:
-            import yaml
-
-            values = yaml.safe_load(text)
+            values = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader that refuses duplicates)
     except Exception as error:  # both parsers' errors are reported the same way
         raise ValueError(f"recipe {str(path)!r} is not valid {path.suffix[1:].upper()}: {error}") from error
     if values is None:
@@ -75,6 +76,51 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"recipe {str(path)!r} must be a mapping of flag names to values, got "
                          f"{type(values).__name__}")
     return values
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice (the second would "
+                                                        "silently win); keep one", key_node.start_mark)
+            seen.add(key) if isinstance(key, str) else None
+        return super().construct_mapping(node, deep=deep)
+
+
+def _json_unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    twice = sorted({key for key in keys if keys.count(key) > 1})
+    if twice:
+        raise ValueError(f"key(s) {twice} given twice (the second would silently win); keep one")
+    return dict(pairs)
+
+
+def _check_recipe_types(recipe: dict[str, Any], parser: HfArgumentParser, recipe_name: str) -> None:
+    """A recipe value of the wrong YAML type (``seed: 1.5``, ``output_dir: 123``, ``max_steps: true``) fails here,
+    naming the key; argparse would convert only strings and pass anything else on unchecked."""
+    from transformers.hf_argparser import string_to_bool
+
+    for action in parser._actions:
+        if action.dest not in recipe or recipe[action.dest] is None:
+            continue
+        value = recipe[action.dest]
+        values = value if isinstance(value, list) and action.nargs in ("+", "*") else [value]
+        if isinstance(value, list) and action.nargs not in ("+", "*"):
+            values = [object()]  # a list where one value belongs
+        expected = {int: "an integer", float: "a number", str: "a string", string_to_bool: "true or false"}
+        if action.type not in expected:
+            continue
+        kinds = {int: (int, str), float: (int, float, str), str: (str,), string_to_bool: (bool, str)}[action.type]
+        if all(isinstance(v, kinds) and not (isinstance(v, bool) and action.type is not string_to_bool)
+               for v in values):
+            continue
+        raise ValueError(f"recipe {recipe_name!r}: {action.dest}: {preview(value)} is not valid; it must be "
+                         f"{expected[action.type]}{' (or a list of them)' if action.nargs in ('+', '*') else ''}")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Any, Any, Any, Any, TrainingArguments]:
@@ -100,6 +146,7 @@ def _parse_args(argv: list[str]) -> tuple[Any, Any, Any, Any, TrainingArguments]
         if unknown:
             raise ValueError(f"recipe {recipe_name!r} has unknown key(s) {unknown}; keys are the flag names "
                              "without '--' (e.g. learning_rate, cdb_channel_rate)")
+        _check_recipe_types(recipe, parser, recipe_name)
         # Recipe values become the parser's defaults, so any flag on the command line wins.
         parser.set_defaults(**recipe)
     model_args, data_args, cdb_args, run_args, training_args = parser.parse_args_into_dataclasses(args=argv)
@@ -112,8 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     2: bad input (one line on stderr, nothing changed); 1: the run failed after it started (a diverged run:
     one line; anything else: its traceback), or an A/B run failed; 0: done.
     """
+    lock = None
     try:
         plan = plan_run(*parse_args(argv))
+        lock = _lock_output_dir(plan)
+        PREEMPTION.install()
         if plan.run.ab_seeds > 0:
             from .ab import run_ab
 
@@ -129,7 +179,41 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as error:
         print(f"{PROG}: {error}", file=sys.stderr)
         return 1
+    except Terminated as error:
+        if _is_main_rank():
+            print(f"{PROG}: {error}", file=sys.stderr)
+        return error.exit_code
+    except Preempted as error:
+        if _is_main_rank():
+            if plan.run.ab_seeds > 0:  # an A/B comparison is not resumable: say what is kept instead
+                error = Preempted(error.signum, f"{str(error).split(':')[0]} during the A/B comparison in "
+                                                f"{plan.training.output_dir!r}: the finished arms and the interrupted "
+                                                "one (marked interrupted) are kept; an A/B comparison does not "
+                                                "resume: run it again into a new --output_dir")
+            print(f"{PROG}: {error}", file=sys.stderr)
+        return error.exit_code
+    finally:
+        PREEMPTION.uninstall()
+        if lock is not None:
+            lock.release()
     return 0
+
+
+def _is_main_rank() -> bool:
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
+def _lock_output_dir(plan) -> RunLock | None:
+    """Take ``--output_dir``'s lock for this run (the launch's main process; the other ranks recognise it)."""
+    if not _is_main_rank():
+        return None
+    lock = RunLock(plan.training.output_dir)
+    try:
+        lock.acquire()
+    except RuntimeError as error:
+        raise UsageError(f"--output_dir {plan.training.output_dir!r} is in use by a live run ({error}); wait for it "
+                         "to end or choose another --output_dir (nothing was changed)") from None
+    return lock
 
 
 def _refuse_deepspeed_early(recipe: dict[str, Any], argv: list[str]) -> None:

@@ -26,7 +26,9 @@ from . import builtin
 from . import data as data_module
 from .core import ChannelDropBackConfig, eligible_layers
 from .run_dir import (
+    checkpoint_step,
     find_checkpoints,
+    foreign_entries,
     is_finite_number,
     read_checkpoint_record,
     read_run_marker,
@@ -86,6 +88,7 @@ def plan_run(model_args, data_args, cdb_args, run_args, training_args: TrainingA
     with usage_errors():
         check_supported_setup(training_args)
         _check_run_arguments(run_args)
+        _check_path_values(model_args, data_args, training_args)
         if not model_args.model_name_or_path:
             raise UsageError("--model_name_or_path is required (a Hub model id, a local save_pretrained directory, "
                              f"or one of {', '.join(builtin.list_builtin_sources('model'))})")
@@ -97,6 +100,7 @@ def plan_run(model_args, data_args, cdb_args, run_args, training_args: TrainingA
             raise UsageError("no training data: pass --dataset_name (Hub id, local dataset folder or builtin:...) "
                              "or --train_dir (an image folder)")
         _check_finite_everywhere(model_args, data_args, cdb_args, run_args, training_args)
+        _check_ranges(model_args, run_args, training_args)
         if data_args.train_augmentation not in data_module.TRAIN_AUGMENTATIONS:  # a recipe bypasses argparse's choices
             raise UsageError(f"--train_augmentation {data_args.train_augmentation!r} is not valid; choose one of "
                              f"{', '.join(data_module.TRAIN_AUGMENTATIONS)}")
@@ -112,6 +116,8 @@ def plan_run(model_args, data_args, cdb_args, run_args, training_args: TrainingA
         check_lr_schedule(run_args, training_args)
         if run_args.trainer == "accelerate":
             _check_loop_arguments(training_args)
+        notes: list[str] = []
+        _resolve_epoch_milestones(cdb_args, run_args, training_args, notes)
         cdb_config = cdb_args.to_config()  # the core validates every rate and mode
         if run_args.ab_seeds and cdb_config is None:  # the A/B runner's CDB arm must be valid too
             dataclasses.replace(cdb_args, cdb=True).to_config()
@@ -120,7 +126,7 @@ def plan_run(model_args, data_args, cdb_args, run_args, training_args: TrainingA
         check_can_push(training_args)
         extra_arm = parse_extra_arm(run_args, training_args)
         plan = RunPlan(model_args, data_args, cdb_args, run_args, training_args, cdb_config, extra_arm=extra_arm,
-                       kind=kind)
+                       kind=kind, notes=notes)
         _plan_output_dir(plan)
         if kind == "eval" and plan.output_mode == "replace":
             marker = read_run_marker(training_args.output_dir) or {}
@@ -129,6 +135,91 @@ def plan_run(model_args, data_args, cdb_args, run_args, training_args: TrainingA
                                  f"{training_args.output_dir!r}; an evaluation never touches a training run: give "
                                  "another --output_dir")
     return plan
+
+
+#: The most paired seeds ``--ab_seeds`` takes (each is two full training runs).
+MAX_AB_SEEDS = 1000
+#: The most epochs a run may have (a larger --num_train_epochs is a typo, not a plan).
+MAX_EPOCHS = 100_000
+_MAX_SEED = 2**32 - 1
+
+
+def preview(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to a short preview (nested or huge values, such as a YAML alias bomb, stay cheap)."""
+    import reprlib
+
+    short = reprlib.Repr()
+    short.maxlevel, short.maxlist, short.maxtuple, short.maxdict = 2, 6, 6, 4
+    short.maxstring = short.maxother = short.maxlong = limit
+    text = short.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+#: Flags that name a local path (or a Hub id): never an empty string, always a string.
+_PATH_FLAGS = {"model": ("model_name_or_path", "config_name", "image_processor_name", "cache_dir"),
+               "data": ("dataset_name", "train_dir", "validation_dir", "predict_dir"),
+               "training": ("output_dir", "logging_dir")}
+
+
+def _check_path_values(model_args, data_args, training_args: TrainingArguments) -> None:
+    """Every path value is a real path: a string, not empty (an empty one would mean the current directory);
+    the validation folder is not the training folder."""
+    for group, arguments in (("model", model_args), ("data", data_args), ("training", training_args)):
+        for name in _PATH_FLAGS[group]:
+            value = getattr(arguments, name, None)
+            if value is None:
+                continue
+            if not isinstance(value, (str, os.PathLike)):
+                raise UsageError(f"--{name} {preview(value)} is not valid: it must be a path or name (a string), "
+                                 f"got a {type(value).__name__}")
+            if not str(value).strip():
+                raise UsageError(f"--{name} {str(value)!r} is empty: give a path (an empty one would silently mean "
+                                 "the current directory), or leave the flag out")
+    train_dir, validation_dir = data_args.train_dir, data_args.validation_dir
+    if train_dir and validation_dir and os.path.exists(os.path.expanduser(train_dir)) and \
+            Path(os.path.expanduser(train_dir)).resolve() == Path(os.path.expanduser(validation_dir)).resolve():
+        raise UsageError(f"--validation_dir {validation_dir!r} is --train_dir: the run would be evaluated on its own "
+                         "training images; give a separate folder, or leave --validation_dir out to carve a "
+                         "validation split (--train_val_split)")
+
+
+def _check_ranges(model_args, run_args, training_args: TrainingArguments) -> None:
+    """Values whose range only shows late (after a first A/B arm trained) or as a MemoryError."""
+    seed = training_args.seed
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MAX_SEED:
+        raise UsageError(f"--seed {preview(seed)} is not valid; it must be an integer in [0, 2**32 - 1]")
+    n_seeds = run_args.ab_seeds
+    if isinstance(n_seeds, int) and not isinstance(n_seeds, bool) and n_seeds > 0:
+        if n_seeds > MAX_AB_SEEDS:
+            raise UsageError(f"--ab_seeds {n_seeds} is not valid; it must be at most {MAX_AB_SEEDS} (each seed is "
+                             "two full training runs)")
+        if seed + n_seeds - 1 > _MAX_SEED:
+            raise UsageError(f"--ab_seeds {n_seeds} with --seed {seed} would use seeds up to {seed + n_seeds - 1}, "
+                             f"beyond 2**32 - 1; lower --seed to at most {_MAX_SEED - n_seeds + 1}")
+    max_steps = training_args.max_steps
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or (max_steps != -1 and max_steps < 1):
+        raise UsageError(f"--max_steps {preview(max_steps)} is not valid; it must be a positive integer, or unset "
+                         "(-1: the run's length is --num_train_epochs)")
+    epochs = training_args.num_train_epochs
+    if max_steps == -1 and isinstance(epochs, (int, float)) and not isinstance(epochs, bool) and epochs > MAX_EPOCHS:
+        raise UsageError(f"--num_train_epochs {epochs!r} is not valid; it must be at most {MAX_EPOCHS}")
+    size = getattr(model_args, "image_size", None)
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        batch = max(int(training_args.per_device_train_batch_size or 1), 1)
+        needed = batch * 3 * size * size * 4  # one float32 batch of pixels, before any activation
+        available = _physical_memory()
+        if available and needed > available // 4:
+            largest = int(math.sqrt(available // 4 / (batch * 12)))
+            raise UsageError(f"--image_size {size} is not valid: one batch of {batch} such images takes "
+                             f"{needed / 2**30:.1f} GiB as float32, over a quarter of this machine's "
+                             f"{available / 2**30:.0f} GiB; give at most {largest} px (typical: 224 or 384)")
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 class usage_errors:
@@ -161,6 +252,12 @@ def check_evaluate_only(model_args, data_args, run_args, training_args: Training
                                                             and str(value).lower() in _FALSE_STRINGS):
             raise UsageError(f"--{name} needs training, but --do_train is false (evaluate/predict only); drop "
                              f"--{name}, or train with --do_train true")
+    model = model_args.model_name_or_path
+    marker = read_run_marker(os.path.expanduser(model)) if isinstance(model, str) and model else None
+    if marker is not None and marker.get("kind", "run") == "run" and marker.get("status") != "complete":
+        raise UsageError(f"--model_name_or_path {model!r} is a cdb_hf run that did not complete (status "
+                         f"{marker.get('status')!r}): its final model was never written, or is from another run; "
+                         "evaluate one of its checkpoint-N folders, or finish it with --resume_from_checkpoint true")
     has_eval_data = bool(data_args.dataset_name or data_args.train_dir or data_args.validation_dir)
     if not has_eval_data and not training_args.do_predict:
         raise UsageError("--do_train false has nothing to do: pass data to evaluate on (--dataset_name, "
@@ -300,7 +397,7 @@ def check_lr_schedule(run_args, args: TrainingArguments) -> None:
         if (not isinstance(milestones, (list, tuple)) or not milestones
                 or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in milestones)
                 or list(milestones) != sorted(set(milestones))):
-            raise UsageError(f"--lr_milestones {milestones!r} is not valid; give increasing epochs >= 1 (the first "
+            raise UsageError(f"--lr_milestones {preview(milestones)} is not valid; give increasing epochs >= 1 (the first "
                              "epoch at each lower rate, e.g. 26 51 72), or leave it unset for the official "
                              "round(0.3E), round(0.6E), round(0.85E)")
     if schedule != "multistep":
@@ -319,6 +416,59 @@ def check_lr_schedule(run_args, args: TrainingArguments) -> None:
             raise UsageError(f"--{name} {getattr(value, 'value', value)!r} conflicts with --lr_schedule multistep, which sets "
                              f"the whole schedule (MultiStepLR, no warmup); drop --{name} or use --lr_schedule "
                              "trainer")
+
+
+def official_cdb_phase_starts(epochs: float) -> list[int]:
+    """The official StepLR_Dropback's phase starts for a run of ``epochs``: round(0.3E)+2 and round(0.6E)+2 (its
+    epoch counter is compared before it is incremented, so each phase starts two epochs after round(fE))."""
+    return [round(0.3 * epochs) + 2, round(0.6 * epochs) + 2]
+
+
+def _resolve_epoch_milestones(cdb_args, run_args, args: TrainingArguments, notes: list[str]) -> None:
+    """Epoch milestones follow the run's own length: unset ones are the official rule for its E (the learning
+    rate's in :mod:`cdb_hf.optimization`, CDB's filled in here); given ones must fall inside the run."""
+    from .optimization import lr_milestone_epochs
+
+    by_epochs = args.max_steps is None or args.max_steps <= 0
+    epochs = args.num_train_epochs
+    piecewise = cdb_args.cdb_schedule == "piecewise" and cdb_args.cdb_schedule_unit == "epochs"  # A/B: either arm
+    multistep = getattr(run_args, "lr_schedule", "trainer") == "multistep"
+    if piecewise and cdb_args.cdb_schedule_milestones is None:
+        if not by_epochs:
+            raise UsageError("--cdb_schedule piecewise in epochs without --cdb_schedule_milestones takes the official "
+                             "rule from the run's epochs, but --max_steps sets the run's length in steps; give "
+                             "--num_train_epochs instead, or the milestones (epochs)")
+        starts = official_cdb_phase_starts(epochs)
+        if starts[0] >= starts[1] or cdb_args.cdb_schedule_rates is None or len(cdb_args.cdb_schedule_rates) != 3:
+            raise UsageError(f"--cdb_schedule piecewise without --cdb_schedule_milestones needs three "
+                             f"--cdb_schedule_rates and a run long enough for the official phases (round(0.3E)+2 < "
+                             f"round(0.6E)+2; E = {epochs:g} gives {starts}); give the milestones explicitly")
+        cdb_args.cdb_schedule_milestones = starts
+        notes.append(f"CDB layer rate by the official rule for {epochs:g} epochs: "
+                     f"{', '.join(f'{r:g} from epoch {e}' for r, e in zip(cdb_args.cdb_schedule_rates, [0, *starts]))}")
+    elif piecewise and by_epochs:
+        _refuse_outside_run("cdb_schedule_milestones", cdb_args.cdb_schedule_milestones, epochs,
+                            "round(0.3E)+2, round(0.6E)+2")
+    elif piecewise:
+        notes.append(f"--cdb_schedule_milestones {preview(cdb_args.cdb_schedule_milestones)} count epochs of a run "
+                     "whose length is --max_steps: check that they fall inside it")
+    if multistep and by_epochs:
+        if run_args.lr_milestones is None:
+            notes.append(f"learning rate x{run_args.lr_gamma:g} by the official rule for {epochs:g} epochs: from "
+                         f"epochs {', '.join(str(m) for m in lr_milestone_epochs(None, math.ceil(epochs)))}")
+        else:
+            _refuse_outside_run("lr_milestones", run_args.lr_milestones, epochs, "round(0.3E), round(0.6E), "
+                                "round(0.85E)")
+    elif multistep and run_args.lr_milestones is not None:
+        notes.append(f"--lr_milestones {preview(run_args.lr_milestones)} count epochs of a run whose length is "
+                     "--max_steps: check that they fall inside it")
+
+
+def _refuse_outside_run(flag: str, milestones: Any, epochs: float, rule: str) -> None:
+    if isinstance(milestones, (list, tuple)) and any(is_finite_number(m) and m >= epochs for m in milestones):
+        raise UsageError(f"--{flag} {preview(milestones)} do not fit a run of {epochs:g} epochs (a milestone at or "
+                         f"past the last epoch never takes effect); give milestones below {epochs:g}, or leave them "
+                         f"unset for the official rule for the run's length ({rule})")
 
 
 def check_lora_arguments(model_args) -> None:
@@ -477,6 +627,11 @@ def _plan_output_dir(plan: RunPlan) -> None:
     args, run_args = plan.training, plan.run
     output_dir = Path(os.path.expanduser(args.output_dir))
     resolved = output_dir.resolve()
+    _check_not_locked(args.output_dir, plan.notes)
+    if output_dir.is_symlink():  # every later rename, deletion and check acts on the folder itself, not the link
+        plan.notes.append(f"--output_dir {args.output_dir!r} is a symlink; the run writes into {str(resolved)!r}")
+        args.output_dir = str(resolved)
+        output_dir = resolved
     if output_dir.exists() and not output_dir.is_dir():
         raise UsageError(f"--output_dir {args.output_dir!r} exists and is not a directory")
     home = Path(os.path.expanduser("~")).resolve()
@@ -516,17 +671,46 @@ def _plan_output_dir(plan: RunPlan) -> None:
         if marker is None:
             raise UsageError(f"--overwrite_output_dir refuses {args.output_dir!r}: it holds files that are not a "
                              f"cdb_hf run (no cdb_hf_run.json), which would be lost; choose another --output_dir")
+        foreign = foreign_entries(output_dir)
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise UsageError(f"--overwrite_output_dir would delete what cdb_hf did not write in {args.output_dir!r}: "
+                             f"{shown}; move it out of the folder first, or choose another --output_dir")
         plan.output_mode = "replace"
+        replaced = marker.get("replaces")
+        if isinstance(replaced, str) and "/" not in replaced and (output_dir.parent / replaced).is_dir():
+            plan.notes.append(f"the {marker.get('status', 'unfinished')} run in {args.output_dir!r} was itself "
+                              f"replacing an earlier run, kept in {str(output_dir.parent / replaced)!r}; both are "
+                              "deleted when this run completes (and kept if it does not)")
         return
     if plan.kind == "eval":
         raise UsageError(f"output_dir {args.output_dir!r} is not empty; --do_train false writes into a new folder (or "
                          "over an earlier evaluation with --overwrite_output_dir): choose another --output_dir")
-    if marker is not None and marker.get("status") in ("running", "failed") and find_checkpoints(output_dir):
+    if marker is not None and marker.get("status") in ("running", "failed", "interrupted") and find_checkpoints(output_dir):
         raise UsageError(f"output_dir {args.output_dir!r} holds an unfinished run; pass --resume_from_checkpoint "
                          "true to continue it, --overwrite_output_dir to replace it, or choose another --output_dir")
+    if marker is not None and marker.get("status") != "complete":
+        raise UsageError(f"output_dir {args.output_dir!r} holds a {marker.get('status', 'unfinished')} run with no "
+                         "checkpoint to continue from; pass --overwrite_output_dir to replace it, or choose another "
+                         "--output_dir")
     raise UsageError(f"output_dir {args.output_dir!r} already holds a different run; pass --overwrite_output_dir "
                      "to write over it, --resume_from_checkpoint true to continue it, or choose another "
                      "--output_dir")
+
+
+def _check_not_locked(output_dir: str, notes: list[str]) -> None:
+    """Refuse an output folder whose run is alive (another process holds its lock); note a stale lock."""
+    from .run_lock import read_lock
+
+    holder = read_lock(output_dir)
+    if holder is None or holder.is_ours():
+        return
+    stale = holder.stale_reason()
+    if stale is None:
+        raise UsageError(f"--output_dir {output_dir!r} is in use by a live run ({holder.describe()}); wait for it to "
+                         "end or choose another --output_dir (nothing was changed)")
+    notes.append(f"the lock of --output_dir {output_dir!r} was left by a run that is gone ({holder.describe()}; "
+                 f"{stale}); it is taken over")
 
 
 # ------------------------------------------------------------------------------------------------ resume
@@ -545,9 +729,10 @@ def resolve_resume_checkpoint(training_args: TrainingArguments, notes: list[str]
             if record is not None:
                 for path, reason in skipped:
                     message = f"skipped incomplete checkpoint {path}: {reason}"
-                    logger.warning(message)
-                    if notes is not None:
+                    if notes is not None:  # said once, with the run's other notes, when it starts
                         notes.append(message)
+                    else:
+                        logger.warning(message)
                     if skipped_paths is not None:
                         skipped_paths.append(path)
                 return str(checkpoint)
@@ -557,6 +742,15 @@ def resolve_resume_checkpoint(training_args: TrainingArguments, notes: list[str]
                          f"{training_args.output_dir!r} to resume from{detail}")
     if not os.path.isdir(value):
         raise UsageError(f"--resume_from_checkpoint {value!r} is not a checkpoint folder")
+    if read_run_marker(value) is not None and checkpoint_step(value) is None:  # a run folder: its newest checkpoint
+        for checkpoint in find_checkpoints(value):
+            if read_checkpoint_record(checkpoint)[0] is not None:
+                if notes is not None:
+                    notes.append(f"--resume_from_checkpoint {value!r} is a run folder: resuming from its newest "
+                                 f"complete checkpoint, {checkpoint}")
+                return str(checkpoint)
+        raise UsageError(f"--resume_from_checkpoint {value!r} is a run folder with no complete checkpoint-N to "
+                         f"resume from; to fine-tune its final model further, pass --model_name_or_path {value!r}")
     return str(value)
 
 
@@ -571,6 +765,13 @@ def _check_resume_checkpoint(checkpoint: str, plan: RunPlan) -> dict[str, Any] |
         # A checkpoint of a plain transformers Trainer: resumable, but nothing records its CDB settings.
         _check_trainer_state(checkpoint)
         plan.notes.append(f"{checkpoint} was not written by cdb_hf: its CDB settings cannot be checked")
+        missing = [name for name in ("optimizer.pt", "scheduler.pt") if not (Path(checkpoint) / name).is_file()]
+        if missing:
+            plan.notes.append(f"{checkpoint} has no {' or '.join(missing)}: the resumed run starts "
+                              f"{'the optimizer (its momentum)' if 'optimizer.pt' in missing else ''}"
+                              f"{' and ' if len(missing) == 2 else ''}"
+                              f"{'the learning-rate schedule' if 'scheduler.pt' in missing else ''} afresh, so it "
+                              "does not continue the interrupted run exactly")
         return None
     if record["trainer"] != trainer:
         other = {"hf": "the Trainer (--trainer hf)", "accelerate": "the accelerate loop (--trainer accelerate)"}
@@ -663,7 +864,33 @@ def check_cdb_against_model(model, cdb_config: ChannelDropBackConfig | None) -> 
     """Raise UsageError now if include/exclude/skip_first leave no layer of this model (None: baseline)."""
     if cdb_config is not None:
         with usage_errors():
-            eligible_layers(model, cdb_config)
+            layers = eligible_layers(model, cdb_config)
+        _check_cdb_does_something(cdb_config, layers)
+
+
+def _check_cdb_does_something(config: ChannelDropBackConfig, layers: dict[str, Any]) -> None:
+    """Settings under which CDB never drops a channel (or almost never) train like ``--cdb false``: say so once.
+
+    Not refused: a zero rate is a legitimate way to check that CDB changes nothing (``--cdb false`` is the
+    plain baseline)."""
+    rates = {"constant": [config.layer_rate], "step": [config.layer_rate_init, config.layer_rate / 2, config.layer_rate],
+             "linear": [config.layer_rate_init, config.layer_rate],
+             "piecewise": list(config.schedule_rates or [config.layer_rate])}[config.schedule]
+    sizes = [int(weight.shape[1 if config.axis == "cols" else 0]) for weight in layers.values()]
+    expected = max(config.channel_rate * n for n in sizes)  # channels dropped in the widest selected layer
+    if max(rates) == 0 or config.step_rate == 0:
+        what = "--cdb_step_rate 0" if config.step_rate == 0 else f"--cdb_layer_rate {config.layer_rate:g}"
+        reason = f"{what} (schedule {config.schedule!r}) never selects a layer"
+    elif config.channel_sampling == "exact" and all(min(round(config.channel_rate * n), n - 1) == 0 for n in sizes):
+        reason = (f"--cdb_channel_rate {config.channel_rate:g} with exact sampling drops round(rate x channels) = 0 "
+                  f"channels in every layer (at most {max(sizes)} channels)")
+    elif config.channel_sampling == "bernoulli" and expected < 0.01:
+        reason = (f"--cdb_channel_rate {config.channel_rate:g} drops {expected:.2g} channels per selected layer on "
+                  f"average (at most {max(sizes)} channels)")
+    else:
+        return
+    logger.warning(f"{reason}, so ChannelDropBack does (almost) nothing: cdb/applied stays near 0 and the run trains "
+                   "like --cdb false; the paper drops 0.3 to 0.5 of the channels of its selected layers")
 
 
 def loop_state_error(path: str, state: Any, max_steps: int | None = None) -> str | None:

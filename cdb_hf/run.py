@@ -38,6 +38,7 @@ from .core import ChannelDropBackConfig
 from .hub import push_outputs, save_merged_model, save_outputs, write_model_card
 from .models import check_image_size, check_lora_targets, load_model_and_processor
 from .perf import apply_memory_format
+from .preemption import PREEMPTION, Preempted
 from .preflight import RunPlan, UsageError, check_cdb_against_model, usage_errors
 from .run_dir import RunDirectory, read_checkpoint_record
 
@@ -263,7 +264,9 @@ def open_run_dir(plan: RunPlan, kind: str = "run") -> RunDirectory:
     run_dir = RunDirectory(plan.training.output_dir, plan.output_mode, kind=kind)
     state = PartialState()
     if state.is_main_process:
-        run_dir.open()
+        for note in plan.notes:  # what pre-flight found: said once, and recorded in the run's marker
+            logger.warning(f"note: {note}")
+        run_dir.open(plan.notes)
         if plan.output_mode == "resume":
             remove_incomplete_checkpoints(plan)
     state.wait_for_everyone()
@@ -290,6 +293,13 @@ def failed_run(run_dir_holder: list[RunDirectory]):
     run, put that one back (main process). The exception goes on, with a note of what was kept."""
     try:
         yield
+    except Preempted as error:
+        if run_dir_holder and PartialState().is_main_process:
+            kept = run_dir_holder[0].interrupt()
+            if kept is not None:
+                error.args = (f"{error.args[0]}; the earlier run it replaces is kept in {str(kept)!r} until the "
+                              "continued run completes",)
+        raise
     except BaseException as error:
         if run_dir_holder and PartialState().is_main_process:
             kept = run_dir_holder[0].fail()
@@ -304,6 +314,18 @@ def failed_run(run_dir_holder: list[RunDirectory]):
                 else:
                     logger.error(note)
         raise
+
+
+def preempted(plan: RunPlan, step: int) -> Preempted:
+    """The stop at a preemption signal, after ``checkpoint-<step>`` was written: one line on how to continue."""
+    import signal
+
+    signum = PREEMPTION.signum or signal.SIGTERM
+    instead = " (instead of --overwrite_output_dir)" if plan.run.overwrite_output_dir else ""
+    return Preempted(signum, f"stopped by {signal.Signals(signum).name} after optimizer step {step}: "
+                             f"{os.path.join(plan.training.output_dir, f'checkpoint-{step}')} is complete and the run "
+                             f"is marked interrupted; to continue, run the same command with --resume_from_checkpoint "
+                             f"true{instead}")
 
 
 # ------------------------------------------------------------------------------------------------ divergence

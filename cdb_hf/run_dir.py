@@ -26,7 +26,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CHECKPOINT_RECORD", "RUN_MARKER", "RunDirectory", "set_aside_runs", "checkpoint_step", "find_checkpoints",
+__all__ = ["CHECKPOINT_RECORD", "RUN_MARKER", "TOOL_OUTPUTS", "RunDirectory", "foreign_entries", "set_aside_runs", "checkpoint_step", "find_checkpoints",
            "read_checkpoint_record", "read_run_marker", "write_checkpoint_record", "write_json_atomic", "write_results_json",
            "write_run_marker"]
 
@@ -82,8 +82,8 @@ def _refuse_constant(name: str) -> Any:
 
 # ------------------------------------------------------------------------------------------ run marker
 def write_run_marker(output_dir: str | os.PathLike, *, status: str, kind: str = "run",
-                     replaces: str | None = None) -> None:
-    """Mark ``output_dir`` as a run of this tool (``status``: running, complete, failed)."""
+                     replaces: str | None = None, notes: list[str] | None = None) -> None:
+    """Mark ``output_dir`` as a run of this tool (``status``: running, complete, failed, interrupted)."""
     from . import __version__
 
     marker = Path(output_dir) / RUN_MARKER
@@ -92,6 +92,7 @@ def write_run_marker(output_dir: str | os.PathLike, *, status: str, kind: str = 
         "tool": "cdb_hf", "version": __version__, "kind": kind, "status": status,
         "started": previous.get("started", time.strftime("%Y-%m-%dT%H:%M:%S")),
         "replaces": replaces if replaces is not None else previous.get("replaces"),
+        "notes": notes if notes is not None else previous.get("notes", []),
     })
 
 
@@ -115,14 +116,15 @@ class RunDirectory:
         self.output_dir, self.mode, self.kind = Path(output_dir), mode, kind
         self.backup: Path | None = None
 
-    def open(self) -> None:
-        """Make the directory this run's; in replace mode, set the previous run aside first."""
+    def open(self, notes: list[str] | None = None) -> None:
+        """Make the directory this run's; in replace mode, set the previous run aside first. ``notes`` (what
+        pre-flight told the user) are recorded in the marker."""
         if self.mode == "replace" and self.output_dir.exists():
             self.backup = self._sibling("previous")
             os.rename(self.output_dir, self.backup)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         write_run_marker(self.output_dir, status="running", kind=self.kind,
-                         replaces=self.backup.name if self.backup is not None else None)
+                         replaces=self.backup.name if self.backup is not None else None, notes=list(notes or []))
 
     def complete(self) -> None:
         """The run completed: mark it so, then delete the run(s) it replaced (a chain, if a replacement
@@ -137,8 +139,20 @@ class RunDirectory:
             shutil.rmtree(backup)
             replaced = marker.get("replaces")
         marker = read_run_marker(self.output_dir) or {}
-        write_json_atomic(self.output_dir / RUN_MARKER, {**marker, "replaces": None})
+        files = sorted(p.name for p in self.output_dir.iterdir() if p.name != RUN_MARKER)
+        write_json_atomic(self.output_dir / RUN_MARKER, {**marker, "replaces": None, "files": files})
         self.backup = None
+
+    def interrupt(self) -> Path | None:
+        """The run stopped at a preemption signal after a complete checkpoint: mark it ``interrupted`` and keep
+        everything where it is, so that ``--resume_from_checkpoint true`` continues it. Returns the earlier run
+        it is replacing (kept aside until the continued run completes), if any."""
+        write_run_marker(self.output_dir, status="interrupted", kind=self.kind)
+        replaced = (read_run_marker(self.output_dir) or {}).get("replaces")
+        self.backup = None
+        if _is_backup_name(replaced, self.output_dir) and (self.output_dir.parent / replaced).is_dir():
+            return self.output_dir.parent / replaced
+        return None
 
     def fail(self) -> Path | None:
         """The run failed: mark it so; in replace mode restore the previous run, keeping the failed attempt
@@ -161,6 +175,30 @@ class RunDirectory:
     def _sibling(self, what: str) -> Path:
         return self.output_dir.parent / (f".{self.output_dir.name}.{what}-{time.strftime('%Y%m%d-%H%M%S')}-"
                                          f"{uuid.uuid4().hex[:6]}")
+
+
+#: What a run of this tool writes at the top of its folder (for a marker without its own ``files`` list: an
+#: older or unfinished run).
+TOOL_OUTPUTS = ("README.md", "all_results.json", "train_results.json", "eval_results.json", "cdb_config.json",
+                "config.json", "model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors",
+                "preprocessor_config.json", "trainer_state.json", "training_args.bin", "eval_per_class.csv",
+                "eval_confusion_matrix.csv", "eval_confusion_matrix.png", "predictions.csv", "merged",
+                "adapter_config.json", "adapter_model.safetensors", "ab_plot.png", "report.md", "results.csv",
+                "results.json", "seed[0-9]*", "checkpoint-[0-9]*", "runs", RUN_MARKER, ".*.tmp-*")
+
+
+def foreign_entries(output_dir: str | os.PathLike) -> list[str]:
+    """The top-level entries of a run folder that this tool did not write (a user's notes, an analysis folder),
+    judged by the list its marker records at completion, else by :data:`TOOL_OUTPUTS`."""
+    import fnmatch
+
+    output_dir = Path(output_dir)
+    recorded = (read_run_marker(output_dir) or {}).get("files")
+    if isinstance(recorded, list) and all(isinstance(name, str) for name in recorded):
+        return sorted(p.name + ("/" if p.is_dir() else "") for p in output_dir.iterdir()
+                      if p.name not in recorded and p.name != RUN_MARKER)
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in output_dir.iterdir()
+                  if not any(fnmatch.fnmatchcase(p.name, pattern) for pattern in TOOL_OUTPUTS))
 
 
 def set_aside_runs(output_dir: str | os.PathLike) -> list[Path]:

@@ -24,6 +24,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, loggi
 from .callback import ChannelDropBackCallback, cdb_trial_params, place_before_integrations
 from .metrics import build_compute_metrics
 from .optimization import build_lr_scheduler, decay_parameter_names
+from .preemption import PREEMPTION
 from .preflight import RunPlan, UsageError, check_lr_schedule, check_resume_matches
 from .run import (
     DivergenceGuard,
@@ -34,6 +35,7 @@ from .run import (
     finish_run,
     last_checkpoint,
     open_run_dir,
+    preempted,
     prepare_run,
     setup_logging,
 )
@@ -221,7 +223,10 @@ def train(plan: RunPlan) -> dict[str, float]:
             + ([cdb_callback] if cdb_callback is not None else []),
         )
         opened.append(open_run_dir(plan))
-        result = trainer.train(resume_from_checkpoint=plan.resume_checkpoint)
+        with PREEMPTION.training_steps():
+            result = trainer.train(resume_from_checkpoint=plan.resume_checkpoint)
+        if run_watch.preempted_step is not None:  # stopped at a signal, checkpoint written: continue later
+            raise preempted(plan, run_watch.preempted_step)
         metrics: dict[str, float] = dict(result.metrics)
         trainer.log_metrics("train", result.metrics)
         # Trainer.predict is Trainer.evaluate that also returns the logits (for the per-class results); logging
@@ -303,9 +308,14 @@ class _RunWatch(TrainerCallback):
     def __init__(self, plan: RunPlan, startup: Startup, guard: DivergenceGuard,
                  cdb_callback: ChannelDropBackCallback | None) -> None:
         self.plan, self.startup, self.guard, self.cdb_callback = plan, startup, guard, cdb_callback
+        self.preempted_step: int | None = None
 
     def _run_config(self) -> dict[str, Any] | None:
         return self.cdb_callback.cdb.config.to_dict() if self.cdb_callback is not None else None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # A resume loads the checkpoint's TrainerState, intervals included: the run keeps the ones it was given.
+        state.compute_steps(args, state.max_steps)
 
     def on_step_begin(self, args, state, control, **kwargs):
         if not self.startup.started:
@@ -315,6 +325,9 @@ class _RunWatch(TrainerCallback):
             self.startup.ready()
 
     def on_step_end(self, args, state, control, **kwargs):
+        if PREEMPTION.due(args.world_size, args.device):  # finish this step: save it, then stop
+            control.should_save = control.should_training_stop = True
+            self.preempted_step = state.global_step
         if control.should_log or control.should_evaluate or control.should_save or state.global_step >= state.max_steps:
             self.guard.check(state.global_step, last_checkpoint(args.output_dir))
 

@@ -15,6 +15,14 @@ import sys
 
 
 def arm(target: str, nth: int) -> None:
+    def power_cut() -> None:
+        os._exit(137)
+
+    arm_with(target, nth, power_cut)
+
+
+def arm_with(target: str, nth: int, action) -> None:
+    """Replace ``target`` by a wrapper that calls ``action()`` before its ``nth`` call."""
     module_name, attribute = target.split(":")
     owner = importlib.import_module(module_name)
     *parents, name = attribute.split(".")
@@ -27,7 +35,7 @@ def arm(target: str, nth: int) -> None:
         nonlocal calls
         calls += 1
         if calls == nth:
-            os._exit(137)
+            action()
         return original(*args, **kwargs)
 
     setattr(owner, name, killed_on_nth_call)

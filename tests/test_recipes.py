@@ -14,7 +14,8 @@ from torch import nn
 
 from cdb_hf import ChannelDropBack, ChannelDropBackConfig, cli
 from cdb_hf.demo import recipe_path
-from cdb_hf.preflight import plan_run
+from cdb_hf.optimization import lr_milestone_epochs
+from cdb_hf.preflight import official_cdb_phase_starts, plan_run
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 RECIPES = sorted(RECIPES_DIR.glob("*.yaml"))
@@ -118,16 +119,17 @@ def test_paper_recipes_follow_the_official_fine_tuning_code(stem, tmp_path):
     assert batch == 1024 and training_args.num_train_epochs == 85
     # MultiStepLR x0.1 at the official epochs, decay on every parameter, no clipping.
     epochs = int(training_args.num_train_epochs)
-    assert (run_args.lr_schedule, run_args.lr_milestones, run_args.lr_gamma) == (
-        "multistep", _official_lr_milestones(epochs), 0.1)
+    # Milestones unset: the official rule for the run's own E (so another --num_train_epochs moves them).
+    assert (run_args.lr_schedule, run_args.lr_milestones, run_args.lr_gamma) == ("multistep", None, 0.1)
+    assert lr_milestone_epochs(run_args.lr_milestones, epochs) == _official_lr_milestones(epochs)
     assert run_args.weight_decay_all is True and training_args.max_grad_norm == 0
     assert "lr_scheduler_type" not in raw and "warmup_steps" not in raw
-    config = cdb_args.to_config()
+    config = cdb_args.to_config(schedule_milestones=official_cdb_phase_starts(epochs))  # pre-flight fills them in
     assert (config.layer_selection, config.axis, config.mode, config.rescale) == ("bernoulli", "cols", "grad", True)
     assert (config.channel_rate, config.layer_rate_init, config.layer_rate) == (0.3, 0.03, 0.3)
     # The official per-epoch CDB rate schedule, from the official rule for this recipe's epoch count.
     assert (raw["cdb_schedule"], raw["cdb_schedule_unit"]) == ("piecewise", "epochs")
-    assert raw["cdb_schedule_milestones"] == _official_cdb_phase_starts(epochs)
+    assert "cdb_schedule_milestones" not in raw and official_cdb_phase_starts(epochs) == _official_cdb_phase_starts(epochs)
     assert raw["cdb_schedule_rates"] == OFFICIAL_CDB_RATES
     assert config.skip_first == (2 if model_key == "resnet50" else 1)
     assert raw["eval_split_name"] == EVAL_SPLITS[dataset_key] and "train_val_split" not in raw
@@ -245,3 +247,56 @@ def test_offline_recipe_runs_on_truncated_data(path, tmp_path):
         metrics = json.loads((output_dir / "all_results.json").read_text())
         assert 0.0 <= metrics["eval_accuracy"] <= 1.0
         assert (output_dir / "cdb_config.json").is_file()
+
+
+# The paper recipe's own keys that name its Hub model, data and hardware: replaced by the tiny fixtures.
+_HARDWARE_KEYS = ("model_name_or_path", "dataset_name", "image_column_name", "label_column_name", "eval_split_name",
+                  "output_dir", "run_name", "per_device_train_batch_size", "per_device_eval_batch_size",
+                  "gradient_accumulation_steps", "dataloader_num_workers", "eval_strategy", "save_strategy",
+                  "save_total_limit", "logging_steps", "num_train_epochs")
+
+
+@pytest.mark.parametrize("epochs,trainer", [(10, "hf"), (10, "accelerate"), (85, "hf")])
+def test_a_paper_recipe_at_any_length_follows_the_official_rule_end_to_end(epochs, trainer, tmp_path, tiny_vit_dir,
+                                                                           image_folder):
+    """The logged learning rate and cdb/layer_rate of every epoch, through the CLI, for E = 10 and E = 85 (one
+    optimizer step per epoch: 15 images, batch 16)."""
+    raw = {k: v for k, v in _raw(RECIPES_DIR / "vit-b16_cifar100.yaml").items() if k not in _HARDWARE_KEYS}
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    output_dir = tmp_path / "out"
+    code = cli.main([str(recipe), "--model_name_or_path", str(tiny_vit_dir), "--train_dir",
+                     str(image_folder / "train"), "--validation_dir", str(image_folder / "validation"),
+                     "--output_dir", str(output_dir), "--num_train_epochs", str(epochs), "--trainer", trainer,
+                     "--per_device_train_batch_size", "16", "--logging_steps", "1", "--eval_strategy", "no",
+                     "--save_strategy", "no", "--use_cpu", "true", "--report_to", "none", "--disable_tqdm", "true",
+                     "--log_level", "error", "--dataloader_num_workers", "0"])
+    assert code == 0
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    logged = {entry["step"]: entry for entry in history if "learning_rate" in entry}
+    assert sorted(logged) == list(range(1, epochs + 1))
+    lr_starts, cdb_starts = _official_lr_milestones(epochs), _official_cdb_phase_starts(epochs)
+    for step, entry in logged.items():
+        epoch = step - 1
+        expected_lr = 0.01 * 0.1 ** sum(epoch >= m for m in lr_starts)
+        expected_rate = OFFICIAL_CDB_RATES[sum(epoch >= m for m in cdb_starts)]
+        assert entry["cdb/layer_rate"] == pytest.approx(expected_rate), (epoch, entry)
+        assert entry["learning_rate"] == pytest.approx(expected_lr, rel=1e-6), (epoch, entry)
+
+
+def test_explicit_milestones_past_the_run_are_refused(tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    raw = _raw(RECIPES_DIR / "vit-b16_cifar100.yaml")
+    raw.update(output_dir=str(tmp_path / "out"), lr_milestones=[26, 51, 72])
+    recipe.write_text(yaml.safe_dump(raw))
+    assert cli.main([str(recipe), "--num_train_epochs", "10"]) == 2
+    assert "--lr_milestones [26, 51, 72] do not fit a run of 10 epochs" in capsys.readouterr().err
+    raw.pop("lr_milestones")
+    raw["cdb_schedule_milestones"] = [28, 53]
+    recipe.write_text(yaml.safe_dump(raw))
+    assert cli.main([str(recipe), "--num_train_epochs", "10"]) == 2
+    assert "--cdb_schedule_milestones [28, 53] do not fit a run of 10 epochs" in capsys.readouterr().err
+    assert cli.main([str(RECIPES_DIR / "vit-b16_cifar100.yaml"), "--max_steps", "5", "--output_dir",
+                     str(tmp_path / "out")]) == 2
+    assert "--max_steps sets the run's length in steps" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,109 @@
+"""Preemption as a scheduler sends it: SIGTERM/SIGUSR1 at chosen points of a real subprocess run, on both paths,
+then a resume that must end bitwise equal to the uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+from test_cli import assert_same_weights, run_quietly
+from test_overlap import start_worker
+from test_safety import PATHS, argv_for, make_previous_run, tree_hashes
+
+from cdb_hf.run_dir import RUN_MARKER, read_checkpoint_record, read_run_marker
+from cdb_hf.run_lock import lock_path
+
+
+@pytest.fixture(scope="module")
+def straight_runs(tmp_path_factory, tiny_vit_dir, image_folder):
+    """Per path: an uninterrupted 6-step CDB run (the reference for the resumed ones)."""
+    runs = {}
+    for trainer in PATHS:
+        output_dir = tmp_path_factory.mktemp(f"straight_{trainer}") / "out"
+        code, printed = run_quietly(argv_for(trainer, tiny_vit_dir, image_folder, output_dir, "--max_steps", "6"))
+        assert code == 0, printed
+        runs[trainer] = output_dir
+    return runs
+
+
+SIGNAL_POINTS = {
+    # (path, where): (hooked callable, its call that gets the signal, the signal, the step the run stops after)
+    ("hf", "mid-epoch"): ("cdb_hf.run:DivergenceGuard.observe", 3, "SIGTERM", 3),
+    ("hf", "mid-save"): ("cdb_hf.trainer_path:write_checkpoint_record", 1, "SIGUSR1", 3),
+    ("accelerate", "mid-epoch"): ("cdb_hf.run:DivergenceGuard.observe", 3, "SIGUSR1", 3),
+    ("accelerate", "mid-save"): ("cdb_hf.accelerate_loop:write_checkpoint_record", 1, "SIGTERM", 2),  # saved: stop
+}
+
+
+@pytest.mark.parametrize("trainer,where", list(SIGNAL_POINTS))
+def test_a_preempted_run_saves_stops_and_resumes_to_the_uninterrupted_weights(trainer, where, tmp_path,
+                                                                              straight_runs, tiny_vit_dir,
+                                                                              image_folder):
+    target, nth, sig, step = SIGNAL_POINTS[trainer, where]
+    output_dir = tmp_path / "out"
+    argv = argv_for(trainer, tiny_vit_dir, image_folder, output_dir, "--max_steps", "6")
+
+    stopped = start_worker(target, nth, sig, argv, tmp_path)
+    _, err = stopped.communicate(timeout=240)
+
+    assert stopped.returncode == 128 + getattr(signal, sig), err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last == (f"run_finetune.py: stopped by {sig} after optimizer step {step}: {output_dir}/checkpoint-{step} "
+                    "is complete and the run is marked interrupted; to continue, run the same command with "
+                    "--resume_from_checkpoint true"), err[-3000:]
+    assert read_checkpoint_record(output_dir / f"checkpoint-{step}")[0] is not None
+    assert read_run_marker(output_dir)["status"] == "interrupted"
+    assert not (output_dir / "model.safetensors").exists() and not lock_path(output_dir).exists()
+
+    code, printed = run_quietly(argv + ["--resume_from_checkpoint", "true"])
+
+    assert code == 0, printed
+    assert_same_weights(straight_runs[trainer], output_dir)
+    assert read_run_marker(output_dir)["status"] == "complete"
+
+
+@pytest.mark.parametrize("trainer", PATHS)
+def test_a_preempted_replacement_names_the_earlier_run_and_completes_when_continued(trainer, tmp_path,
+                                                                                    straight_runs, tiny_vit_dir,
+                                                                                    image_folder):
+    output_dir = make_previous_run(tmp_path / "out")
+    previous = tree_hashes(output_dir)
+    argv = argv_for(trainer, tiny_vit_dir, image_folder, output_dir, "--max_steps", "6")
+
+    stopped = start_worker("cdb_hf.run:DivergenceGuard.observe", 2, "SIGTERM", argv + ["--overwrite_output_dir",
+                                                                                       "true"], tmp_path)
+    _, err = stopped.communicate(timeout=240)
+
+    assert stopped.returncode == 143, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    aside = list(tmp_path.glob(".out.previous-*"))
+    assert len(aside) == 1 and tree_hashes(aside[0]) == previous
+    assert "--resume_from_checkpoint true (instead of --overwrite_output_dir)" in last, last
+    assert f"the earlier run it replaces is kept in {str(aside[0])!r} until the continued run completes" in last
+
+    code, printed = run_quietly(argv + ["--resume_from_checkpoint", "true"])
+
+    assert code == 0, printed
+    assert_same_weights(straight_runs[trainer], output_dir)
+    assert not aside[0].exists(), "the replacement completed: the run it replaced goes"
+    assert json.loads((output_dir / RUN_MARKER).read_text())["replaces"] is None
+
+
+@pytest.mark.parametrize("trainer", PATHS)
+def test_a_signal_before_the_first_step_stops_at_once_and_puts_the_replaced_run_back(trainer, tmp_path,
+                                                                                     tiny_vit_dir, image_folder):
+    output_dir = make_previous_run(tmp_path / "out")
+    previous = tree_hashes(output_dir)
+    argv = argv_for(trainer, tiny_vit_dir, image_folder, output_dir, "--overwrite_output_dir", "true")
+
+    # the folder is replaced by now; the training steps are about to start
+    stopped = start_worker("cdb_hf.preemption:Preemption.training_steps", 1, "SIGTERM", argv, tmp_path)
+    _, err = stopped.communicate(timeout=240)
+
+    assert stopped.returncode == 143, err[-3000:]
+    assert err.strip().splitlines()[-1] == ("run_finetune.py: stopped by SIGTERM outside training, before a "
+                                            "checkpoint could be written; nothing to continue from: run the command "
+                                            "again"), err[-3000:]
+    assert tree_hashes(output_dir) == previous
+    assert not list(tmp_path.glob(".out.*"))
