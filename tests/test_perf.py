@@ -166,7 +166,7 @@ def test_bad_speed_settings_fail_in_one_line_before_any_work(case, trainer, tmp_
         recipe = tmp_path / "recipe.yaml"
         recipe.write_text("channels_last: 1\n")  # YAML values skip argparse's bool conversion
         argv = [str(recipe), *argv]
-        expected = "channels_last=1 is not valid; it must be true or false"
+        expected = "channels_last: 1 is not valid; it must be true or false"  # the recipe's key, named
     assert cli.main(argv) == 2
     error = capsys.readouterr().err
     assert "Traceback" not in error and expected in error.strip().splitlines()[-1], error
