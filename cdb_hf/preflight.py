@@ -108,6 +108,9 @@ def plan_run(model_args, data_args, cdb_args, run_args, training_args: TrainingA
             raise UsageError(f"--train_image_cache_mb must be a whole number of MiB >= 0 (0 turns the cache off), "
                              f"got {cache_mb!r}")
         check_lora_arguments(model_args)
+        from .streaming import check_streaming_arguments
+
+        check_streaming_arguments(data_args, run_args, training_args)
         _check_training_arguments(training_args)
         check_lr_schedule(run_args, training_args)
         if run_args.trainer == "accelerate":
