@@ -61,7 +61,7 @@ from .run import (
     setup_logging,
 )
 from .run_dir import write_checkpoint_record
-from .streaming import StreamTrainImages
+from .streaming import StreamEvalImages, StreamTrainImages
 
 __all__ = ["LoopProgress", "build_optimizer", "evaluate", "predict", "train", "train_one_epoch"]
 
@@ -288,8 +288,9 @@ def evaluate(model: torch.nn.Module, eval_dataloader: DataLoader, accelerator: A
     sum_dtype = torch.float32 if accelerator.device.type == "mps" else torch.float64  # MPS has no float64
     loss_sum, count = torch.zeros((), dtype=sum_dtype, device=accelerator.device), 0
     # A stream's last batch is evened out across processes with examples from its start; accelerate cannot drop
-    # them (no length), but the shard counts what it read: keep that many (a Python int, no sync).
-    stream = eval_dataloader.dataset if isinstance(getattr(eval_dataloader, "dataset", None), IterableDatasetShard) \
+    # them (no length), but the stream counts what it read: keep that many (a Python int, no sync).
+    shard = getattr(eval_dataloader, "dataset", None)
+    stream = shard.dataset if isinstance(shard, IterableDatasetShard) and isinstance(shard.dataset, StreamEvalImages) \
         else None
     for batch in eval_dataloader:
         logits = model(pixel_values=batch["pixel_values"]).logits
@@ -297,8 +298,8 @@ def evaluate(model: torch.nn.Module, eval_dataloader: DataLoader, accelerator: A
         # leak the duplicates' loss into the images that are kept.
         losses = torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="none")
         logits, labels, losses = accelerator.gather_for_metrics((logits, batch["labels"], losses))
-        if stream is not None and stream.num_examples - count < len(labels):
-            keep = max(stream.num_examples - count, 0)
+        if stream is not None and stream.examples_read - count < len(labels):
+            keep = max(stream.examples_read - count, 0)
             logits, labels, losses = logits[:keep], labels[:keep], losses[:keep]
         cdb_metrics.add_batch(metrics, logits, labels)
         if final is not None:

@@ -329,13 +329,17 @@ class StreamEvalImages(torch.utils.data.IterableDataset):
         super().__init__()
         self.stream, self.transform = stream, transform
         self.reader = _Reader(corrupt_images, source, "validation", skipped)
+        #: examples yielded by the current (or last) pass: what a process's padded last batch goes beyond
+        self.examples_read = 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if "validation" in self.reader.skipped:
             self.reader.skipped["validation"] = 0  # counted per pass: each evaluation reads the same stream
+        self.examples_read = 0
         for position, example in enumerate(self.stream):
             image = self.reader.decode(example["image"], position)
             if image is not None:
+                self.examples_read += 1
                 yield {"pixel_values": self.transform(image), "labels": int(example["label"])}
 
 
