@@ -234,6 +234,7 @@ class _Reader:
     def __init__(self, mode: str, source: str, split_name: str, skipped: dict[str, int] | None) -> None:
         self.mode, self.source, self.split_name = mode, source, split_name
         self.skipped = skipped if skipped is not None else {}
+        self.names: set[str] = set()
 
     def decode(self, value: Any, position: int) -> PILImage.Image | None:
         name = (value or {}).get("path") or f"{self.split_name} example {position}"
@@ -248,8 +249,10 @@ class _Reader:
             if self.mode != "skip":
                 raise ValueError(f"{name} in {self.source!r} is not a readable image ({reason}); remove or replace "
                                  "it, or pass --corrupt_images skip to go on without it") from error
-            self.skipped[self.split_name] = self.skipped.get(self.split_name, 0) + 1
-            logger.warning(f"--corrupt_images skip: leaving out {name} of {self.source!r} ({reason})")
+            if name not in self.names:  # a stream read round again meets the same file again: named, counted once
+                self.names.add(name)
+                self.skipped[self.split_name] = len(self.names)
+                logger.warning(f"--corrupt_images skip: leaving out {name} of {self.source!r} ({reason})")
             return None
 
 
@@ -333,8 +336,8 @@ class StreamEvalImages(torch.utils.data.IterableDataset):
         self.examples_read = 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        if "validation" in self.reader.skipped:
-            self.reader.skipped["validation"] = 0  # counted per pass: each evaluation reads the same stream
+        self.reader.names.clear()  # counted per pass: each evaluation reads the same stream
+        self.reader.skipped.pop("validation", None)
         self.examples_read = 0
         for position, example in enumerate(self.stream):
             image = self.reader.decode(example["image"], position)

@@ -151,3 +151,81 @@ def test_two_streaming_ranks_select_alike_read_apart_and_resume_bitwise(stream_r
         assert all(resumed["steps"][s] == rank["accelerate"]["steps"][s] for s in resumed["steps"])
         assert resumed["batches"][:6] == rank["accelerate"]["batches"][6:12]
     assert stream_ranks[0]["accelerate_resumed"]["model_sha256"] == stream_ranks[0]["accelerate"]["model_sha256"]
+
+
+# ------------------------------------------------------------------------------------------- corrupt images
+@pytest.fixture(scope="module")
+def corrupt_parquet(tmp_path_factory) -> Path:
+    return write_parquet_dataset(tmp_path_factory.mktemp("corrupt_parquet"), corrupt={"train": 5, "validation": 1})
+
+
+def test_a_corrupt_image_in_a_stream_is_skipped_named_and_counted(tmp_path, tiny_vit_dir, corrupt_parquet, caplog):
+    code, printed = run_quietly(stream_argv(tiny_vit_dir, corrupt_parquet, tmp_path / "out", "--corrupt_images",
+                                            "skip", "--max_steps", "8", "--save_strategy", "no"))
+    assert code == 0, printed
+    results = json.loads((tmp_path / "out" / "all_results.json").read_text())
+    assert results["train_skipped_images"] == 1 and results["eval_skipped_images"] == 1
+    warned = printed + caplog.text
+    assert "train_005.png" in warned and "validation_001.png" in warned
+
+
+def test_a_corrupt_image_in_a_stream_stops_the_run_naming_it(tmp_path, tiny_vit_dir, corrupt_parquet):
+    code, printed = run_quietly(stream_argv(tiny_vit_dir, corrupt_parquet, tmp_path / "out", "--max_steps", "8",
+                                            "--save_strategy", "no"))
+    assert code != 0
+    assert "train_005.png" in printed and "--corrupt_images skip" in printed
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------------------- refusals
+def _parquet_without_validation(root: Path) -> Path:
+    source = write_parquet_dataset(root)
+    (source / "data" / "validation-00000-of-00001.parquet").unlink()
+    return source
+
+
+def _parquet_with_integer_labels(root: Path) -> Path:
+    root.mkdir(parents=True)
+    table = datasets.Dataset.from_dict({"image": [{"bytes": png_bytes(make_image((9, 9, 9), "RGB",
+                                                                                  np.random.default_rng(i))),
+                                                   "path": f"{i}.png"} for i in range(4)], "label": [0, 1, 0, 1]},
+                                       features=datasets.Features({"image": datasets.Image(),
+                                                                   "label": datasets.Value("int64")}))
+    table.to_parquet(str(root / "train.parquet"))
+    table.to_parquet(str(root / "validation.parquet"))
+    return root
+
+
+@pytest.mark.parametrize("source, extra, message", [
+    (None, ["--max_steps", "-1", "--num_train_epochs", "2"], "--streaming needs --max_steps"),
+    (None, ["--max_train_samples", "8"], "--max_train_samples 8 cannot hold with --streaming"),
+    (None, ["--eval_strategy", "epoch"], "--eval_strategy epoch cannot be used with --streaming"),
+    (None, ["--dataloader_num_workers", "2"], "--dataloader_num_workers 2 with --streaming"),
+    (None, ["--shuffle_buffer_size", "0"], "--shuffle_buffer_size must be a positive number"),
+    ("folder", [], "needs --validation_dir: a stream cannot be carved"),
+    ("no_validation", [], "cannot be carved into one (--train_val_split)"),
+    ("integer_labels", [], "must be a ClassLabel"),
+    ("text_file", [], "cannot stream"),
+    ("hub", [], "offline mode is on"),
+])
+def test_streaming_refuses_what_a_stream_cannot_honour_before_any_work(tmp_path, tiny_vit_dir, parquet_dataset,
+                                                                       image_folder, source, extra, message):
+    if source == "folder":
+        argv = finetune_argv(tiny_vit_dir, image_folder, tmp_path / "out", "--streaming", "true")
+        at = argv.index("--validation_dir")
+        argv = argv[:at] + argv[at + 2:]
+    else:
+        dataset = {None: parquet_dataset, "hub": "someone/imagenet-like"}.get(source)
+        if source == "no_validation":
+            dataset = _parquet_without_validation(tmp_path / "pq")
+        elif source == "integer_labels":
+            dataset = _parquet_with_integer_labels(tmp_path / "pq")
+        elif source == "text_file":
+            dataset = tmp_path / "notes.txt"
+            dataset.write_text("not a dataset")
+        argv = stream_argv(tiny_vit_dir, dataset, tmp_path / "out", *extra)
+    code, printed = run_quietly(argv)
+    assert code == 2, printed
+    errors = [line for line in printed.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], printed[-2000:]
+    assert not (tmp_path / "out").exists()
