@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"N={size}: folder ready in {time.perf_counter() - t0:.1f} s", flush=True)
         for path in args.paths:
             for face in args.faces:
-                def argv_for(steps: int, out: str) -> list[str]:
+                def argv_for(steps: int, out: str, train: Path = train, face: str = face, path: str = path) -> list[str]:
                     flags = ["--model_name_or_path", str(model), "--train_dir", str(train), "--validation_dir",
                              str(validation), "--output_dir", out, "--max_steps", str(steps),
                              "--per_device_train_batch_size", str(args.batch), "--per_device_eval_batch_size", "100",

@@ -110,7 +110,7 @@ def plan_run(model_args, data_args, cdb_args, run_args, training_args: TrainingA
         check_lora_arguments(model_args)
         from .streaming import check_streaming_arguments
 
-        check_streaming_arguments(data_args, run_args, training_args)
+        check_streaming_arguments(data_args, run_args, training_args, cdb_args)
         _check_training_arguments(training_args)
         check_lr_schedule(run_args, training_args)
         if run_args.trainer == "accelerate":

@@ -46,10 +46,15 @@ STREAM_STATE_FILE = "cdb_hf_stream_rank{rank}.json"
 
 
 # ------------------------------------------------------------------------------------------- refusals
-def check_streaming_arguments(data_args, run_args, training_args) -> None:
+def check_streaming_arguments(data_args, run_args, training_args, cdb_args=None) -> None:
     """Refuse, before any work, every setting a stream cannot honour (ValueError naming the flag)."""
     if not getattr(data_args, "streaming", False):
         return
+    if (cdb_args is not None and getattr(cdb_args, "cdb", False) and getattr(cdb_args, "cdb_schedule", "") != "constant"
+            and getattr(cdb_args, "cdb_schedule_unit", "steps") == "epochs"
+            and getattr(cdb_args, "cdb_schedule_steps_per_epoch", None) is None):
+        raise ValueError("--cdb_schedule_unit epochs with --streaming needs --cdb_schedule_steps_per_epoch N (a "
+                         "stream has no epochs of known length), or --cdb_schedule_unit steps")
     buffer = data_args.shuffle_buffer_size
     if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1:
         raise ValueError(f"--shuffle_buffer_size must be a positive number of examples, got {buffer!r}")

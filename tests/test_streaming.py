@@ -202,6 +202,7 @@ def _parquet_with_integer_labels(root: Path) -> Path:
     (None, ["--eval_strategy", "epoch"], "--eval_strategy epoch cannot be used with --streaming"),
     (None, ["--dataloader_num_workers", "2"], "--dataloader_num_workers 2 with --streaming"),
     (None, ["--shuffle_buffer_size", "0"], "--shuffle_buffer_size must be a positive number"),
+    (None, ["--cdb_schedule", "linear", "--cdb_schedule_unit", "epochs"], "needs --cdb_schedule_steps_per_epoch"),
     ("folder", [], "needs --validation_dir: a stream cannot be carved"),
     ("no_validation", [], "cannot be carved into one (--train_val_split)"),
     ("integer_labels", [], "must be a ClassLabel"),
@@ -229,3 +230,29 @@ def test_streaming_refuses_what_a_stream_cannot_honour_before_any_work(tmp_path,
     errors = [line for line in printed.splitlines() if "error:" in line]
     assert len(errors) == 1 and message in errors[0], printed[-2000:]
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------- recipes
+@pytest.mark.parametrize("name", ["vit-b16_imagenet", "vit-l16_imagenet", "vit-b16-384_imagenet",
+                                  "vit-l16-384_imagenet"])
+def test_imagenet_recipes_say_why_not_streaming_and_their_streaming_flags_pass_preflight(name, tmp_path):
+    import yaml
+
+    from cdb_hf.cli import parse_args
+    from cdb_hf.preflight import plan_run
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / f"{name}.yaml"
+    header = path.read_text().split("\n\n")[0]
+    assert "Data: map-style, not --streaming, because" in header and "Start-up and disk" in header
+    lines = header.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("#   --streaming true"))
+    flags = " ".join(line[1:] for line in lines[at:at + 2]).split()
+    recipe = yaml.safe_load(path.read_text())
+    assert recipe.get("streaming", False) is False  # why not: said above
+    for key in ("lr_schedule", "lr_milestones", "lr_gamma"):
+        del recipe[key]
+    copy = tmp_path / f"{name}_streaming.yaml"
+    copy.write_text(yaml.safe_dump(recipe))
+    model, data, cdb, run, training = parse_args([str(copy), *flags, "--output_dir", str(tmp_path / "never")])
+    assert data.streaming and training.max_steps == 85 * 1252
+    assert plan_run(model, data, cdb, run, training).data.streaming  # pre-flight accepts it as written
