@@ -32,8 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 CLASSES = 10
 
 
-def write_folder(root: Path, count: int, seed: int) -> Path:
-    """``root/<class>/<i>.jpg``, ``count`` images over CLASSES classes; kept if already complete."""
+def write_folder(root: Path, count: int, seed: int, size: int = 64) -> Path:
+    """``root/<class>/<i>.jpg``, ``count`` images (``size`` px) over CLASSES classes; kept if already complete."""
     from PIL import Image
 
     done = root / ".complete"
@@ -45,7 +45,7 @@ def write_folder(root: Path, count: int, seed: int) -> Path:
         folder = root / f"class{label}"
         folder.mkdir(parents=True, exist_ok=True)
         base = np.array([(label * 25) % 256, (label * 70) % 256, (label * 140) % 256], dtype=np.float64)
-        pixels = np.clip(base + rng.normal(0, 30, (64, 64, 3)), 0, 255).astype(np.uint8)
+        pixels = np.clip(base + rng.normal(0, 30, (size, size, 3)), 0, 255).astype(np.uint8)
         Image.fromarray(pixels).save(folder / f"{index:07d}.jpg", quality=90)
     done.write_text(str(count))
     return root
