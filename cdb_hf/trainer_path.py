@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from accelerate import PartialState
 from transformers import PreTrainedModel, Trainer, TrainerCallback
-from transformers.trainer_utils import has_length, rotate_checkpoints
+from transformers.trainer_utils import EvalPrediction, has_length, rotate_checkpoints
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, logging
 
 from .callback import ChannelDropBackCallback, cdb_trial_params, place_before_integrations
@@ -39,7 +39,7 @@ from .run import (
     setup_logging,
 )
 from .run_dir import write_checkpoint_record
-from .streaming import StreamTrainImages, read_stream_state, unshard, write_stream_state
+from .streaming import StreamEvalImages, StreamTrainImages, read_stream_state, unshard, write_stream_state
 
 __all__ = ["CDBTrainer", "ResumeSafeTrainer", "load_checkpoint_weights", "train"]
 
@@ -280,10 +280,29 @@ class _RunTrainer(CDBTrainer):
         """
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
                                          metric_key_prefix)
+        output = self._without_stream_padding(dataloader, output, metric_key_prefix)
         key = f"{metric_key_prefix}_loss"
         if key in output.metrics and output.predictions is not None and output.label_ids is not None:
             output.metrics[key] = mean_loss_per_image(output.predictions, output.label_ids,
                                                       self.args.label_smoothing_factor)
+        return output
+
+    def _without_stream_padding(self, dataloader, output, prefix: str):
+        """A streamed evaluation on several processes ends with a batch evened out by examples from the stream's
+        start, which accelerate cannot drop (no length): keep the first ``examples_read`` and recompute."""
+        shard = getattr(dataloader, "dataset", None)
+        stream = getattr(shard, "dataset", None)
+        if not isinstance(stream, StreamEvalImages) or output.label_ids is None \
+                or len(output.label_ids) <= stream.examples_read:
+            return output
+        keep = stream.examples_read
+        predictions = output.predictions
+        predictions = type(predictions)(p[:keep] for p in predictions) if isinstance(predictions, (tuple, list)) \
+            else predictions[:keep]
+        output = output._replace(predictions=predictions, label_ids=output.label_ids[:keep], num_samples=keep)
+        if self.compute_metrics is not None:
+            computed = self.compute_metrics(EvalPrediction(predictions=predictions, label_ids=output.label_ids))
+            output.metrics.update({f"{prefix}_{name}": value for name, value in computed.items()})
         return output
 
     def _save_checkpoint(self, model, trial) -> None:

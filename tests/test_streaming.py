@@ -126,7 +126,10 @@ def stream_ranks(tmp_path_factory, tiny_vit_dir, parquet_dataset) -> list[dict]:
     exit_abort = "terminate called without an active exception" in finished.stderr  # gloo's known exit abort
     assert finished.returncode == 0 or (exit_abort and all(path.is_file() for path in written)), (
         f"accelerate launch failed:\n{finished.stdout[-4000:]}\n{finished.stderr[-6000:]}")
-    return [json.loads(path.read_text()) for path in written]
+    records = [json.loads(path.read_text()) for path in written]
+    for record in records:
+        record["workdir"] = str(workdir)
+    return records
 
 
 def test_two_streaming_ranks_select_alike_read_apart_and_resume_bitwise(stream_ranks):
@@ -256,3 +259,20 @@ def test_imagenet_recipes_say_why_not_streaming_and_their_streaming_flags_pass_p
     model, data, cdb, run, training = parse_args([str(copy), *flags, "--output_dir", str(tmp_path / "never")])
     assert data.streaming and training.max_steps == 85 * 1252
     assert plan_run(model, data, cdb, run, training).data.streaming  # pre-flight accepts it as written
+
+
+@pytest.mark.parametrize("scenario", ["trainer", "accelerate"])
+def test_a_streamed_evaluation_on_two_ranks_counts_each_image_once(stream_ranks, parquet_dataset, tmp_path, scenario):
+    """6 validation images in batches of 4 on two ranks: the padded last batch must not reach the metrics; both
+    faces equal a one-process, map-style evaluation of the saved model."""
+    run = Path(stream_ranks[0]["workdir"]) / scenario
+    code, printed = run_quietly(["--do_train", "false", "--model_name_or_path", str(run), "--dataset_name",
+                                 str(parquet_dataset), "--eval_split_name", "validation", "--use_cpu", "true",
+                                 "--per_device_eval_batch_size", "4", "--report_to", "none", "--disable_tqdm", "true",
+                                 "--output_dir", str(tmp_path / "single")])
+    assert code == 0, printed
+    expected = json.loads((tmp_path / "single" / "eval_results.json").read_text())
+    got = json.loads((run / "eval_results.json").read_text())
+    assert expected["eval_samples"] == 6
+    assert got["eval_accuracy"] == expected["eval_accuracy"]
+    assert got["eval_loss"] == pytest.approx(expected["eval_loss"], rel=1e-5)
