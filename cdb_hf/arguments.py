@@ -141,6 +141,12 @@ class DataArguments:
         metadata={"help": "With --streaming: examples held in the seeded shuffle buffer (larger mixes better and "
                           "holds more encoded images in memory)."},
     )
+    class_names: list[str] | None = field(
+        default=None,
+        metadata={"help": "With --streaming and integer labels (e.g. WebDataset's .cls): the class names in label-id "
+                          "order (a stream's labels cannot be collected up front). Unset: the label column must be a "
+                          "ClassLabel."},
+    )
     image_column_name: str | None = field(
         default=None, metadata={"help": "Image column; detected automatically when omitted."})
     label_column_name: str | None = field(

@@ -121,7 +121,8 @@ def open_streams(data_args, seed: int, *, cache_dir: str | None = None,
                          f"splits: {sorted(raw)}.")
     train = _resolved(raw["train"])
     image_column = data_module._find_image_column(train, data_args.image_column_name, source)
-    label_column = data_module._find_label_column(train, data_args.label_column_name, source)
+    label_column = data_module._find_column(train, data_args.label_column_name, source, "label", datasets.ClassLabel,
+                                            (*data_module.LABEL_COLUMN_CANDIDATES, "cls"))  # "cls": WebDataset
     splits = {}
     for name, split in (("train", train), ("validation", _resolved(raw[eval_name]))):
         missing = [c for c in (image_column, label_column) if c not in split.column_names]
@@ -133,7 +134,7 @@ def open_streams(data_args, seed: int, *, cache_dir: str | None = None,
             split = split.rename_columns({c: n for c, n in ((image_column, "image"), (label_column, "label"))
                                           if c != n})
         splits[name] = split
-    labels = _class_names(splits, source)
+    labels, splits = _class_names(splits, source, getattr(data_args, "class_names", None))
     splits = {name: split.cast_column("image", datasets.Image(decode=False)) for name, split in splits.items()}
     limit = data_args.max_eval_samples
     if limit is not None:
@@ -213,20 +214,30 @@ def _resolved(split: datasets.IterableDataset) -> datasets.IterableDataset:
     return split if split.features is not None else split._resolve_features()
 
 
-def _class_names(splits: dict[str, datasets.IterableDataset], source: str) -> list[str]:
-    """The class names, from the label column's ClassLabel: a stream's labels cannot be collected up front."""
+def _class_names(splits: dict[str, datasets.IterableDataset], source: str, class_names: list[str] | None
+                 ) -> tuple[list[str], dict[str, datasets.IterableDataset]]:
+    """The class names, from the label column's ClassLabel or ``--class_names`` for integer labels (a stream's
+    labels cannot be collected up front); the splits with a ClassLabel column."""
     train = splits["train"].features["label"]
+    if class_names is not None:
+        if len(class_names) < 2 or len(set(class_names)) != len(class_names):
+            raise ValueError(f"--class_names must name at least 2 distinct classes, got {class_names!r}")
+        if not (isinstance(train, datasets.Value) and train.dtype.startswith(("int", "uint"))):
+            raise ValueError(f"--class_names names integer labels; the label column of {source!r} is {train}")
+        feature = datasets.ClassLabel(names=list(class_names))
+        splits = {name: split.cast_column("label", feature) for name, split in splits.items()}
+        train = feature
     if not isinstance(train, datasets.ClassLabel):
         raise ValueError(f"With --streaming the label column of {source!r} must be a ClassLabel (class names known "
-                         f"without reading the stream); it is {train}. Drop --streaming, or store the labels as a "
-                         "ClassLabel (e.g. parquet written by datasets, or one image folder per class)")
+                         f"without reading the stream); it is {train}. Pass --class_names for integer labels, drop "
+                         "--streaming, or store the labels as a ClassLabel (parquet written by datasets, image folders)")
     other = splits["validation"].features["label"]
     if not isinstance(other, datasets.ClassLabel) or list(other.names) != list(train.names):
         raise ValueError(f"The validation labels of {source!r} ({other}) differ from the train labels "
                          f"({list(train.names)}).")
     if len(train.names) < 2:
         raise ValueError(f"Dataset {source!r} has {len(train.names)} class(es); classification needs at least 2.")
-    return list(train.names)
+    return list(train.names), splits
 
 
 # ------------------------------------------------------------------------------------------- reading
@@ -280,6 +291,7 @@ class StreamTrainImages(torch.utils.data.IterableDataset):
         #: raw positions this rank left out as corrupt, in order (for position_after)
         self.skipped_positions: list[int] = []
         self.start = 0
+        self.num_labels = stream.features["label"].num_classes
 
     def set_epoch(self, epoch: int) -> None:
         """Ignored: the stream counts its own passes (the trainers' epochs are not the stream's)."""
@@ -321,12 +333,13 @@ class StreamTrainImages(torch.utils.data.IterableDataset):
                 if position not in self.skipped_positions:
                     self.skipped_positions.append(position)
                 continue
+            label = _checked_label(example["label"], self.num_labels, self.reader, position)
             pixels = to_uint8_chw(image)
             if isinstance(self.transform, TrainTransform):
                 values = self.transform(pixels, random.Random(f"{self.seed}:stream:{self.rank}:{position}"))
             else:
                 values = self.transform(PILImage.fromarray(pixels.permute(1, 2, 0).numpy()))
-            yield {"pixel_values": values, "labels": int(example["label"])}
+            yield {"pixel_values": values, "labels": label}
 
 
 class StreamEvalImages(torch.utils.data.IterableDataset):
@@ -336,6 +349,7 @@ class StreamEvalImages(torch.utils.data.IterableDataset):
                  skipped: dict[str, int] | None = None) -> None:
         super().__init__()
         self.stream, self.transform = stream, transform
+        self.num_labels = stream.features["label"].num_classes
         self.reader = _Reader(corrupt_images, source, "validation", skipped)
         #: examples yielded by the current (or last) pass: what a process's padded last batch goes beyond
         self.examples_read = 0
@@ -347,8 +361,16 @@ class StreamEvalImages(torch.utils.data.IterableDataset):
         for position, example in enumerate(self.stream):
             image = self.reader.decode(example["image"], position)
             if image is not None:
+                label = _checked_label(example["label"], self.num_labels, self.reader, position)
                 self.examples_read += 1
-                yield {"pixel_values": self.transform(image), "labels": int(example["label"])}
+                yield {"pixel_values": self.transform(image), "labels": label}
+
+
+def _checked_label(label: Any, num_labels: int, reader: _Reader, position: int) -> int:
+    if label is None or not 0 <= int(label) < num_labels:
+        raise ValueError(f"{reader.split_name} example {position} of {reader.source!r} has label {label!r}, outside "
+                         f"0..{num_labels - 1} (the classes); unlabeled examples can be neither trained nor evaluated on")
+    return int(label)
 
 
 def unshard(dataloader) -> Any:

@@ -276,3 +276,37 @@ def test_a_streamed_evaluation_on_two_ranks_counts_each_image_once(stream_ranks,
     assert expected["eval_samples"] == 6
     assert got["eval_accuracy"] == expected["eval_accuracy"]
     assert got["eval_loss"] == pytest.approx(expected["eval_loss"], rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- WebDataset
+def write_webdataset(root: Path) -> Path:
+    """``root/{train,validation}-000000.tar``: ``<key>.png`` + ``<key>.cls`` (an integer class id) per example."""
+    import tarfile
+
+    names = sorted(IMAGE_FOLDER_CLASSES)
+    rng = np.random.default_rng(1)
+    root.mkdir(parents=True)
+    for split, count in (("train", 12), ("validation", 6)):
+        with tarfile.open(root / f"{split}-000000.tar", "w") as tar:
+            for index in range(count):
+                label = index % len(names)
+                files = {"png": png_bytes(make_image(IMAGE_FOLDER_CLASSES[names[label]], "RGB", rng)),
+                         "cls": str(label).encode()}
+                for extension, data in files.items():
+                    info = tarfile.TarInfo(f"{split}_{index:04d}.{extension}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return root
+
+
+def test_webdataset_tar_shards_stream_with_class_names(tmp_path, tiny_vit_dir):
+    shards = write_webdataset(tmp_path / "wds")
+    argv = stream_argv(tiny_vit_dir, shards, tmp_path / "out", "--max_steps", "4", "--save_strategy", "no")
+    code, printed = run_quietly(argv)
+    assert code == 2 and "Pass --class_names" in printed  # integer labels: the names cannot be read off a stream
+    code, printed = run_quietly(argv + ["--class_names", *sorted(IMAGE_FOLDER_CLASSES)])
+    assert code == 0, printed
+    results = json.loads((tmp_path / "out" / "all_results.json").read_text())
+    assert np.isfinite(results["eval_loss"]) and 0.0 <= results["eval_accuracy"] <= 1.0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert sorted(config["id2label"].values()) == sorted(IMAGE_FOLDER_CLASSES)
