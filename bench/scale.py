@@ -7,7 +7,10 @@ For each N (``--sizes``), an image folder of N small JPEGs (64x64, 10 classes; w
 
 once with ``--max_steps 1+S``; an optimizer post-step hook in the child records the wall clock of every
 step, which gives the time from launch to the end of the first optimizer step and the steady-state images/s
-(S x batch over the time of the last S steps), and ``os.wait4`` gives the process's peak RSS. The image-check cache is warmed by one run before the
+(S x batch over the time of the last S steps), and ``os.wait4`` gives the process's peak RSS. End-to-end
+numbers on a shared machine carry its noise; ``data_path`` isolates the data cost in this process, one
+thread: ms per training example through the map-style ``TrainImages`` (uint8 cache on and off) and through
+the stream (read, decode, augment), and the time to its first example. The image-check cache is warmed by one run before the
 map-style timings (what every launch after the first pays); ``--cold`` leaves it cold. Writes JSON to
 ``--json`` and a plot of cost against N next to it. ::
 
@@ -90,6 +93,42 @@ def run_once(argv: list[str], env: dict[str, str], times_file: Path) -> tuple[li
     return steps, usage.ru_maxrss / 1024
 
 
+def data_path(train: Path, validation: Path, examples: int = 1000) -> dict[str, float]:
+    """ms per training example of each data path, in this process on one thread (no model)."""
+    import itertools
+
+    import torch
+
+    from cdb_hf import data, streaming
+    from cdb_hf.arguments import DataArguments
+
+    torch.set_num_threads(1)
+    transform = data.TrainTransform((32, 32), data.v2.InterpolationMode.BILINEAR, [0.5] * 3, [0.5] * 3, 1 / 255)
+    split = data._load_image_folders(str(train), None)["train"]
+    result = {}
+    for name, cache in (("map_uncached", 0), ("map_cached", 1 << 30)):
+        tic = time.perf_counter()
+        dataset = data.TrainImages(split, transform, 0, cache_bytes=cache)
+        result[f"{name}_build_s"] = round(time.perf_counter() - tic, 3)
+        tic = time.perf_counter()
+        for index in range(min(examples, len(dataset))):
+            dataset[index]
+        result[f"{name}_ms_per_example"] = round((time.perf_counter() - tic) * 1000 / min(examples, len(dataset)), 3)
+    tic = time.perf_counter()
+    streams = streaming.open_streams(DataArguments(train_dir=str(train), validation_dir=str(validation),
+                                                   streaming=True), seed=0)
+    stream = streaming.StreamTrainImages(streams.train, transform, 0, buffer_size=10_000, rank=0, world_size=1,
+                                         corrupt_images="error", source=str(train))
+    iterator = iter(stream)
+    next(iterator)
+    result["stream_open_to_first_example_s"] = round(time.perf_counter() - tic, 3)
+    tic = time.perf_counter()
+    for _ in itertools.islice(iterator, examples):
+        pass
+    result["stream_ms_per_example"] = round((time.perf_counter() - tic) * 1000 / examples, 3)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 20000])
@@ -111,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         train = write_folder(args.data_root / f"train_{size}", size, seed=0)
         print(f"N={size}: folder ready in {time.perf_counter() - t0:.1f} s", flush=True)
+        costs = {"images": size, "path": "data_path", **data_path(train, validation)}
+        rows.append(costs)
+        print(json.dumps(costs), flush=True)
         for path in args.paths:
             for face in args.faces:
                 def argv_for(steps: int, out: str, train: Path = train, face: str = face, path: str = path) -> list[str]:
@@ -148,9 +190,10 @@ def plot(rows: list[dict], path: Path) -> None:
 
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for key, axis in zip(("seconds_to_first_step", "steady_images_per_second", "peak_rss_mib"), axes):
-        for path in sorted({r["path"] for r in rows}):
-            for face in sorted({r["face"] for r in rows}):
-                points = sorted((r["images"], r[key]) for r in rows if r["path"] == path and r["face"] == face)
+        for path in sorted({r["path"] for r in rows if "face" in r}):
+            for face in sorted({r["face"] for r in rows if "face" in r}):
+                points = sorted((r["images"], r[key]) for r in rows
+                                if r["path"] == path and r.get("face") == face)
                 if points:
                     axis.plot(*zip(*points), marker="o", label=f"{path}/{face}")
         axis.set_xscale("log")
