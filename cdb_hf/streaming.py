@@ -106,6 +106,7 @@ def open_streams(data_args, seed: int, *, cache_dir: str | None = None,
     Raises ValueError/FileNotFoundError for a source that cannot stream, a Hub id that cannot be reached, no
     validation split (a stream cannot be carved), or a label column without class names.
     """
+    data_module._check_arguments(data_args)  # the map-style path's own checks of the same flags
     raw = _open_source(data_args, cache_dir, token)
     source = data_args.dataset_name or data_args.train_dir
     if "train" not in raw:

@@ -205,6 +205,7 @@ def _parquet_with_integer_labels(root: Path) -> Path:
     (None, ["--eval_strategy", "epoch"], "--eval_strategy epoch cannot be used with --streaming"),
     (None, ["--dataloader_num_workers", "2"], "--dataloader_num_workers 2 with --streaming"),
     (None, ["--shuffle_buffer_size", "0"], "--shuffle_buffer_size must be a positive number"),
+    (None, ["--max_eval_samples", "0"], "--max_eval_samples must be a positive integer"),
     (None, ["--cdb_schedule", "linear", "--cdb_schedule_unit", "epochs"], "needs --cdb_schedule_steps_per_epoch"),
     ("folder", [], "needs --validation_dir: a stream cannot be carved"),
     ("no_validation", [], "cannot be carved into one (--train_val_split)"),
