@@ -190,12 +190,11 @@ def plot(rows: list[dict], path: Path) -> None:
 
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for key, axis in zip(("seconds_to_first_step", "steady_images_per_second", "peak_rss_mib"), axes):
-        for path in sorted({r["path"] for r in rows if "face" in r}):
+        for kind in sorted({r["path"] for r in rows if "face" in r}):
             for face in sorted({r["face"] for r in rows if "face" in r}):
-                points = sorted((r["images"], r[key]) for r in rows
-                                if r["path"] == path and r.get("face") == face)
+                points = sorted((r["images"], r[key]) for r in rows if r["path"] == kind and r.get("face") == face)
                 if points:
-                    axis.plot(*zip(*points), marker="o", label=f"{path}/{face}")
+                    axis.plot(*zip(*points), marker="o", label=f"{kind}/{face}")
         axis.set_xscale("log")
         axis.set_xlabel("training images")
         axis.set_title(key.replace("_", " "))
