@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this very tree, not whatever cdb_hf is installed (the children get PYTHONPATH)
 CLASSES = 10
 
 
