@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import torch
 from datasets.distributed import split_dataset_by_node
 from PIL import Image as PILImage
@@ -107,7 +108,7 @@ def open_streams(data_args, seed: int, *, cache_dir: str | None = None,
     validation split (a stream cannot be carved), or a label column without class names.
     """
     data_module._check_arguments(data_args)  # the map-style path's own checks of the same flags
-    raw = _open_source(data_args, cache_dir, token)
+    raw = _open_source(data_args, seed, cache_dir, token)
     source = data_args.dataset_name or data_args.train_dir
     if "train" not in raw:
         raise ValueError(f"Dataset {source!r} has no 'train' split; it has: {sorted(raw)}.")
@@ -143,11 +144,10 @@ def open_streams(data_args, seed: int, *, cache_dir: str | None = None,
     return StreamSplits(train=splits["train"], validation=splits["validation"], labels=labels, source=source)
 
 
-def _open_source(data_args, cache_dir: str | None, token) -> dict[str, datasets.IterableDataset]:
+def _open_source(data_args, seed: int, cache_dir: str | None, token) -> dict[str, datasets.IterableDataset]:
     if data_args.train_dir is not None:
-        return {name: _folder_stream(folder, flag)
-                for name, folder, flag in (("train", data_args.train_dir, "train_dir"),
-                                           ("validation", data_args.validation_dir, "validation_dir"))}
+        return {"train": _folder_stream(data_args.train_dir, "train_dir", seed),
+                "validation": _folder_stream(data_args.validation_dir, "validation_dir", None)}
     name = data_args.dataset_name
     if builtin.is_builtin(name):
         return {split_name: split.to_iterable_dataset(num_shards=min(len(split), 64))
@@ -199,14 +199,20 @@ def _as_streams(loaded, source: str) -> dict[str, datasets.IterableDataset]:
     raise ValueError(f"{source!r} cannot stream: datasets returned a {type(loaded).__name__}")
 
 
-def _folder_stream(folder: str, flag: str) -> datasets.IterableDataset:
-    """An image folder as a stream of (path, label): listing the files reads no image."""
+def _folder_stream(folder: str, flag: str, seed: int | None) -> datasets.IterableDataset:
+    """An image folder as a stream of (path, label): listing the files reads no image (but takes time and memory
+    in proportion to their number). With ``seed``, the files are put in a seeded order first: the stream's shards
+    are contiguous runs of the list, and a list sorted by class would give shards of few classes, which no shuffle
+    buffer smaller than a class could mix."""
     classes = data_module._class_folders(folder, flag)
     names = sorted(classes)
+    files = [(str(file), index) for index, name in enumerate(names) for file in classes[name]]
+    if seed is not None:
+        order = np.random.default_rng(seed).permutation(len(files))
+        files = [files[i] for i in order]
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
-    table = datasets.Dataset.from_dict(
-        {"image": [str(file) for name in names for file in classes[name]],
-         "label": [index for index, name in enumerate(names) for _ in classes[name]]}, features=features)
+    table = datasets.Dataset.from_dict({"image": [file for file, _ in files], "label": [label for _, label in files]},
+                                       features=features)
     return table.to_iterable_dataset(num_shards=max(1, min(len(table), 64)))
 
 
