@@ -55,6 +55,30 @@ def write_folder(root: Path, count: int, seed: int, size: int = 64) -> Path:
     return root
 
 
+def write_parquet(folder: Path, validation: Path, root: Path, shards: int = 16) -> Path:
+    """The same images as parquet shards (JPEG bytes + a ClassLabel), ``root/data/{train,validation}-*.parquet``;
+    kept if already complete. The source a Hub dataset streams from."""
+    import datasets
+
+    done = root / ".complete"
+    if done.is_file():
+        return root
+    names = [f"class{i}" for i in range(CLASSES)]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    for split, source, count in (("train", folder, shards), ("validation", validation, 1)):
+        files = sorted(source.rglob("*.jpg"))
+        order = np.random.default_rng(0).permutation(len(files))  # shards of mixed classes, as on the Hub
+        table = datasets.Dataset.from_dict(
+            {"image": [{"bytes": files[i].read_bytes(), "path": files[i].name} for i in order],
+             "label": [names.index(files[i].parent.name) for i in order]}, features=features)
+        for shard in range(count):
+            table.shard(count, shard, contiguous=True).to_parquet(
+                str(root / "data" / f"{split}-{shard:05d}-of-{count:05d}.parquet"))
+    done.write_text("ok")
+    return root
+
+
 def tiny_model(path: Path) -> Path:
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
@@ -139,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paths", nargs="+", default=["map", "stream"], choices=["map", "stream"])
     parser.add_argument("--faces", nargs="+", default=["hf", "accelerate"], choices=["hf", "accelerate"])
     parser.add_argument("--cold", action="store_true", help="Do not warm the image-check cache first.")
+    parser.add_argument("--source", choices=["folder", "parquet"], default="folder",
+                        help="folder: --train_dir/--validation_dir; parquet: the same images as 16 parquet shards "
+                             "(--dataset_name), a source whose listing does not grow with the images.")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "scale_cpu.json")
     args = parser.parse_args(argv)
 
@@ -151,14 +178,19 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         train = write_folder(args.data_root / f"train_{size}", size, seed=0)
         print(f"N={size}: folder ready in {time.perf_counter() - t0:.1f} s", flush=True)
-        costs = {"images": size, "path": "data_path", **data_path(train, validation)}
-        rows.append(costs)
-        print(json.dumps(costs), flush=True)
+        if args.source == "folder":
+            costs = {"images": size, "path": "data_path", **data_path(train, validation)}
+            rows.append(costs)
+            print(json.dumps(costs), flush=True)
+        else:
+            write_parquet(train, validation, args.data_root / f"parquet_{size}")
         for path in args.paths:
             for face in args.faces:
-                def argv_for(steps: int, out: str, train: Path = train, face: str = face, path: str = path) -> list[str]:
-                    flags = ["--model_name_or_path", str(model), "--train_dir", str(train), "--validation_dir",
-                             str(validation), "--output_dir", out, "--max_steps", str(steps),
+                def argv_for(steps: int, out: str, train: Path = train, face: str = face, path: str = path,
+                             size: int = size) -> list[str]:
+                    data = (["--train_dir", str(train), "--validation_dir", str(validation)] if args.source == "folder"
+                            else ["--dataset_name", str(args.data_root / f"parquet_{size}")])
+                    flags = ["--model_name_or_path", str(model), *data, "--output_dir", out, "--max_steps", str(steps),
                              "--per_device_train_batch_size", str(args.batch), "--per_device_eval_batch_size", "100",
                              "--save_strategy", "no", "--report_to", "none", "--use_cpu", "true",
                              "--disable_tqdm", "true", "--trainer", face, "--logging_steps", "1000"]
@@ -169,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                     if path == "map" and not args.cold:
                         run_once(argv_for(1, f"{scratch}/warm"), env, times)
                     steps, rss = run_once(argv_for(1 + args.steady_steps, f"{scratch}/run"), env, times)
-                row = {"images": size, "path": path, "face": face, "seconds_to_first_step": round(steps[0], 2),
+                row = {"images": size, "path": path, "face": face, "source": args.source, "seconds_to_first_step": round(steps[0], 2),
                        "steady_images_per_second": round(args.steady_steps * args.batch / (steps[-1] - steps[0]), 1),
                        "peak_rss_mib": round(rss, 1)}
                 rows.append(row)
