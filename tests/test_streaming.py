@@ -117,6 +117,26 @@ def test_a_corrupt_image_in_a_stream_is_skipped_named_and_counted(tmp_path, tiny
     assert "train_005.png" in warned and "validation_001.png" in warned
 
 
+def test_a_resumed_stream_continues_exactly_after_the_corrupt_images_it_skipped(corrupt_parquet):
+    import itertools
+
+    streams = streaming.open_streams(DataArguments(dataset_name=str(corrupt_parquet), streaming=True), seed=0)
+
+    def stream() -> streaming.StreamTrainImages:
+        return streaming.StreamTrainImages(streams.train, np.asarray, 0, buffer_size=4, rank=0, world_size=1,
+                                           corrupt_images="skip", source="x")
+
+    straight = stream()
+    examples = list(itertools.islice(iter(straight), 40))  # 23 good images a pass: the corrupt one is met twice
+    assert len(straight.skipped_positions) == 2
+    for used in (3, 22, 30):
+        resumed = stream()
+        resumed.resume_at(*straight.position_after(used))
+        following = list(itertools.islice(iter(resumed), 5))
+        assert [e["labels"] for e in following] == [e["labels"] for e in examples[used:used + 5]]
+        assert all(np.array_equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(following, examples[used:]))
+
+
 def test_a_corrupt_image_in_a_stream_stops_the_run_naming_it(tmp_path, tiny_vit_dir, corrupt_parquet):
     code, printed = run_quietly(stream_argv(tiny_vit_dir, corrupt_parquet, tmp_path / "out", "--max_steps", "8",
                                             "--save_strategy", "no"))
