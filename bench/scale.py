@@ -7,7 +7,7 @@ For each N (``--sizes``), an image folder of N small JPEGs (64x64, 10 classes; w
 
 once with ``--max_steps 1+S``; an optimizer post-step hook in the child records the wall clock of every
 step, which gives the time from launch to the end of the first optimizer step and the steady-state images/s
-(S x batch over the time of the last S steps), and ``os.wait4`` gives the process's peak RSS. End-to-end
+(S x batch over the time of the last S steps), and the process's peak RSS (``VmHWM``) at its exit. End-to-end
 numbers on a shared machine carry its noise; ``data_path`` isolates the data cost in this process, one
 thread: ms per training example through the map-style ``TrainImages`` (uint8 cache on and off) and through
 the stream (read, decode, augment), and the time to its first example. The image-check cache is warmed by one run before the
@@ -93,11 +93,17 @@ def tiny_model(path: Path) -> Path:
     return path
 
 
-# The child: the CLI, with every optimizer step's wall-clock time appended to $SCALE_STEP_TIMES.
+# The child: the CLI, with every optimizer step's wall-clock time appended to $SCALE_STEP_TIMES, and at exit its
+# peak RSS (VmHWM: of this program alone; a fork's ru_maxrss would count the parent's pages from before exec).
 _CHILD = """
-import os, sys, time, torch.optim.optimizer as o
+import atexit, os, sys, time, torch.optim.optimizer as o
 times = open(os.environ["SCALE_STEP_TIMES"], "a")
 o.register_optimizer_step_post_hook(lambda *_: (times.write(f"{time.time()}\\n"), times.flush()))
+def peak():
+    kib = next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM"))
+    times.write(f"peak_kib {kib}\\n")
+    times.flush()
+atexit.register(peak)
 from cdb_hf.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -111,11 +117,12 @@ def run_once(argv: list[str], env: dict[str, str], times_file: Path) -> tuple[li
                                env={**env, "SCALE_STEP_TIMES": str(times_file), "PYTHONPATH": str(REPO)},
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     stderr = process.stderr.read()
-    _, status, usage = os.wait4(process.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
+    if process.wait() != 0:
         raise RuntimeError(f"run_finetune.py {' '.join(argv)} failed:\n{stderr.decode()[-3000:]}")
-    steps = [float(line) - start for line in times_file.read_text().split()]
-    return steps, usage.ru_maxrss / 1024
+    lines = times_file.read_text().splitlines()
+    steps = [float(line) - start for line in lines if not line.startswith("peak_kib")]
+    peak = next(int(line.split()[1]) for line in lines if line.startswith("peak_kib"))
+    return steps, peak / 1024
 
 
 def data_path(train: Path, validation: Path, examples: int = 1000) -> dict[str, float]:
