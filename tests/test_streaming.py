@@ -19,6 +19,13 @@ from cdb_hf.arguments import DataArguments
 TRAIN_PER_CLASS, VALIDATION_PER_CLASS = 8, 2
 
 
+@pytest.fixture(autouse=True)
+def short_pass_end(monkeypatch):
+    """datasets 5.2 sleeps 5 s at the end of every pass over parquet files (a workaround for apache/arrow#45214,
+    threads at shutdown); these tiny streams end many passes, so the tests shorten it."""
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0.2)
+
+
 def png_bytes(image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
