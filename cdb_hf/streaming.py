@@ -2,7 +2,7 @@
 
 Any source ``datasets`` can stream (a Hub id, local parquet/arrow/csv/json files, image folders, WebDataset
 tar shards, a ``save_to_disk`` folder, the built-in sets) becomes a ``datasets.IterableDataset``; start-up
-reads no image, so it does not grow with the dataset. Per split:
+reads no image (image folders are listed, the only part that grows with the dataset). Per split:
 
 * training: a seeded shuffle (``--shuffle_buffer_size``), the rank's own part of it (``split_dataset_by_node``),
   repeated endlessly with a new shuffle per pass (``set_epoch``); the run's length is ``--max_steps``. Each
