@@ -50,7 +50,7 @@ from cdb_hf.demo import prepare_base_checkpoint, recipe_path
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("limit", "plain", "hf", "hf+cdb", "hf+cdb_demo", "accelerate", "accelerate+cdb", "accelerate+cdb_demo")
-MODELS = ("lite0", "vit")
+MODELS = ("lite0", "vit", "vit-b16")
 
 
 def cdb_settings() -> dict[str, list[str]]:
@@ -65,10 +65,13 @@ def prepare_checkpoint(model: str, image_size: int) -> Path:
     """The checkpoint every variant loads: built-in Lite0 at ``image_size``, or a small random ViT."""
     if model == "lite0":
         return prepare_base_checkpoint(image_size)
+    if model == "vit-b16":  # ViT-B/16's shape (768 wide, 12 layers, 12 heads): the paper's model, random weights
+        return prepare_small_vit(image_size, hidden=768, heads=12, mlp=3072, name="vit-b16-random")
     return prepare_small_vit(image_size)
 
 
-def prepare_small_vit(image_size: int, patch_size: int = 16) -> Path:
+def prepare_small_vit(image_size: int, patch_size: int = 16, hidden: int = 192, heads: int = 3, mlp: int = 768,
+                      name: str = "vit-tiny-random") -> Path:
     """A ViT-Tiny-shaped ViTForImageClassification (192 wide, 12 layers, 3 heads), seeded random weights.
 
     Throughput does not depend on the weights, and no pretrained ViT ships offline; exported once.
@@ -78,13 +81,13 @@ def prepare_small_vit(image_size: int, patch_size: int = 16) -> Path:
 
     def write(folder: Path) -> None:
         torch.manual_seed(0)
-        config = ViTConfig(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768,
+        config = ViTConfig(hidden_size=hidden, num_hidden_layers=12, num_attention_heads=heads, intermediate_size=mlp,
                            image_size=image_size, patch_size=patch_size, num_labels=10)
         ViTForImageClassification(config).save_pretrained(folder)
         ViTImageProcessor(size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3,
                           image_std=[0.5] * 3).save_pretrained(folder)
 
-    return export_once(builtin_cache_dir() / f"vit-tiny-random-{image_size}px", write)
+    return export_once(builtin_cache_dir() / f"{name}-{image_size}px", write)
 
 
 def command(variant: str, checkpoint: Path, output_dir: Path, args: argparse.Namespace) -> list[str]:
@@ -98,7 +101,13 @@ def command(variant: str, checkpoint: Path, output_dir: Path, args: argparse.Nam
     if variant == "plain":
         return [sys.executable, str(REPO / "bench" / "plain_trainer_baseline.py"), *common, *extra.split()]
     trainer, _, cdb = variant.partition("+")
-    return [sys.executable, str(REPO / "run_finetune.py"), *common, "--dataset_name", "builtin:mnist5k",
+    data = ["--dataset_name", "builtin:mnist5k"]
+    if args.train_dir:  # image folders: the data a --streaming variant can read (it needs a validation split)
+        data = ["--train_dir", args.train_dir, "--validation_dir", args.validation_dir]
+    if "--streaming" in extra.split():  # a stream is bounded by --max_steps alone
+        at = common.index("--max_train_samples")
+        common = common[:at] + common[at + 2:]
+    return [sys.executable, str(REPO / "run_finetune.py"), *common, *data,
             "--output_dir", str(output_dir), "--trainer", trainer, "--do_train", "--eval_strategy", "no",
             "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
             "--logging_steps", "10000", "--log_level", "error", "--max_eval_samples", "32",
@@ -127,6 +136,12 @@ def run_variant(variant: str, checkpoint: Path, args: argparse.Namespace) -> dic
             "process_wall_s": wall}
 
 
+def _gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=MODELS, default="lite0",
@@ -136,6 +151,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_steps", type=int, default=30)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--max_train_samples", type=int, default=1000)
+    parser.add_argument("--train_dir", help="Train on this image folder instead of builtin:mnist5k (with "
+                                            "--validation_dir; needed by '--ours_args \"--streaming true\"').")
+    parser.add_argument("--validation_dir")
     parser.add_argument("--optim", choices=("adamw_torch", "adamw_torch_fused"), default="adamw_torch",
                         help="The AdamW of every variant, the limit included: adamw_torch (torch's own choice of "
                              "implementation, on the CPU the per-parameter loop) or adamw_torch_fused (the CLI's "
@@ -175,7 +193,8 @@ def main(argv: list[str] | None = None) -> dict:
     medians = {v: {key: statistics.median(s[key] for s in samples[v]) for key in samples[v][0]} for v in variants}
     limit = medians["limit"]["images_per_s"]
     plain = medians["plain"]["images_per_s"] if "plain" in medians else None
-    name = {"lite0": "EfficientNet-Lite0", "vit": "ViT-Tiny-shaped ViT (random weights)"}[args.model]
+    name = {"lite0": "EfficientNet-Lite0", "vit": "ViT-Tiny-shaped ViT (random weights)",
+            "vit-b16": "ViT-B/16-shaped ViT (random weights)"}[args.model]
     print(f"\n{name} at {args.image_size} px, batch {args.batch_size}, {args.max_steps} steps, median of "
           f"{args.rounds} round(s); {os.cpu_count()} CPU(s), {platform.processor() or platform.machine()}")
     width = max(len(v) for v in variants) + 2
@@ -188,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{variant:{width}}{m['images_per_s']:10.1f}{spread:>14}{m['images_per_s'] / limit:10.2f}{versus_plain}"
               f"{m['train_runtime']:9.1f}{m['process_wall_s']:11.1f}")
     payload = {"setup": {k: v for k, v in vars(args).items() if k != "variant_list"} | {
-                   "cpu_count": os.cpu_count(), "platform": platform.platform(), "gpu": "none",
+                   "cpu_count": os.cpu_count(), "platform": platform.platform(), "gpu": _gpu_name(),
                    "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "cdb_settings": cdb_settings()},
                "samples": samples, "medians": medians,
                "fraction_of_limit": {v: medians[v]["images_per_s"] / limit for v in variants},

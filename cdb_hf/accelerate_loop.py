@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.data_loader import IterableDatasetShard
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, InitProcessGroupKwargs
 from torch.utils.data import DataLoader
@@ -41,6 +42,7 @@ from transformers import TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from . import metrics as cdb_metrics
+from . import streaming
 from .core import ChannelDropBack, StatsWindow
 from .data import data_seed
 from .optimization import build_lr_scheduler, build_optimizer, optimizer_steps_per_epoch
@@ -61,6 +63,7 @@ from .run import (
     setup_logging,
 )
 from .run_dir import write_checkpoint_record
+from .streaming import StreamEvalImages, StreamTrainImages
 
 __all__ = ["LoopProgress", "build_optimizer", "evaluate", "predict", "train", "train_one_epoch"]
 
@@ -82,7 +85,9 @@ def train(plan: RunPlan) -> dict[str, float]:
         log_with=trackers_for(args.report_to) or None,
         project_dir=os.path.join(args.output_dir, "runs"),
         # Epoch e is shuffled by a generator seeded with (data seed + e) on every rank: the Trainer's order.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=data_seed(args)),
+        # A stream (--streaming) is split per rank by cdb_hf.streaming: each process reads its own, none dispatches.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=data_seed(args),
+                                                  dispatch_batches=False if plan.data.streaming else None),
         # The schedule counts optimizer steps, like the Trainer's; the loop steps it once per real step.
         step_scheduler_with_optimizer=False,
         # --ddp_timeout bounds every barrier, as on the Trainer path (a first image check may be long).
@@ -97,12 +102,17 @@ def train(plan: RunPlan) -> dict[str, float]:
             model = parts.model
             if args.gradient_checkpointing:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
-            train_dataloader = DataLoader(
-                parts.train_dataset, shuffle=args.train_sampling_strategy != "sequential",
-                collate_fn=parts.collate_fn, batch_size=args.per_device_train_batch_size,
-                num_workers=args.dataloader_num_workers, drop_last=args.dataloader_drop_last,
-                # A private generator keeps the loader's seed draws off the global RNG, which dropout uses.
-                generator=torch.Generator().manual_seed(data_seed(args)))
+            streamed = isinstance(parts.train_dataset, StreamTrainImages)
+            if streamed:  # shuffled, split per rank and endless already: the loop only batches it
+                train_dataloader = DataLoader(parts.train_dataset, collate_fn=parts.collate_fn,
+                                              batch_size=args.per_device_train_batch_size)
+            else:
+                train_dataloader = DataLoader(
+                    parts.train_dataset, shuffle=args.train_sampling_strategy != "sequential",
+                    collate_fn=parts.collate_fn, batch_size=args.per_device_train_batch_size,
+                    num_workers=args.dataloader_num_workers, drop_last=args.dataloader_drop_last,
+                    # A private generator keeps the loader's seed draws off the global RNG, which dropout uses.
+                    generator=torch.Generator().manual_seed(data_seed(args)))
             eval_dataloader = DataLoader(parts.eval_dataset, collate_fn=parts.collate_fn,
                                          batch_size=args.per_device_eval_batch_size,
                                          num_workers=args.dataloader_num_workers)
@@ -110,8 +120,12 @@ def train(plan: RunPlan) -> dict[str, float]:
             optimizer = build_optimizer(model, args, plan.run.weight_decay_all)
             model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
                 model, optimizer, train_dataloader, eval_dataloader)
-            steps_per_epoch = optimizer_steps_per_epoch(len(train_dataloader), args.gradient_accumulation_steps)
-            max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+            if streamed:  # a stream has no epochs: the whole run is one (pre-flight required --max_steps)
+                train_dataloader = streaming.unshard(train_dataloader)
+                steps_per_epoch = max_steps = args.max_steps
+            else:
+                steps_per_epoch = optimizer_steps_per_epoch(len(train_dataloader), args.gradient_accumulation_steps)
+                max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
             lr_scheduler = accelerator.prepare(build_lr_scheduler(optimizer, args, plan.run, max_steps, steps_per_epoch))
 
             # ChannelDropBack: build it from the model, attach it to the optimizer (its step hooks mask the rows).
@@ -127,6 +141,9 @@ def train(plan: RunPlan) -> dict[str, float]:
                 logger.info(f"Resuming from {plan.resume_checkpoint}")
                 _load_state_or_refuse(accelerator, plan.resume_checkpoint)
                 progress.load_state_dict(plan.resume_record["loop"])
+                if streamed:  # the stream starts where the checkpoint's stood (no batches to skip)
+                    parts.train_dataset.resume_at(**streaming.read_stream_state(plan.resume_checkpoint,
+                                                                                accelerator.process_index))
             startup.ready()
 
         if accelerator.log_with:
@@ -136,7 +153,7 @@ def train(plan: RunPlan) -> dict[str, float]:
         starting_epoch, resume_step = divmod(progress.completed_steps, steps_per_epoch)
         num_epochs = math.ceil(max_steps / steps_per_epoch)
         total_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-        logger.info(f"***** {len(parts.train_dataset)} training examples, {max_steps} optimizer steps over "
+        logger.info(f"***** {'a stream of' if streamed else len(parts.train_dataset)} training examples, {max_steps} optimizer steps over "
                     f"{num_epochs} epoch(s), total batch {total_batch} on {accelerator.num_processes} process(es); "
                     f"CDB {f'on {len(cdb.layers)} layers' if cdb else 'off'} *****")
 
@@ -165,11 +182,13 @@ def train(plan: RunPlan) -> dict[str, float]:
                 log_event(accelerator, evaluate(model, eval_dataloader, accelerator, len(parts.labels)), step,
                           epoch_position, progress.log_history)
             if due["save"]:
-                save_checkpoint(accelerator, plan, progress, cdb_config)
+                save_checkpoint(accelerator, plan, progress, cdb_config,
+                                stream=parts.train_dataset if streamed else None)
             if PREEMPTION.due(accelerator.num_processes, accelerator.device):  # this step is done: save, stop
                 if not due["save"]:
                     guard.check(step, last_checkpoint(args.output_dir))
-                    save_checkpoint(accelerator, plan, progress, cdb_config)
+                    save_checkpoint(accelerator, plan, progress, cdb_config,
+                                    stream=parts.train_dataset if streamed else None)
                 raise preempted(plan, step)
 
         model.train()
@@ -178,7 +197,7 @@ def train(plan: RunPlan) -> dict[str, float]:
                 parts.train_dataset.set_epoch(epoch)
                 train_dataloader.set_epoch(epoch)
                 # Epoch orders are fixed, so skipping the consumed batches lands where the saved run was.
-                skip = resume_step * args.gradient_accumulation_steps if epoch == starting_epoch else 0
+                skip = resume_step * args.gradient_accumulation_steps if epoch == starting_epoch and not streamed else 0
                 batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
                 epoch_loss, epoch_batches = train_one_epoch(
                     model, batches, optimizer, lr_scheduler, accelerator, args, cdb=cdb, guard=guard, window=window,
@@ -277,12 +296,20 @@ def evaluate(model: torch.nn.Module, eval_dataloader: DataLoader, accelerator: A
     # Summed on the device and read once at the end: a host sync per batch would stall the accelerator.
     sum_dtype = torch.float32 if accelerator.device.type == "mps" else torch.float64  # MPS has no float64
     loss_sum, count = torch.zeros((), dtype=sum_dtype, device=accelerator.device), 0
+    # A stream's last batch is evened out across processes with examples from its start; accelerate cannot drop
+    # them (no length), but the stream counts what it read: keep that many (a Python int, no sync).
+    shard = getattr(eval_dataloader, "dataset", None)
+    stream = shard.dataset if isinstance(shard, IterableDatasetShard) and isinstance(shard.dataset, StreamEvalImages) \
+        else None
     for batch in eval_dataloader:
         logits = model(pixel_values=batch["pixel_values"]).logits
         # Per image, not the batch mean repeated: a last batch evened out with duplicates would otherwise
         # leak the duplicates' loss into the images that are kept.
         losses = torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="none")
         logits, labels, losses = accelerator.gather_for_metrics((logits, batch["labels"], losses))
+        if stream is not None and stream.examples_read - count < len(labels):
+            keep = max(stream.examples_read - count, 0)
+            logits, labels, losses = logits[:keep], labels[:keep], losses[:keep]
         cdb_metrics.add_batch(metrics, logits, labels)
         if final is not None:
             predicted.append(logits.argmax(-1).cpu())
@@ -353,12 +380,18 @@ def _load_state_or_refuse(accelerator: Accelerator, checkpoint: str) -> None:
         raise checkpoint_load_error(checkpoint, "its saved state", error) from error
 
 
-def save_checkpoint(accelerator: Accelerator, plan: RunPlan, progress: LoopProgress, cdb_config) -> str:
-    """``save_state`` into ``checkpoint-<step>`` (model, optimizer, scheduler, RNG), then its record (last: a
-    checkpoint without one is incomplete), then delete the oldest beyond ``save_total_limit``."""
+def save_checkpoint(accelerator: Accelerator, plan: RunPlan, progress: LoopProgress, cdb_config,
+                    stream: StreamTrainImages | None = None) -> str:
+    """``save_state`` into ``checkpoint-<step>`` (model, optimizer, scheduler, RNG), every rank's ``stream``
+    position, then its record (last: a checkpoint without one is incomplete), then delete the oldest beyond
+    ``save_total_limit``."""
     args = plan.training
     folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{progress.completed_steps}")
     accelerator.save_state(folder)
+    if stream is not None:
+        yielded = progress.completed_steps * args.gradient_accumulation_steps * args.per_device_train_batch_size
+        streaming.write_stream_state(folder, stream, yielded, accelerator.process_index)
+        accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_checkpoint_record(folder, trainer="accelerate", step=progress.completed_steps,
                                 cdb=plan.cdb_config.to_dict() if plan.cdb_config else None,

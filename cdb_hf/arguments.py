@@ -129,6 +129,24 @@ class DataArguments:
                           "instead of decoding each image at every fetch; 0 turns it off. A training set that does "
                           "not fit is decoded at each fetch as before. Results are the same either way."},
     )
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "Read the data as it is used (datasets' IterableDataset: Hub ids, local parquet/image "
+                          "folders/WebDataset tar shards) instead of loading and checking it all first: start-up "
+                          "does not grow with the dataset. Needs --max_steps and a validation split; each rank "
+                          "reads its own shard; corrupt images are met lazily under --corrupt_images."},
+    )
+    shuffle_buffer_size: int = field(
+        default=10_000,
+        metadata={"help": "With --streaming: examples held in the seeded shuffle buffer (larger mixes better and "
+                          "holds more encoded images in memory)."},
+    )
+    class_names: list[str] | None = field(
+        default=None,
+        metadata={"help": "With --streaming and integer labels (e.g. WebDataset's .cls): the class names in label-id "
+                          "order (a stream's labels cannot be collected up front). Unset: the label column must be a "
+                          "ClassLabel."},
+    )
     image_column_name: str | None = field(
         default=None, metadata={"help": "Image column; detected automatically when omitted."})
     label_column_name: str | None = field(

@@ -112,6 +112,9 @@ def plan_run(model_args, data_args, cdb_args, run_args, training_args: TrainingA
             raise UsageError(f"--train_image_cache_mb must be a whole number of MiB >= 0 (0 turns the cache off), "
                              f"got {cache_mb!r}")
         check_lora_arguments(model_args)
+        from .streaming import check_streaming_arguments
+
+        check_streaming_arguments(data_args, run_args, training_args, cdb_args)
         _check_training_arguments(training_args)
         check_lr_schedule(run_args, training_args)
         if run_args.trainer == "accelerate":
@@ -433,21 +436,25 @@ def _resolve_epoch_milestones(cdb_args, run_args, args: TrainingArguments, notes
     epochs = args.num_train_epochs
     piecewise = cdb_args.cdb_schedule == "piecewise" and cdb_args.cdb_schedule_unit == "epochs"  # A/B: either arm
     multistep = getattr(run_args, "lr_schedule", "trainer") == "multistep"
+    # CDB's epochs are known on a --max_steps run (a stream) when the user gives their length in steps.
+    cdb_by_epochs, cdb_epochs = by_epochs, epochs
+    if not by_epochs and cdb_args.cdb_schedule_steps_per_epoch:
+        cdb_by_epochs, cdb_epochs = True, math.ceil(args.max_steps / cdb_args.cdb_schedule_steps_per_epoch)
     if piecewise and cdb_args.cdb_schedule_milestones is None:
-        if not by_epochs:
+        if not cdb_by_epochs:
             raise UsageError("--cdb_schedule piecewise in epochs without --cdb_schedule_milestones takes the official "
                              "rule from the run's epochs, but --max_steps sets the run's length in steps; give "
-                             "--num_train_epochs instead, or the milestones (epochs)")
-        starts = official_cdb_phase_starts(epochs)
+                             "--num_train_epochs instead, --cdb_schedule_steps_per_epoch, or the milestones (epochs)")
+        starts = official_cdb_phase_starts(cdb_epochs)
         if starts[0] >= starts[1] or cdb_args.cdb_schedule_rates is None or len(cdb_args.cdb_schedule_rates) != 3:
             raise UsageError(f"--cdb_schedule piecewise without --cdb_schedule_milestones needs three "
                              f"--cdb_schedule_rates and a run long enough for the official phases (round(0.3E)+2 < "
-                             f"round(0.6E)+2; E = {epochs:g} gives {starts}); give the milestones explicitly")
+                             f"round(0.6E)+2; E = {cdb_epochs:g} gives {starts}); give the milestones explicitly")
         cdb_args.cdb_schedule_milestones = starts
-        notes.append(f"CDB layer rate by the official rule for {epochs:g} epochs: "
+        notes.append(f"CDB layer rate by the official rule for {cdb_epochs:g} epochs: "
                      f"{', '.join(f'{r:g} from epoch {e}' for r, e in zip(cdb_args.cdb_schedule_rates, [0, *starts]))}")
-    elif piecewise and by_epochs:
-        _refuse_outside_run("cdb_schedule_milestones", cdb_args.cdb_schedule_milestones, epochs,
+    elif piecewise and cdb_by_epochs:
+        _refuse_outside_run("cdb_schedule_milestones", cdb_args.cdb_schedule_milestones, cdb_epochs,
                             "round(0.3E)+2, round(0.6E)+2")
     elif piecewise:
         notes.append(f"--cdb_schedule_milestones {preview(cdb_args.cdb_schedule_milestones)} count epochs of a run "

@@ -207,6 +207,8 @@ def prepare_run(plan: RunPlan) -> RunParts:
         check_lora_targets(model_args)  # the same, on a model built on the meta device
         set_seed(args.seed)  # a new classification head is drawn from the global RNG
         skipped_images: dict[str, int] = {}
+        if getattr(data_args, "streaming", False):
+            return _prepare_streaming_run(plan, skipped_images)
         # The main process fills the datasets cache and the image-check cache first; the others read both.
         with state.main_process_first():
             dataset = data_module.load_image_datasets(data_args, seed=args.seed, cache_dir=model_args.cache_dir,
@@ -225,6 +227,30 @@ def prepare_run(plan: RunPlan) -> RunParts:
         eval_dataset = data_module.apply_eval_transform(dataset["validation"], image_processor)
     predict = load_predict_set(plan, image_processor) if args.do_predict else None
     return RunParts(labels=labels, model=model, image_processor=image_processor, train_dataset=train_dataset,
+                    eval_dataset=eval_dataset, collate_fn=data_module.collate_fn, predict=predict,
+                    skipped_images=skipped_images)
+
+
+def _prepare_streaming_run(plan: RunPlan, skipped_images: dict[str, int]) -> RunParts:
+    """:func:`prepare_run` for ``--streaming``: streams opened (no image read), this rank's training stream."""
+    from . import streaming
+
+    model_args, data_args, run_args, args = plan.model, plan.data, plan.run, plan.training
+    state = PartialState()
+    streams = streaming.open_streams(data_args, seed=args.seed, cache_dir=model_args.cache_dir, token=model_args.token)
+    model, image_processor = load_model_and_processor(model_args, streams.labels)
+    check_cdb_against_model(model, plan.cdb_config)
+    apply_memory_format(model, run_args.channels_last)
+    train_transform, eval_transform = data_module.build_transforms(image_processor, data_args.train_augmentation)
+    train_dataset = streaming.StreamTrainImages(
+        streams.train, train_transform, data_module.data_seed(args), buffer_size=data_args.shuffle_buffer_size,
+        rank=state.process_index, world_size=state.num_processes, corrupt_images=data_args.corrupt_images,
+        source=streams.source, skipped=skipped_images)
+    eval_dataset = streaming.StreamEvalImages(streams.validation, eval_transform,
+                                              corrupt_images=data_args.corrupt_images, source=streams.source,
+                                              skipped=skipped_images)
+    predict = load_predict_set(plan, image_processor) if args.do_predict else None
+    return RunParts(labels=streams.labels, model=model, image_processor=image_processor, train_dataset=train_dataset,
                     eval_dataset=eval_dataset, collate_fn=data_module.collate_fn, predict=predict,
                     skipped_images=skipped_images)
 

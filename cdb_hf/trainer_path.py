@@ -12,13 +12,14 @@ ChannelDropBack arrives as a callback, and the Trainer is :class:`CDBTrainer`, w
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from typing import Any
 
 import torch
 from accelerate import PartialState
 from transformers import PreTrainedModel, Trainer, TrainerCallback
-from transformers.trainer_utils import has_length, rotate_checkpoints
+from transformers.trainer_utils import EvalPrediction, has_length, rotate_checkpoints
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, logging
 
 from .callback import ChannelDropBackCallback, cdb_trial_params, place_before_integrations
@@ -40,6 +41,7 @@ from .run import (
     setup_logging,
 )
 from .run_dir import write_checkpoint_record
+from .streaming import StreamEvalImages, StreamTrainImages, read_stream_state, unshard, write_stream_state
 
 __all__ = ["CDBTrainer", "ResumeSafeTrainer", "load_checkpoint_weights", "train"]
 
@@ -205,6 +207,14 @@ def train(plan: RunPlan) -> dict[str, float]:
         trainer_args.push_to_hub = False  # pushed once at the end, by finish_run
         # Pinned memory only speeds up copies to a CUDA device (torch warns about it on every CPU run).
         trainer_args.dataloader_pin_memory = args.dataloader_pin_memory and torch.cuda.is_available()
+        streamed = isinstance(parts.train_dataset, StreamTrainImages)
+        if streamed:
+            # Each rank reads its own part of the stream (no dispatching from rank 0); a resume starts the stream
+            # at the checkpoint's position instead of iterating past the batches the run already used.
+            trainer_args.accelerator_config = dataclasses.replace(args.accelerator_config, dispatch_batches=False)
+            trainer_args.ignore_data_skip = True
+            if plan.resume_checkpoint is not None:
+                parts.train_dataset.resume_at(**read_stream_state(plan.resume_checkpoint, PartialState().process_index))
         guard = DivergenceGuard(parts.model)
         cdb_callback = ChannelDropBackCallback(plan.cdb_config) if plan.cdb_config is not None else None
         run_watch = _RunWatch(plan, startup, guard, cdb_callback)
@@ -256,6 +266,9 @@ class _RunTrainer(CDBTrainer):
         super().__init__(*args, **kwargs)
         self.divergence_guard, self.run_watch = guard, run_watch
 
+    def get_train_dataloader(self):
+        return unshard(super().get_train_dataloader())  # a streamed rank's examples are all its own
+
     def training_step(self, *args: Any, **kwargs: Any):
         loss = super().training_step(*args, **kwargs)
         self.divergence_guard.observe(loss)
@@ -272,10 +285,29 @@ class _RunTrainer(CDBTrainer):
         """
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
                                          metric_key_prefix)
+        output = self._without_stream_padding(dataloader, output, metric_key_prefix)
         key = f"{metric_key_prefix}_loss"
         if key in output.metrics and output.predictions is not None and output.label_ids is not None:
             output.metrics[key] = mean_loss_per_image(output.predictions, output.label_ids,
                                                       self.args.label_smoothing_factor)
+        return output
+
+    def _without_stream_padding(self, dataloader, output, prefix: str):
+        """A streamed evaluation on several processes ends with a batch evened out by examples from the stream's
+        start, which accelerate cannot drop (no length): keep the first ``examples_read`` and recompute."""
+        shard = getattr(dataloader, "dataset", None)
+        stream = getattr(shard, "dataset", None)
+        if not isinstance(stream, StreamEvalImages) or output.label_ids is None \
+                or len(output.label_ids) <= stream.examples_read:
+            return output
+        keep = stream.examples_read
+        predictions = output.predictions
+        predictions = type(predictions)(p[:keep] for p in predictions) if isinstance(predictions, (tuple, list)) \
+            else predictions[:keep]
+        output = output._replace(predictions=predictions, label_ids=output.label_ids[:keep], num_samples=keep)
+        if self.compute_metrics is not None:
+            computed = self.compute_metrics(EvalPrediction(predictions=predictions, label_ids=output.label_ids))
+            output.metrics.update({f"{prefix}_{name}": value for name, value in computed.items()})
         return output
 
     def _save_checkpoint(self, model, trial) -> None:
@@ -288,6 +320,11 @@ class _RunTrainer(CDBTrainer):
             super()._save_checkpoint(model, trial)
         finally:
             self.args.save_total_limit = limit
+        if isinstance(self.train_dataset, StreamTrainImages):  # every rank's stream position, before the record
+            yielded = self.state.global_step * self.args.gradient_accumulation_steps * self.args.per_device_train_batch_size
+            write_stream_state(os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}"),
+                               self.train_dataset, yielded, self.args.process_index)
+            self.accelerator.wait_for_everyone()
         if self.is_world_process_zero():
             self.run_watch.write_record(self.args, self.state)
         if self.args.should_save:
