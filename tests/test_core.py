@@ -475,6 +475,78 @@ def test_same_seed_same_selections_and_other_seed_differs():
     assert a == b and a != c
 
 
+def _differing_steps(left, right) -> int:
+    return sum(a != b for a, b in zip(left, right))
+
+
+def test_each_step_draws_anew_and_the_seed_changes_every_step():
+    """Selections are a function of (seed, step): not of the step alone (two seeds would agree at every
+    step) and not of the seed alone (every step would repeat the first)."""
+    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(8)])
+    config = ChannelDropBackConfig(layer_selection="single", channel_rate=0.5)
+    seeds = {seed: _as_lists(_selections(ChannelDropBack(model, dataclasses.replace(config, seed=seed)), model, 60))
+             for seed in (0, 1, 2)}
+    for seed, steps in seeds.items():
+        assert len({str(s) for s in steps}) == 60, f"seed {seed}: a step repeats another's selection"
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        # one layer of 8: two independent draws pick the same layer with probability 1/8 (and the same rows
+        # with far less): 60 steps agree at a handful at most
+        assert _differing_steps(seeds[a], seeds[b]) >= 50, (a, b)
+
+
+@pytest.mark.parametrize("selection", ["single", "bernoulli"])
+def test_which_layers_are_selected_depends_on_the_seed(selection):
+    """The layer choice alone (names, not rows) differs between seeds: it comes from the host generator,
+    reseeded from (seed, step)."""
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(6)])
+    config = ChannelDropBackConfig(layer_selection=selection, layer_rate=0.5)
+    names = {seed: [sorted(s) for s in _selections(ChannelDropBack(model, dataclasses.replace(config, seed=seed)),
+                                                   model, 40)]
+             for seed in (0, 1)}
+    assert _differing_steps(names[0], names[1]) >= 20, names  # ~33 (single) / ~39 (bernoulli) expected
+
+
+def test_which_rows_drop_depends_on_seed_and_step():
+    """The rows of a selected layer come from the device generator, reseeded from (seed, step) too."""
+    layer = nn.Linear(4, 64)
+    config = ChannelDropBackConfig(channel_rate=0.5, channel_sampling="exact")
+    masks = {seed: [s["weight"] for s in _selections(ChannelDropBack(layer, dataclasses.replace(config, seed=seed)),
+                                                      layer, 20)]
+             for seed in (0, 1)}
+    for seed in (0, 1):
+        assert all(int((~m).sum()) == 32 for m in masks[seed])
+        assert all(not torch.equal(a, b) for a, b in zip(masks[seed], masks[seed][1:])), "every step redraws the rows"
+    assert all(not torch.equal(a, b) for a, b in zip(masks[0], masks[1])), "another seed, other rows at each step"
+
+
+def test_a_selection_at_a_step_is_reproduced_from_seed_and_step_alone():
+    """Jumping straight to step k (a resume, another rank) gives the straight run's k-th selection, for any seed."""
+    model = mlp()
+    for seed in (0, 11):
+        config = ChannelDropBackConfig(layer_selection="bernoulli", layer_rate=0.5, channel_rate=0.5, seed=seed)
+        straight = _as_lists(_selections(ChannelDropBack(model, config), model, 12))
+        for step in (0, 5, 11):
+            jumped = ChannelDropBack(model, config)
+            jumped.load_state_dict({"step": step, "seed": seed})
+            assert _as_lists(_selections(jumped, model, 1)) == straight[step:step + 1], (seed, step)
+
+
+def test_training_with_another_cdb_seed_takes_another_trajectory():
+    def train(seed: int) -> dict[str, torch.Tensor]:
+        model = mlp()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        ChannelDropBack(model, ChannelDropBackConfig(channel_rate=0.5, seed=seed)).attach(optimizer)
+        for step in range(6):
+            optimizer.zero_grad()
+            mlp_loss(model, seed=step).backward()
+            optimizer.step()
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    same, again, other = train(0), train(0), train(1)
+    assert all(torch.equal(same[n], again[n]) for n in same)
+    assert any(not torch.equal(same[n], other[n]) for n in same)
+
+
 def test_state_dict_round_trip_continues_the_same_sequence():
     model = mlp()
     config = ChannelDropBackConfig(layer_selection="bernoulli", layer_rate=0.5, seed=3)
@@ -648,10 +720,13 @@ def test_piecewise_flags_parse_from_the_command_line_and_yaml(tmp_path):
 
 
 def test_schedule_drives_selection_rate():
+    """The step schedule: layer_rate_init for the first 30 % of the run, layer_rate / 2 up to 60 %, then layer_rate."""
     model = mlp()
-    config = ChannelDropBackConfig(schedule="step", layer_rate_init=0.0, layer_rate=1.0, schedule_total_steps=10)
-    selections = _selections(ChannelDropBack(model, config), model, 10)
-    assert [bool(s) for s in selections] == [False] * 3 + [bool(s) for s in selections[3:6]] + [True] * 4
+    config = ChannelDropBackConfig(schedule="step", layer_rate_init=0.0, layer_rate=1.0, schedule_total_steps=600)
+    applied = [bool(s) for s in _selections(ChannelDropBack(model, config), model, 600)]
+    assert not any(applied[:180])
+    assert 60 <= sum(applied[180:360]) <= 120, sum(applied[180:360])  # 90 expected, std ~6.7
+    assert all(applied[360:])
 
 
 # ---------------------------------------------------------------------------- validation
