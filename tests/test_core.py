@@ -10,6 +10,8 @@ import pytest
 import timm
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
 from transformers import (
     ConvNextConfig,
     ConvNextForImageClassification,
@@ -807,6 +809,88 @@ def test_step_path_never_synchronises_on_cuda():
             torch.cuda.set_sync_debug_mode("default")
         handle.remove()
         optimizer.zero_grad()
+
+
+class DeviceReads(TorchFunctionMode):
+    """Records every read of a device tensor's values on the host (what synchronises on a GPU), on CPU.
+
+    "Device" tensors: the parameters, their gradients and per-element optimizer states, anything computed
+    from them, and anything created with an explicit ``device=``. Host-side draws (CDB's CPU generator)
+    and the optimizer's scalar step counters (host tensors on a GPU too) are free to be read.
+    """
+
+    READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy, torch.Tensor.__bool__,
+             torch.Tensor.__int__, torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.nonzero,
+             torch.nonzero, torch.Tensor.any, torch.Tensor.all, torch.equal}
+
+    def __init__(self, device_tensors):
+        super().__init__()
+        self.on_device = {id(t): t for t in device_tensors}  # held, so that no id is reused meanwhile
+        self.reads: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        from_device = any(id(t) in self.on_device for t in inputs) or kwargs.get("device") is not None
+        if from_device and func in self.READS:
+            self.reads.append(getattr(func, "__name__", str(func)))
+        out = func(*args, **kwargs)
+        if from_device:
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    self.on_device[id(t)] = t
+        return out
+
+
+def _device_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    tensors = [p for p in model.parameters()] + [p.grad for p in model.parameters() if p.grad is not None]
+    tensors += [v for p in model.parameters() for v in optimizer.state.get(p, {}).values()
+                if isinstance(v, torch.Tensor) and v.shape == p.shape]
+    return tensors
+
+
+def test_the_device_read_detector_sees_a_read():
+    model = mlp()
+    mlp_loss(model).backward()
+    with DeviceReads(_device_tensors(model, torch.optim.SGD(model.parameters(), lr=0.1))) as reads:
+        bool(model[0].weight.grad.abs().sum() > 0)
+        torch.rand(3).tolist()  # a host draw: not a read of the device
+    assert reads.reads == ["__bool__"]
+
+
+@pytest.mark.parametrize("selection", ["single", "bernoulli"])
+@pytest.mark.parametrize("mode", ["grad", "exact"])
+@pytest.mark.parametrize("make_optimizer", [
+    pytest.param(lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True), id="adamw_foreach"),
+    pytest.param(lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True), id="adamw_fused"),
+    pytest.param(lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, foreach=True), id="sgd_foreach"),
+])
+def test_step_path_never_reads_device_values_on_the_host(mode, selection, make_optimizer):
+    """README, Technical details: CDB's step path does no host-device synchronisation. Checked on CPU by
+    recording every host read of a device tensor during ``optimizer.step()``: with CDB attached, exactly the
+    optimizer's own reads (on CPU, foreach AdamW reads its step counters, host tensors on a GPU), no more."""
+
+    def reads_of_steps(with_cdb: bool) -> list[list[str]]:
+        model = tiny_vit()
+        optimizer = make_optimizer(model.parameters())
+        image_loss(model).backward()
+        optimizer.step()  # the optimizer state exists from here on, as in a run
+        if with_cdb:
+            cdb = ChannelDropBack(model, ChannelDropBackConfig(mode=mode, layer_selection=selection, layer_rate=0.7,
+                                                               channel_rate=0.5))
+            cdb.attach(optimizer)
+        seen = []
+        for _ in range(3):
+            optimizer.zero_grad()
+            image_loss(model).backward()
+            with DeviceReads(_device_tensors(model, optimizer)) as reads:
+                optimizer.step()
+            if with_cdb:
+                assert cdb.last_selection, "this seed selects layers at each of these steps"
+            seen.append(reads.reads)
+        return seen
+
+    assert reads_of_steps(with_cdb=True) == reads_of_steps(with_cdb=False)
 
 
 def test_cpu_kernels_run_on_one_thread_and_the_thread_count_is_restored(monkeypatch):
