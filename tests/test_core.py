@@ -1052,3 +1052,56 @@ def test_stepped_tells_a_skipped_step_from_hooks_that_did_not_run():
     assert cdb.stepped(1, step_was_skipped=True) is False  # an AMP overflow skip: the hooks had nothing to do
     with pytest.raises(RuntimeError, match="hooks did not run"):
         cdb.stepped(1)
+
+
+def test_stats_window_starts_afresh_after_each_flush():
+    window = StatsWindow()
+    window.add({"applied": 1.0, "layers": 3.0, "keep_fraction": 0.5, "layer_rate": 0.2})
+    window.add({"applied": 1.0, "layers": 1.0, "keep_fraction": 0.7, "layer_rate": 0.4})
+    assert window.flush() == pytest.approx({"cdb/applied": 1.0, "cdb/layers": 2.0, "cdb/keep_fraction": 0.6,
+                                            "cdb/layer_rate": 0.4})
+    window.add({"applied": 0.0, "layers": 0.0, "keep_fraction": 1.0, "layer_rate": 0.9})
+    assert window.flush("x_") == {"x_applied": 0.0, "x_layers": 0.0, "x_keep_fraction": 1.0, "x_layer_rate": 0.9}
+
+
+def test_the_no_gradient_warning_names_the_layers_once():
+    model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(6)])
+    cdb = ChannelDropBack(model, ChannelDropBackConfig(layer_selection="bernoulli", layer_rate=1.0))
+    for p in model[0].parameters():
+        p.grad = torch.zeros_like(p)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cdb.before_step()
+        cdb.after_step()
+        cdb.before_step()
+        cdb.after_step()
+    (warning,) = caught
+    assert str(warning.message) == (
+        "ChannelDropBack selected layer(s) without a gradient: ['1.weight', '2.weight', '3.weight', '4.weight', "
+        "...] (5 in all); they are not counted in cdb/layers or cdb/applied (unused by the forward pass, or frozen "
+        "after CDB was built?). Leave them out with exclude=[...]; this warning is shown once per layer")
+
+
+def test_hooks_that_did_not_run_are_one_clear_error():
+    cdb = ChannelDropBack(mlp())
+    with pytest.raises(RuntimeError) as error:
+        cdb.stepped(0)
+    assert str(error.value) == (
+        "ChannelDropBack's optimizer hooks did not run during this optimizer step: the optimizer was replaced "
+        "after training began, or the step ran outside torch.optim (e.g. DeepSpeed). Refusing to continue without "
+        "CDB.")
+
+
+def test_the_shard_rows_of_each_rank_follow_torch_chunk():
+    """FSDP2's Shard(0): rank r holds torch.chunk's r-th part (the last parts may be short or empty)."""
+    from cdb_hf.core import _chunk_range
+
+    for size in range(0, 12):
+        for ranks in range(1, 6):
+            parts = list(torch.arange(size).chunk(ranks)) if size else []
+            for rank in range(ranks):
+                part = parts[rank] if rank < len(parts) else torch.arange(0)
+                start, length = _chunk_range(size, ranks, rank)
+                assert length == len(part), (size, ranks, rank)
+                if length:
+                    assert start == int(part[0]), (size, ranks, rank)
