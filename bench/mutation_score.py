@@ -39,11 +39,17 @@ def read_equivalent(path: Path = EQUIVALENT) -> dict[str, str]:
     return listed
 
 
-def score(mutants_dir: Path, scope: list[str], equivalent: dict[str, str]) -> dict:
+def score(mutants_dir: Path, scope: list[str], equivalent: dict[str, str], previous: Path | None = None) -> dict:
+    """Per file, the counts and the score; ``previous``: a copy of an earlier run's mutants folder whose
+    verdicts stand for the mutants this run did not check again (``mutmut run NAME ...`` re-runs only NAMEs)."""
     files, survivors = {}, {}
     for meta in sorted(mutants_dir.rglob("*.py.meta")):
         source = str(meta.relative_to(mutants_dir))[:-len(".meta")]
         results = json.loads(meta.read_text())["exit_code_by_key"]
+        earlier = previous / meta.relative_to(mutants_dir) if previous is not None else None
+        if earlier is not None and earlier.is_file():
+            before = json.loads(earlier.read_text())["exit_code_by_key"]
+            results = {k: before.get(k) if v is None else v for k, v in results.items()}
         results = {k: v for k, v in results.items() if not scope or any(fnmatch.fnmatch(k, g) for g in scope)}
         if not results:
             continue
@@ -68,11 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scope", nargs="*", default=[], help="mutant name globs of the run (default: all)")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "mutation_score.json")
     parser.add_argument("--note", default="", help="what this run was (tests, machine)")
+    parser.add_argument("--previous", type=Path, default=None,
+                        help="an earlier run's mutants folder: its verdicts stand where this run checked nothing")
     args = parser.parse_args(argv)
     if not args.mutants_dir.is_dir():
         parser.error(f"--mutants_dir {str(args.mutants_dir)!r} does not exist: run `make mutants` first")
     result = {"date": time.strftime("%Y-%m-%d %H:%M"), "note": args.note, "scope": args.scope,
-              **score(args.mutants_dir, args.scope, read_equivalent())}
+              **score(args.mutants_dir, args.scope, read_equivalent(), args.previous)}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     for source, counts in result["files"].items():
