@@ -1105,3 +1105,48 @@ def test_the_shard_rows_of_each_rank_follow_torch_chunk():
                 assert length == len(part), (size, ranks, rank)
                 if length:
                     assert start == int(part[0]), (size, ranks, rank)
+
+
+def test_for_run_fills_in_only_what_the_user_left_open():
+    linear = ChannelDropBackConfig(schedule="linear")
+    assert linear.for_run(1).schedule_total_steps == 1 and linear.for_run(0).schedule_total_steps == 1
+    assert linear.for_run(50, 10).schedule_steps_per_epoch is None, "a schedule in steps needs no epoch length"
+    epochs = ChannelDropBackConfig(schedule="step", schedule_unit="epochs")
+    assert epochs.for_run(50, 1).schedule_steps_per_epoch == 1 and epochs.for_run(50, 0).schedule_steps_per_epoch == 1
+    assert epochs.for_run(50).schedule_steps_per_epoch is None
+    mine = ChannelDropBackConfig(schedule="step", schedule_unit="epochs", schedule_total_steps=9,
+                                 schedule_steps_per_epoch=3)
+    assert mine.for_run(50, 10) == mine
+
+
+def test_a_removed_handle_detaches_and_the_core_can_be_attached_again():
+    model = mlp()
+    first = torch.optim.SGD(model.parameters(), lr=0.1)
+    cdb = ChannelDropBack(model, ChannelDropBackConfig(channel_rate=0.5))
+    handle = cdb.attach(first)
+    with pytest.raises(RuntimeError) as error:
+        cdb.attach(first)
+    assert str(error.value) == "this ChannelDropBack is already attached to an optimizer; call handle.remove() first"
+    handle.remove()
+    handle.remove()  # twice is harmless, like torch's RemovableHandle
+    mlp_loss(model).backward()
+    first.step()
+    assert cdb.step == 0, "detached: the step went by without CDB"
+    second = torch.optim.SGD(model.parameters(), lr=0.1)
+    cdb.attach(second)
+    second.step()
+    assert cdb.step == 1
+
+
+def test_an_optimizer_without_the_layers_is_named_in_the_error_or_warning():
+    model = mlp()
+    with pytest.raises(ValueError) as error:
+        ChannelDropBack(model).attach(torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1))
+    assert str(error.value) == ("none of the eligible layers is in the optimizer: build ChannelDropBack from the "
+                                "same model (after wrapping, the parameters must be the same objects)")
+    cdb = ChannelDropBack(model)
+    with pytest.warns(UserWarning) as caught:
+        cdb.attach(torch.optim.SGD(model[0].parameters(), lr=0.1))
+    assert str(caught[0].message) == ("2 eligible layer(s) are not in the optimizer and are left out of CDB: "
+                                      "['2.weight', '4.weight'] (2 in all); use include/exclude to silence this")
+    assert list(cdb.layers) == ["0.weight"]
