@@ -1092,21 +1092,6 @@ def test_hooks_that_did_not_run_are_one_clear_error():
         "CDB.")
 
 
-def test_the_shard_rows_of_each_rank_follow_torch_chunk():
-    """FSDP2's Shard(0): rank r holds torch.chunk's r-th part (the last parts may be short or empty)."""
-    from cdb_hf.core import _chunk_range
-
-    for size in range(0, 12):
-        for ranks in range(1, 6):
-            parts = list(torch.arange(size).chunk(ranks)) if size else []
-            for rank in range(ranks):
-                part = parts[rank] if rank < len(parts) else torch.arange(0)
-                start, length = _chunk_range(size, ranks, rank)
-                assert length == len(part), (size, ranks, rank)
-                if length:
-                    assert start == int(part[0]), (size, ranks, rank)
-
-
 def test_for_run_fills_in_only_what_the_user_left_open():
     linear = ChannelDropBackConfig(schedule="linear")
     assert linear.for_run(1).schedule_total_steps == 1 and linear.for_run(0).schedule_total_steps == 1
