@@ -44,7 +44,7 @@ bench: install
 	$(OFFLINE) $(PASSIVE) $(BIN)/python bench/image_check.py
 
 # Mutation testing (not part of `make test` or CI): mutmut 3 mutates the core, the run folder's lifecycle and
-# the resume/overwrite checks, runs only the tests (of tests/test_core.py and tests/test_run_dir.py) that
+# the resume/overwrite checks, runs only the tests (of test_core.py, test_run_dir.py and test_fsdp.py) that
 # reach each mutant, and writes the score to bench/results/mutation_score.json. Niced: it takes the cores.
 # (The pre-flight planners of the output folder and the resume checkpoint are tested end to end in
 # test_safety.py, too slow to run per mutant; add them here once fast tests reach them.)
