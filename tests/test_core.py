@@ -1135,3 +1135,26 @@ def test_an_optimizer_without_the_layers_is_named_in_the_error_or_warning():
     assert str(caught[0].message) == ("2 eligible layer(s) are not in the optimizer and are left out of CDB: "
                                       "['2.weight', '4.weight'] (2 in all); use include/exclude to silence this")
     assert list(cdb.layers) == ["0.weight"]
+
+
+def test_a_new_core_reports_an_empty_first_step():
+    config = ChannelDropBackConfig(schedule="linear", layer_rate_init=0.0, layer_rate=1.0, schedule_total_steps=10)
+    cdb = ChannelDropBack(mlp(), config)
+    assert cdb.last_selection == {}
+    assert cdb.last_stats == {"applied": 0.0, "layers": 0.0, "keep_fraction": 1.0, "layer_rate": 0.0}
+
+
+def test_a_schedule_without_its_length_is_refused_in_full_words():
+    model = mlp()
+    with pytest.raises(ValueError) as error:
+        ChannelDropBack(model, ChannelDropBackConfig(schedule="linear"))
+    assert str(error.value) == ("schedule='linear' needs schedule_total_steps (the number of optimizer steps of the "
+                                "run); the Trainer callback and the accelerate loop fill it in")
+    with pytest.raises(ValueError) as error:
+        ChannelDropBack(model, ChannelDropBackConfig(schedule="step", schedule_unit="epochs", schedule_total_steps=9))
+    assert str(error.value) == ("schedule_unit='epochs' needs schedule_steps_per_epoch (optimizer steps per epoch); "
+                                "the Trainer callback and the accelerate loop fill it in")
+    # What needs no length builds: a constant rate (in any unit), a schedule given its length.
+    ChannelDropBack(model, ChannelDropBackConfig(schedule_unit="epochs"))
+    ChannelDropBack(model, ChannelDropBackConfig(schedule="step", schedule_unit="epochs", schedule_total_steps=9,
+                                                 schedule_steps_per_epoch=3))
