@@ -1158,3 +1158,20 @@ def test_a_schedule_without_its_length_is_refused_in_full_words():
     ChannelDropBack(model, ChannelDropBackConfig(schedule_unit="epochs"))
     ChannelDropBack(model, ChannelDropBackConfig(schedule="step", schedule_unit="epochs", schedule_total_steps=9,
                                                  schedule_steps_per_epoch=3))
+
+
+def test_exact_sampling_always_keeps_a_row_and_drops_the_rounded_count():
+    for rows, rate, dropped in ((2, 0.95, 1), (2, 0.5, 1), (3, 0.9, 2), (10, 0.34, 3)):
+        layer = nn.Linear(3, rows)
+        cdb = ChannelDropBack(layer, ChannelDropBackConfig(channel_rate=rate, channel_sampling="exact"))
+        assert [int((~s["weight"]).sum()) for s in _selections(cdb, layer, 5)] == [dropped] * 5, (rows, rate)
+
+
+def test_the_warning_lists_up_to_four_names_in_full():
+    model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(5)])
+    cdb = ChannelDropBack(model, ChannelDropBackConfig(layer_selection="bernoulli", layer_rate=1.0))
+    for p in model[0].parameters():
+        p.grad = torch.zeros_like(p)
+    with pytest.warns(UserWarning) as caught:
+        cdb.before_step()
+    assert "without a gradient: ['1.weight', '2.weight', '3.weight', '4.weight'] (4 in all);" in str(caught[0].message)
