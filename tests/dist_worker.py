@@ -31,6 +31,7 @@ import torch.distributed as dist
 from accelerate import PartialState
 
 import cdb_hf.data
+import cdb_hf.image_check
 from cdb_hf.accelerate_loop import train as accelerate_train
 from cdb_hf.cli import parse_args
 from cdb_hf.core import ChannelDropBack
@@ -116,9 +117,15 @@ def main(workdir: Path) -> None:
         """The training batches loaded since the last call (evaluation batches have 4 examples here)."""
         return [batch for batch in batch_spy.take() if len(batch["labels"]) == spec["train_batch_size"]]
 
+    # The image check's decodes in the first run (a fresh verdict cache): the main process checks first,
+    # the other ranks then find every verdict cached.
+    decodes: list[str] = []
+    real_decode = cdb_hf.image_check.decode_error
+    cdb_hf.image_check.decode_error = lambda source: decodes.append(str(source)) or real_decode(source)
     loop_args = ["--trainer", "accelerate", *spec["loop_args"]]
     output = run(accelerate_train, "accelerate", loop_args)
-    results["accelerate"] = {"steps": spy.take(), "batches": train_batches(),
+    cdb_hf.image_check.decode_error = real_decode
+    results["accelerate"] = {"steps": spy.take(), "batches": train_batches(), "image_decodes": len(decodes),
                              "model_sha256": file_sha256(output / "model.safetensors")}
 
     spy.crash_after = spec["crash_after"]

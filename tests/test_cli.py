@@ -13,11 +13,13 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from huggingface_hub import HfApi, RepoUrl
 from huggingface_hub import constants as hub_constants
 from huggingface_hub.utils import filter_repo_objects
+from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoImageProcessor
 
@@ -161,7 +163,14 @@ def test_end_to_end_writes_every_output(request, run_name):
     # timm keeps its preprocessing in config.json (TimmWrapperImageProcessor writes no file of its own).
     expected = OUTPUT_FILES - {"preprocessor_config.json"} if run_name == "timm_run" else OUTPUT_FILES
     assert expected <= {p.name for p in output_dir.iterdir()}
-    assert AutoImageProcessor.from_pretrained(output_dir) is not None
+    # The saved processor prepares an image exactly as the checkpoint's own did (the run saves what it used).
+    source = request.getfixturevalue({"vit_run": "tiny_vit_dir", "convnext_run": "tiny_convnext_dir",
+                                      "timm_run": "tiny_timm_dir"}[run_name])
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (21, 27, 3), dtype=np.uint8))
+    saved, original = AutoImageProcessor.from_pretrained(output_dir), AutoImageProcessor.from_pretrained(source)
+    assert type(saved) is type(original)
+    assert torch.equal(saved(image, return_tensors="pt")["pixel_values"],
+                       original(image, return_tensors="pt")["pixel_values"])
     results = json.loads((output_dir / "all_results.json").read_text())
     assert {"train_loss", "eval_loss", "eval_accuracy"} <= results.keys()
     assert "eval_top5_accuracy" not in results, "3 classes: no top-5 accuracy"

@@ -10,6 +10,8 @@ import pytest
 import timm
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
 from transformers import (
     ConvNextConfig,
     ConvNextForImageClassification,
@@ -475,6 +477,118 @@ def test_same_seed_same_selections_and_other_seed_differs():
     assert a == b and a != c
 
 
+def _differing_steps(left, right) -> int:
+    return sum(a != b for a, b in zip(left, right))
+
+
+def test_each_step_draws_anew_and_the_seed_changes_every_step():
+    """Selections are a function of (seed, step): not of the step alone (two seeds would agree at every
+    step) and not of the seed alone (every step would repeat the first)."""
+    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(8)])
+    config = ChannelDropBackConfig(layer_selection="single", channel_rate=0.5)
+    seeds = {seed: _as_lists(_selections(ChannelDropBack(model, dataclasses.replace(config, seed=seed)), model, 60))
+             for seed in (0, 1, 2)}
+    for seed, steps in seeds.items():
+        assert len({str(s) for s in steps}) == 60, f"seed {seed}: a step repeats another's selection"
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        # one layer of 8: two independent draws pick the same layer with probability 1/8 (and the same rows
+        # with far less): 60 steps agree at a handful at most
+        assert _differing_steps(seeds[a], seeds[b]) >= 50, (a, b)
+
+
+@pytest.mark.parametrize("selection", ["single", "bernoulli"])
+def test_which_layers_are_selected_depends_on_the_seed(selection):
+    """The layer choice alone (names, not rows) differs between seeds: it comes from the host generator,
+    reseeded from (seed, step)."""
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(6)])
+    config = ChannelDropBackConfig(layer_selection=selection, layer_rate=0.5)
+    names = {seed: [sorted(s) for s in _selections(ChannelDropBack(model, dataclasses.replace(config, seed=seed)),
+                                                   model, 40)]
+             for seed in (0, 1)}
+    assert _differing_steps(names[0], names[1]) >= 20, names  # ~33 (single) / ~39 (bernoulli) expected
+
+
+def test_which_rows_drop_depends_on_seed_and_step():
+    """The rows of a selected layer come from the device generator, reseeded from (seed, step) too."""
+    layer = nn.Linear(4, 64)
+    config = ChannelDropBackConfig(channel_rate=0.5, channel_sampling="exact")
+    masks = {seed: [s["weight"] for s in _selections(ChannelDropBack(layer, dataclasses.replace(config, seed=seed)),
+                                                      layer, 20)]
+             for seed in (0, 1)}
+    for seed in (0, 1):
+        assert all(int((~m).sum()) == 32 for m in masks[seed])
+        assert all(not torch.equal(a, b) for a, b in zip(masks[seed], masks[seed][1:])), "every step redraws the rows"
+    assert all(not torch.equal(a, b) for a, b in zip(masks[0], masks[1])), "another seed, other rows at each step"
+
+
+def test_a_selection_at_a_step_is_reproduced_from_seed_and_step_alone():
+    """Jumping straight to step k (a resume, another rank) gives the straight run's k-th selection, for any seed."""
+    model = mlp()
+    for seed in (0, 11):
+        config = ChannelDropBackConfig(layer_selection="bernoulli", layer_rate=0.5, channel_rate=0.5, seed=seed)
+        straight = _as_lists(_selections(ChannelDropBack(model, config), model, 12))
+        for step in (0, 5, 11):
+            jumped = ChannelDropBack(model, config)
+            jumped.load_state_dict({"step": step, "seed": seed})
+            assert _as_lists(_selections(jumped, model, 1)) == straight[step:step + 1], (seed, step)
+
+
+def test_training_with_another_cdb_seed_takes_another_trajectory():
+    def train(seed: int) -> dict[str, torch.Tensor]:
+        model = mlp()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        ChannelDropBack(model, ChannelDropBackConfig(channel_rate=0.5, seed=seed)).attach(optimizer)
+        for step in range(6):
+            optimizer.zero_grad()
+            mlp_loss(model, seed=step).backward()
+            optimizer.step()
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    same, again, other = train(0), train(0), train(1)
+    assert all(torch.equal(same[n], again[n]) for n in same)
+    assert any(not torch.equal(same[n], other[n]) for n in same)
+
+
+#: The dropped rows of the first 8 steps of seed 2024 on four 6-row layers, drawn with torch 2.14 on CPU.
+PINNED_SELECTIONS = {
+    "single": [{"2.weight": [3, 4, 5]}, {"2.weight": [0, 1, 2, 4, 5]}, {"0.weight": [3, 5]}, {},
+               {"0.weight": [0, 1]}, {"1.weight": [2, 4]}, {"3.weight": [2, 3, 5]}, {"2.weight": [0, 2, 3, 4, 5]}],
+    "bernoulli": [{"0.weight": [3, 5], "1.weight": [0, 3]},
+                  {"0.weight": [0, 1, 2, 5], "1.weight": [0, 3], "2.weight": [1, 3, 4, 5]}, {"0.weight": [3, 5]},
+                  {"0.weight": [3], "1.weight": [0, 3, 5], "2.weight": [2, 3]}, {"2.weight": [0, 1, 3, 4, 5]},
+                  {"1.weight": [1, 2, 4], "3.weight": [0, 2, 4]}, {"2.weight": [2, 3, 5]},
+                  {"0.weight": [0, 2, 4, 5], "1.weight": [0, 1, 2, 3, 5], "2.weight": [3]}],
+}
+
+
+@pytest.mark.parametrize("selection", list(PINNED_SELECTIONS))
+def test_selections_are_pinned_across_versions(selection):
+    """A checkpoint resumed by a later cdb_hf continues the same trajectory only if (seed, step) still
+    draws the same selection: any change to the seed mixing or the draw shows here (a deliberate change
+    must say so in the release notes: resumed runs would diverge). Other torch versions may draw the
+    rows differently (randperm, binomial); then re-pin on that version after checking why."""
+    model = nn.Sequential(*[nn.Linear(6, 6) for _ in range(4)])
+    cdb = ChannelDropBack(model, ChannelDropBackConfig(layer_selection=selection, layer_rate=0.5, channel_rate=0.5,
+                                                       seed=2024))
+    dropped = [{name: (~mask).nonzero().flatten().tolist() for name, mask in s.items()}
+               for s in _selections(cdb, model, 8)]
+    assert dropped == PINNED_SELECTIONS[selection]
+
+
+def test_loading_a_state_dict_checks_its_keys_and_its_seed():
+    cdb = ChannelDropBack(mlp(), ChannelDropBackConfig(seed=3))
+    with pytest.raises(ValueError, match=r"not a ChannelDropBack state dict \(keys \['global_step'\]\); expected 'step'"):
+        cdb.load_state_dict({"global_step": 4})
+    with pytest.warns(UserWarning, match="saved with seed 4 into a run with seed 3: the selection sequence will differ"):
+        cdb.load_state_dict({"step": 5, "seed": 4})
+    assert cdb.step == 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cdb.load_state_dict({"step": 6, "seed": 3})
+        cdb.load_state_dict({"step": 7})  # a state without its seed: nothing to compare
+    assert cdb.step == 7
+
+
 def test_state_dict_round_trip_continues_the_same_sequence():
     model = mlp()
     config = ChannelDropBackConfig(layer_selection="bernoulli", layer_rate=0.5, seed=3)
@@ -648,10 +762,13 @@ def test_piecewise_flags_parse_from_the_command_line_and_yaml(tmp_path):
 
 
 def test_schedule_drives_selection_rate():
+    """The step schedule: layer_rate_init for the first 30 % of the run, layer_rate / 2 up to 60 %, then layer_rate."""
     model = mlp()
-    config = ChannelDropBackConfig(schedule="step", layer_rate_init=0.0, layer_rate=1.0, schedule_total_steps=10)
-    selections = _selections(ChannelDropBack(model, config), model, 10)
-    assert [bool(s) for s in selections] == [False] * 3 + [bool(s) for s in selections[3:6]] + [True] * 4
+    config = ChannelDropBackConfig(schedule="step", layer_rate_init=0.0, layer_rate=1.0, schedule_total_steps=600)
+    applied = [bool(s) for s in _selections(ChannelDropBack(model, config), model, 600)]
+    assert not any(applied[:180])
+    assert 60 <= sum(applied[180:360]) <= 120, sum(applied[180:360])  # 90 expected, std ~6.7
+    assert all(applied[360:])
 
 
 # ---------------------------------------------------------------------------- validation
@@ -732,6 +849,88 @@ def test_step_path_never_synchronises_on_cuda():
             torch.cuda.set_sync_debug_mode("default")
         handle.remove()
         optimizer.zero_grad()
+
+
+class DeviceReads(TorchFunctionMode):
+    """Records every read of a device tensor's values on the host (what synchronises on a GPU), on CPU.
+
+    "Device" tensors: the parameters, their gradients and per-element optimizer states, anything computed
+    from them, and anything created with an explicit ``device=``. Host-side draws (CDB's CPU generator)
+    and the optimizer's scalar step counters (host tensors on a GPU too) are free to be read.
+    """
+
+    READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy, torch.Tensor.__bool__,
+             torch.Tensor.__int__, torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.nonzero,
+             torch.nonzero, torch.Tensor.any, torch.Tensor.all, torch.equal}
+
+    def __init__(self, device_tensors):
+        super().__init__()
+        self.on_device = {id(t): t for t in device_tensors}  # held, so that no id is reused meanwhile
+        self.reads: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        from_device = any(id(t) in self.on_device for t in inputs) or kwargs.get("device") is not None
+        if from_device and func in self.READS:
+            self.reads.append(getattr(func, "__name__", str(func)))
+        out = func(*args, **kwargs)
+        if from_device:
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    self.on_device[id(t)] = t
+        return out
+
+
+def _device_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    tensors = [p for p in model.parameters()] + [p.grad for p in model.parameters() if p.grad is not None]
+    tensors += [v for p in model.parameters() for v in optimizer.state.get(p, {}).values()
+                if isinstance(v, torch.Tensor) and v.shape == p.shape]
+    return tensors
+
+
+def test_the_device_read_detector_sees_a_read():
+    model = mlp()
+    mlp_loss(model).backward()
+    with DeviceReads(_device_tensors(model, torch.optim.SGD(model.parameters(), lr=0.1))) as reads:
+        bool(model[0].weight.grad.abs().sum() > 0)
+        torch.rand(3).tolist()  # a host draw: not a read of the device
+    assert reads.reads == ["__bool__"]
+
+
+@pytest.mark.parametrize("selection", ["single", "bernoulli"])
+@pytest.mark.parametrize("mode", ["grad", "exact"])
+@pytest.mark.parametrize("make_optimizer", [
+    pytest.param(lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True), id="adamw_foreach"),
+    pytest.param(lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True), id="adamw_fused"),
+    pytest.param(lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, foreach=True), id="sgd_foreach"),
+])
+def test_step_path_never_reads_device_values_on_the_host(mode, selection, make_optimizer):
+    """README, Technical details: CDB's step path does no host-device synchronisation. Checked on CPU by
+    recording every host read of a device tensor during ``optimizer.step()``: with CDB attached, exactly the
+    optimizer's own reads (on CPU, foreach AdamW reads its step counters, host tensors on a GPU), no more."""
+
+    def reads_of_steps(with_cdb: bool) -> list[list[str]]:
+        model = tiny_vit()
+        optimizer = make_optimizer(model.parameters())
+        image_loss(model).backward()
+        optimizer.step()  # the optimizer state exists from here on, as in a run
+        if with_cdb:
+            cdb = ChannelDropBack(model, ChannelDropBackConfig(mode=mode, layer_selection=selection, layer_rate=0.7,
+                                                               channel_rate=0.5))
+            cdb.attach(optimizer)
+        seen = []
+        for _ in range(3):
+            optimizer.zero_grad()
+            image_loss(model).backward()
+            with DeviceReads(_device_tensors(model, optimizer)) as reads:
+                optimizer.step()
+            if with_cdb:
+                assert cdb.last_selection, "this seed selects layers at each of these steps"
+            seen.append(reads.reads)
+        return seen
+
+    assert reads_of_steps(with_cdb=True) == reads_of_steps(with_cdb=False)
 
 
 def test_cpu_kernels_run_on_one_thread_and_the_thread_count_is_restored(monkeypatch):
@@ -853,3 +1052,126 @@ def test_stepped_tells_a_skipped_step_from_hooks_that_did_not_run():
     assert cdb.stepped(1, step_was_skipped=True) is False  # an AMP overflow skip: the hooks had nothing to do
     with pytest.raises(RuntimeError, match="hooks did not run"):
         cdb.stepped(1)
+
+
+def test_stats_window_starts_afresh_after_each_flush():
+    window = StatsWindow()
+    window.add({"applied": 1.0, "layers": 3.0, "keep_fraction": 0.5, "layer_rate": 0.2})
+    window.add({"applied": 1.0, "layers": 1.0, "keep_fraction": 0.7, "layer_rate": 0.4})
+    assert window.flush() == pytest.approx({"cdb/applied": 1.0, "cdb/layers": 2.0, "cdb/keep_fraction": 0.6,
+                                            "cdb/layer_rate": 0.4})
+    window.add({"applied": 0.0, "layers": 0.0, "keep_fraction": 1.0, "layer_rate": 0.9})
+    assert window.flush("x_") == {"x_applied": 0.0, "x_layers": 0.0, "x_keep_fraction": 1.0, "x_layer_rate": 0.9}
+
+
+def test_the_no_gradient_warning_names_the_layers_once():
+    model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(6)])
+    cdb = ChannelDropBack(model, ChannelDropBackConfig(layer_selection="bernoulli", layer_rate=1.0))
+    for p in model[0].parameters():
+        p.grad = torch.zeros_like(p)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cdb.before_step()
+        cdb.after_step()
+        cdb.before_step()
+        cdb.after_step()
+    (warning,) = caught
+    assert str(warning.message) == (
+        "ChannelDropBack selected layer(s) without a gradient: ['1.weight', '2.weight', '3.weight', '4.weight', "
+        "...] (5 in all); they are not counted in cdb/layers or cdb/applied (unused by the forward pass, or frozen "
+        "after CDB was built?). Leave them out with exclude=[...]; this warning is shown once per layer")
+
+
+def test_hooks_that_did_not_run_are_one_clear_error():
+    cdb = ChannelDropBack(mlp())
+    with pytest.raises(RuntimeError) as error:
+        cdb.stepped(0)
+    assert str(error.value) == (
+        "ChannelDropBack's optimizer hooks did not run during this optimizer step: the optimizer was replaced "
+        "after training began, or the step ran outside torch.optim (e.g. DeepSpeed). Refusing to continue without "
+        "CDB.")
+
+
+def test_for_run_fills_in_only_what_the_user_left_open():
+    linear = ChannelDropBackConfig(schedule="linear")
+    assert linear.for_run(1).schedule_total_steps == 1 and linear.for_run(0).schedule_total_steps == 1
+    assert linear.for_run(50, 10).schedule_steps_per_epoch is None, "a schedule in steps needs no epoch length"
+    epochs = ChannelDropBackConfig(schedule="step", schedule_unit="epochs")
+    assert epochs.for_run(50, 1).schedule_steps_per_epoch == 1 and epochs.for_run(50, 0).schedule_steps_per_epoch == 1
+    assert epochs.for_run(50).schedule_steps_per_epoch is None
+    mine = ChannelDropBackConfig(schedule="step", schedule_unit="epochs", schedule_total_steps=9,
+                                 schedule_steps_per_epoch=3)
+    assert mine.for_run(50, 10) == mine
+
+
+def test_a_removed_handle_detaches_and_the_core_can_be_attached_again():
+    model = mlp()
+    first = torch.optim.SGD(model.parameters(), lr=0.1)
+    cdb = ChannelDropBack(model, ChannelDropBackConfig(channel_rate=0.5))
+    handle = cdb.attach(first)
+    with pytest.raises(RuntimeError) as error:
+        cdb.attach(first)
+    assert str(error.value) == "this ChannelDropBack is already attached to an optimizer; call handle.remove() first"
+    handle.remove()
+    handle.remove()  # twice is harmless, like torch's RemovableHandle
+    mlp_loss(model).backward()
+    first.step()
+    assert cdb.step == 0, "detached: the step went by without CDB"
+    second = torch.optim.SGD(model.parameters(), lr=0.1)
+    cdb.attach(second)
+    second.step()
+    assert cdb.step == 1
+
+
+def test_an_optimizer_without_the_layers_is_named_in_the_error_or_warning():
+    model = mlp()
+    with pytest.raises(ValueError) as error:
+        ChannelDropBack(model).attach(torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1))
+    assert str(error.value) == ("none of the eligible layers is in the optimizer: build ChannelDropBack from the "
+                                "same model (after wrapping, the parameters must be the same objects)")
+    cdb = ChannelDropBack(model)
+    with pytest.warns(UserWarning) as caught:
+        cdb.attach(torch.optim.SGD(model[0].parameters(), lr=0.1))
+    assert str(caught[0].message) == ("2 eligible layer(s) are not in the optimizer and are left out of CDB: "
+                                      "['2.weight', '4.weight'] (2 in all); use include/exclude to silence this")
+    assert list(cdb.layers) == ["0.weight"]
+
+
+def test_a_new_core_reports_an_empty_first_step():
+    config = ChannelDropBackConfig(schedule="linear", layer_rate_init=0.0, layer_rate=1.0, schedule_total_steps=10)
+    cdb = ChannelDropBack(mlp(), config)
+    assert cdb.last_selection == {}
+    assert cdb.last_stats == {"applied": 0.0, "layers": 0.0, "keep_fraction": 1.0, "layer_rate": 0.0}
+
+
+def test_a_schedule_without_its_length_is_refused_in_full_words():
+    model = mlp()
+    with pytest.raises(ValueError) as error:
+        ChannelDropBack(model, ChannelDropBackConfig(schedule="linear"))
+    assert str(error.value) == ("schedule='linear' needs schedule_total_steps (the number of optimizer steps of the "
+                                "run); the Trainer callback and the accelerate loop fill it in")
+    with pytest.raises(ValueError) as error:
+        ChannelDropBack(model, ChannelDropBackConfig(schedule="step", schedule_unit="epochs", schedule_total_steps=9))
+    assert str(error.value) == ("schedule_unit='epochs' needs schedule_steps_per_epoch (optimizer steps per epoch); "
+                                "the Trainer callback and the accelerate loop fill it in")
+    # What needs no length builds: a constant rate (in any unit), a schedule given its length.
+    ChannelDropBack(model, ChannelDropBackConfig(schedule_unit="epochs"))
+    ChannelDropBack(model, ChannelDropBackConfig(schedule="step", schedule_unit="epochs", schedule_total_steps=9,
+                                                 schedule_steps_per_epoch=3))
+
+
+def test_exact_sampling_always_keeps_a_row_and_drops_the_rounded_count():
+    for rows, rate, dropped in ((2, 0.95, 1), (2, 0.5, 1), (3, 0.9, 2), (10, 0.34, 3)):
+        layer = nn.Linear(3, rows)
+        cdb = ChannelDropBack(layer, ChannelDropBackConfig(channel_rate=rate, channel_sampling="exact"))
+        assert [int((~s["weight"]).sum()) for s in _selections(cdb, layer, 5)] == [dropped] * 5, (rows, rate)
+
+
+def test_the_warning_lists_up_to_four_names_in_full():
+    model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(5)])
+    cdb = ChannelDropBack(model, ChannelDropBackConfig(layer_selection="bernoulli", layer_rate=1.0))
+    for p in model[0].parameters():
+        p.grad = torch.zeros_like(p)
+    with pytest.warns(UserWarning) as caught:
+        cdb.before_step()
+    assert "without a gradient: ['1.weight', '2.weight', '3.weight', '4.weight'] (4 in all);" in str(caught[0].message)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import PIL
 import pytest
 from conftest import write_image_folder
 from PIL import Image
@@ -101,6 +102,24 @@ def test_a_second_check_decodes_nothing_and_a_changed_file_is_checked_again(tmp_
     assert sorted(decodes) == sorted([str(files[1]), str(files[2])])
     decodes.clear()
     assert list(image_check.check_files(files)) == [str(files[1])] and decodes == []  # bad verdicts are cached too
+
+
+def test_verdicts_are_kept_per_pillow_version(tmp_path, decodes, monkeypatch):
+    """README, Corrupt images: the cache is keyed by the Pillow version too; another Pillow may decode a
+    file differently, so its verdicts are not reused (files and stored bytes alike)."""
+    files = [tmp_path / "a.jpg", tmp_path / "b.jpg"]
+    for seed, path in enumerate(files):
+        path.write_bytes(jpeg_bytes(seed))
+    image_check.check_files(files)
+    image_check.store_split_result("split-fingerprint", {})
+    decodes.clear()
+    assert image_check.check_files(files) == {} and decodes == []
+    assert image_check.load_split_result("split-fingerprint") == {}
+
+    monkeypatch.setattr(PIL, "__version__", "0.0.1-another")
+    assert image_check.check_files(files) == {}
+    assert sorted(decodes) == sorted(str(p) for p in files), "another Pillow: every file decoded again"
+    assert image_check.load_split_result("split-fingerprint") is None
 
 
 def test_a_cache_that_cannot_be_written_does_not_fail_the_check(tmp_path, monkeypatch, caplog, decodes):

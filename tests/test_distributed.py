@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from cdb_hf.image_check import CACHE_ENV
+
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "dist_worker.py"
 CPU_CONFIG = REPO / "recipes" / "accelerate" / "cpu_2proc.yaml"
@@ -42,7 +44,7 @@ def ranks(tmp_path_factory, tiny_vit_dir, image_folder) -> list[dict]:
             "train_batch_size": 2, "eval_args": eval_only_args(image_folder)}
     (workdir / "spec.json").write_text(json.dumps(spec))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1", CACHE_ENV: str(workdir / "image_check_cache")}  # a fresh verdict cache
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_CONFIG),
                "--main_process_port", str(_free_port()), str(WORKER), str(workdir)]
     finished = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
@@ -77,6 +79,12 @@ def test_two_real_ranks(ranks):
     assert [r["num_processes"] for r in ranks] == [2, 2]
     assert [r["process_index"] for r in ranks] == [0, 1]
     assert all(r["distributed_type"] == "DistributedType.MULTI_CPU" for r in ranks)
+
+
+def test_only_the_main_process_decodes_the_images_the_others_find_them_cached(ranks):
+    """README, Corrupt images: the main process checks the images first; the other ranks only stat them."""
+    assert ranks[0]["accelerate"]["image_decodes"] >= 15  # 15 training + 6 validation images, fresh cache
+    assert ranks[1]["accelerate"]["image_decodes"] == 0
 
 
 @pytest.mark.parametrize("scenario", ["accelerate", "accelerate_resumed", "trainer"])

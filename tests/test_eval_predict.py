@@ -108,10 +108,15 @@ def test_predictions_csv_has_top_k_in_order(tmp_path):
         evaluation.write_predictions_csv(tmp_path / "r.csv", "index", [0, 1], logits, labels, true_labels=["b"])
 
 
-def test_labels_match_by_name_else_by_position_else_one_error():
+def test_labels_match_by_name_else_by_position_with_a_warning_else_one_error(caplog):
     model = ["blue", "green", "red"]
-    assert match_labels(["green", "red"], model).tolist() == [1, 2], "a folder with fewer classes: by name"
-    assert match_labels(["LABEL_0", "LABEL_1", "LABEL_2"], model).tolist() == [0, 1, 2], "same count: by position"
+    with caplog.at_level("WARNING", logger="cdb_hf.eval_only"):
+        assert match_labels(["green", "red"], model).tolist() == [1, 2], "a folder with fewer classes: by name"
+        assert not caplog.records, "matching by name is silent"
+        assert match_labels(["LABEL_0", "LABEL_1", "LABEL_2"], model).tolist() == [0, 1, 2], "same count: by position"
+    (warning,) = caplog.records
+    assert warning.levelname == "WARNING" and "matched by position" in warning.getMessage()
+    assert "['LABEL_0', 'LABEL_1', 'LABEL_2']" in warning.getMessage() and "['blue', 'green', 'red']" in warning.getMessage()
     with pytest.raises(ValueError, match=r"\['cyan', 'pink'\] are not among the model's 3 classes"):
         match_labels(["blue", "cyan", "pink", "red"], model)
 
@@ -156,6 +161,11 @@ def test_predict_split_of_a_dataset_is_keyed_by_index_with_its_true_labels(tmp_p
     (["--ab_seeds", "2"], "--ab_seeds needs training"),
     (["--push_to_hub"], "--push_to_hub needs training"),
     (["--lora_r", "4"], "--lora_r needs training"),
+    (["--lora_alpha", "8"], "--lora_alpha needs training"),
+    (["--lora_dropout", "0.1"], "--lora_dropout needs training"),
+    (["--lora_target_modules", "query"], "--lora_target_modules needs training"),
+    (["--lora_merge", "true"], "--lora_merge needs training"),
+    (["--ab_extra_arm", "weight_decay=0.05"], "--ab_extra_arm needs training"),
     (["--do_predict"], "--do_predict needs exactly one of --predict_dir"),
     (["--predict_dir", "."], "--predict_dir needs --do_predict"),
 ])

@@ -9,6 +9,8 @@ import torch
 import transformers.trainer
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.integrations import integration_utils
+from transformers.trainer_utils import HPSearchBackend
 
 from cdb_hf import ChannelDropBackCallback, ChannelDropBackConfig, add_channel_drop_back
 from cdb_hf.callback import trial_config
@@ -46,7 +48,7 @@ class TrialRecorder(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         cdb = self.cdb_callback.cdb
         self.trials.append({"params": dict(state.trial_params or {}), "config": cdb.config if cdb else None,
-                            "keep": []})
+                            "keep": [], "learning_rate": args.learning_rate})
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "cdb/keep_fraction" in logs:
@@ -92,8 +94,34 @@ def test_each_trial_trains_with_its_own_cdb_channel_rate(trainer_class, tmp_path
         # What the masking did: every step dropped exactly `rate` of the selected layer's 16 rows.
         assert trial["keep"] and all(keep == pytest.approx(1 - rate) for keep in trial["keep"])
     assert best.hyperparameters["cdb_channel_rate"] in RATES
+    assert [trial["learning_rate"] for trial in recorder.trials] == [0.05, 0.05]  # not the args' 0.1
     if trainer_class == "CDBTrainer":  # it keeps the cdb keys out of TrainingArguments and their warning
         assert not [w for w in warnings if "cdb_channel_rate" in w]
+
+
+@pytest.mark.parametrize("backend", [HPSearchBackend.RAY, HPSearchBackend.WANDB])
+def test_a_ray_or_wandb_trial_dict_configures_cdb_and_the_training_arguments(backend, tmp_path):
+    """ray and wandb hand the Trainer the trial as a dict of its parameters (no hp_space call): CDBTrainer
+    takes the cdb_* keys from it for CDB and leaves the rest to TrainingArguments, without a warning."""
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, logging_steps=1,
+                             learning_rate=0.1, use_cpu=True, report_to="none", save_strategy="no",
+                             eval_strategy="no", disable_tqdm=True)
+    cdb_callback = ChannelDropBackCallback(ChannelDropBackConfig(channel_rate=0.1, channel_sampling="exact", seed=1))
+    trainer = CDBTrainer(model_init=TinyNet, args=args, train_dataset=_data(16), callbacks=[cdb_callback])
+    recorder = TrialRecorder(cdb_callback)
+    trainer.add_callback(recorder)
+    trainer.hp_search_backend = backend  # what hyperparameter_search(backend=...) sets before each trial
+    available = {HPSearchBackend.RAY: "is_ray_tune_available", HPSearchBackend.WANDB: "is_wandb_available"}[backend]
+    # Neither package is installed here: transformers reads a dict trial only when one is, and names the
+    # trial's folder after the backend's run id.
+    with mock.patch.object(integration_utils, available, return_value=True), \
+            mock.patch.object(trainer, "_get_output_dir", return_value=str(tmp_path)), \
+            mock.patch.object(transformers.trainer.logger, "warning") as warning:
+        trainer.train(trial={"cdb_channel_rate": 0.5, "learning_rate": 0.05})
+    (trial,) = recorder.trials
+    assert trial["config"].channel_rate == 0.5 and trial["learning_rate"] == 0.05
+    assert trial["keep"] and all(keep == pytest.approx(0.5) for keep in trial["keep"])
+    assert not [call for call in warning.call_args_list if "cdb_channel_rate" in str(call.args)]
 
 
 def test_a_cdb_false_trial_trains_without_cdb(tmp_path):

@@ -152,3 +152,24 @@ def test_push_is_refused_up_front_when_offline(monkeypatch):
         check_can_push(args)
     monkeypatch.setattr(cdb_hf.hub, "get_token", lambda: "hf_cached")
     check_can_push(args)
+
+
+@pytest.mark.parametrize("trainer", ["hf", "accelerate"])
+@pytest.mark.parametrize("situation", ["offline", "no token"])
+def test_a_run_that_cannot_push_is_told_before_training(situation, trainer, tmp_path, tiny_vit_dir, image_folder,
+                                                        monkeypatch):
+    """README, outputs: a machine that is offline or has no token is told so before training, in a real run."""
+    from test_cli import finetune_argv, run_quietly
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", situation == "offline")
+    monkeypatch.setattr(cdb_hf.hub, "get_token", lambda: None)
+    output_dir = tmp_path / "out"
+
+    code, printed = run_quietly(finetune_argv(tiny_vit_dir, image_folder, output_dir, "--trainer", trainer,
+                                              "--push_to_hub", "true", "--hub_model_id", "me/run"))
+
+    expected = "HF_HUB_OFFLINE is set" if situation == "offline" else "needs a Hugging Face token"
+    assert code == 2 and printed.count("\n") == 1 and expected in printed, printed
+    assert printed.startswith("run_finetune.py: error: --push_to_hub needs")
+    assert not output_dir.exists(), "refused before the run folder (made before training) was made"
+

@@ -1,7 +1,12 @@
-"""The README's core example runs as written."""
+"""The README's core example runs as written and prints what it says."""
 
+import ast
 import re
 from pathlib import Path
+
+import torch
+
+from cdb_hf import ChannelDropBack, ChannelDropBackConfig
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -11,5 +16,20 @@ def test_core_example_runs_as_written(capsys):
     example = next(b for b in blocks if "cdb.attach(optimizer)" in b)
     exec(compile(example, str(README), "exec"), {})
     lines = capsys.readouterr().out.strip().splitlines()
-    assert [line.split()[0] for line in lines] == ["1", "2", "3"]
-    assert all("weight" in line for line in lines)  # one layer selected per step, by default
+    steps = [int(line.split(maxsplit=1)[0]) for line in lines]
+    printed = [ast.literal_eval(line.split(maxsplit=1)[1]) for line in lines]
+    assert steps == [1, 2, 3]
+    # A selection is a pure function of (seed, step): the same config on a model of the same shapes draws
+    # the same layer and the same number of kept rows at each step, whatever the weights and data.
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    cdb = ChannelDropBack(model, ChannelDropBackConfig(channel_rate=0.3, mode="exact"))
+    expected = []
+    for _ in range(3):
+        cdb.before_step(torch.optim.SGD(model.parameters(), lr=0.0))
+        expected.append({name: int(mask.sum()) for name, mask in cdb.last_selection.items()})
+        cdb.after_step(torch.optim.SGD(model.parameters(), lr=0.0))
+    assert printed == expected
+    assert all(len(selection) == 1 for selection in printed)  # one layer selected per step, by default
+    assert all(0 < kept < {"0.weight": 32, "2.weight": 4}[name] for s in printed for name, kept in s.items())

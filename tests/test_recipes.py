@@ -3,7 +3,6 @@ baseline is --cdb false); the offline recipe runs (truncated) end to end and is 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from pathlib import Path
@@ -40,30 +39,12 @@ DATASET_IDS = {"cifar10": "uoft-cs/cifar10", "cifar100": "uoft-cs/cifar100", "sv
 EVAL_SPLITS = {"cifar10": "test", "cifar100": "test", "svhn": "test", "imagenet": "validation"}
 
 
-#: Whether the core has the piecewise schedule the paper recipes use (developed alongside; see the skips).
-HAS_PIECEWISE = "schedule_milestones" in {f.name for f in dataclasses.fields(ChannelDropBackConfig)}
-NO_PIECEWISE = "ChannelDropBackConfig has no schedule_milestones/schedule_rates yet (schedule='piecewise' lands " \
-               "with the core's piecewise schedule); the rest of each recipe is checked without those keys"
 # The official StepLR_Dropback rates, in phase order.
 OFFICIAL_CDB_RATES = [0.03, 0.15, 0.3]
 
 
 def _raw(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
-
-
-def _parseable(path: Path, tmp_path: Path) -> Path:
-    """``path``, or, while the core lacks the piecewise schedule, a copy with the official 'step' schedule."""
-    raw = _raw(path)
-    if HAS_PIECEWISE or raw.get("cdb_schedule") != "piecewise":
-        return path
-    for key in ("cdb_schedule_milestones", "cdb_schedule_rates"):
-        raw.pop(key)
-    raw["cdb_schedule"] = "step"
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    copy = tmp_path / path.name
-    copy.write_text(yaml.safe_dump(raw))
-    return copy
 
 
 def _official_cdb_phase_starts(epochs: int) -> list[int]:
@@ -96,7 +77,7 @@ def test_the_expected_recipes_exist_once_each():
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_recipe_parses_and_validates(path, tmp_path):
-    model_args, data_args, cdb_args, run_args, training_args = cli.parse_args([str(_parseable(path, tmp_path))])
+    model_args, data_args, cdb_args, run_args, training_args = cli.parse_args([str(path)])
     assert model_args.model_name_or_path and (data_args.dataset_name or data_args.train_dir)
     assert cdb_args.cdb is True
     training_args.output_dir = str(tmp_path / "out")  # validation must not depend on the checkout
@@ -112,7 +93,7 @@ def test_paper_recipes_follow_the_official_fine_tuning_code(stem, tmp_path):
     raw = _raw(path)
     model_key, dataset_key = re.match(r"([a-z0-9-]+?)(?:-384)?_(\w+)$", stem).groups()
     assert raw["model_name_or_path"] == HUB_IDS[model_key] and raw["dataset_name"] == DATASET_IDS[dataset_key]
-    _, _, cdb_args, run_args, training_args = cli.parse_args([str(_parseable(path, tmp_path))])
+    _, _, cdb_args, run_args, training_args = cli.parse_args([str(path)])
     assert training_args.optim == "sgd" and training_args.optim_args == "momentum=0.9,nesterov=True"
     assert (training_args.learning_rate, training_args.weight_decay) == (0.01, 1e-4)
     batch = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
@@ -149,7 +130,6 @@ def test_the_official_boundaries_for_known_epoch_counts():
     assert _official_lr_milestones(85) == [26, 51, 72] and _official_lr_milestones(10) == [3, 6, 8]
 
 
-@pytest.mark.skipif(not HAS_PIECEWISE, reason=NO_PIECEWISE)
 @pytest.mark.parametrize("stem", PAPER_RECIPES)
 def test_paper_recipes_configure_the_official_cdb_schedule(stem, tmp_path):
     """Through the CLI parser and pre-flight, the recipe's piecewise schedule is the official one per epoch."""
@@ -224,7 +204,7 @@ def test_384_recipes_resize_a_224_px_patch16_checkpoint_to_a_24x24_grid(stem, tm
                                          intermediate_size=32, image_size=224, patch_size=16)).save_pretrained(tmp_path)
     ViTImageProcessor(size={"height": 224, "width": 224}, image_mean=[0.5] * 3, image_std=[0.5] * 3) \
         .save_pretrained(tmp_path)
-    model_args = cli.parse_args([str(_parseable(RECIPES_DIR / f"{stem}.yaml", tmp_path / "recipe"))])[0]
+    model_args = cli.parse_args([str(RECIPES_DIR / f"{stem}.yaml")])[0]
     model_args.model_name_or_path = str(tmp_path)
     model, processor = load_model_and_processor(model_args, ["a", "b"])
     assert model.vit.embeddings.position_embeddings.shape[1] == 1 + 24 * 24
@@ -233,20 +213,29 @@ def test_384_recipes_resize_a_224_px_patch16_checkpoint_to_a_24x24_grid(stem, tm
 
 @pytest.mark.parametrize("path", [p for p in RECIPES if _is_offline(p)], ids=lambda p: p.stem)
 def test_offline_recipe_runs_on_truncated_data(path, tmp_path):
+    """The offline A/B recipe, one seed, truncated: every arm trains, evaluates the same 4 images, and the
+    summary reports each arm's own result and their paired difference; only the CDB arm has CDB, the recipe's."""
+    raw = _raw(path)
     output_dir = tmp_path / "run"
     argv = [str(path), "--output_dir", str(output_dir), "--max_steps", "1", "--max_train_samples", "4",
             "--max_eval_samples", "4", "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "4",
-            "--eval_strategy", "no", "--log_level", "error"]
-    if _raw(path).get("ab_seeds", 0) > 1:
-        argv += ["--ab_seeds", "1"]
+            "--eval_strategy", "no", "--log_level", "error", "--ab_seeds", "1"]
     assert cli.main(argv) == 0
-    if _raw(path).get("ab_seeds", 0) > 1:
-        results = json.loads((output_dir / "results.json").read_text())
-        assert results["summary"]["complete_seeds"] == [_raw(path).get("seed", 42)]
-    else:
-        metrics = json.loads((output_dir / "all_results.json").read_text())
-        assert 0.0 <= metrics["eval_accuracy"] <= 1.0
-        assert (output_dir / "cdb_config.json").is_file()
+    summary = json.loads((output_dir / "results.json").read_text())["summary"]
+    seed = raw.get("seed", 42)
+    assert summary["complete_seeds"] == [seed] and not summary["failed_runs"]
+    accuracy = summary["metrics"]["eval_accuracy"]
+    for arm in summary["arms"]:
+        results = json.loads((output_dir / f"seed{seed}" / arm / "all_results.json").read_text())
+        state = json.loads((output_dir / f"seed{seed}" / arm / "trainer_state.json").read_text())
+        assert state["global_step"] == 1
+        assert results["eval_accuracy"] * 4 == round(results["eval_accuracy"] * 4), "4 images evaluated"
+        assert accuracy[arm]["mean"] == results["eval_accuracy"] and accuracy[arm]["n"] == 1
+        assert (output_dir / f"seed{seed}" / arm / "cdb_config.json").is_file() == (arm == "cdb")
+    assert accuracy["difference"]["mean"] == pytest.approx(accuracy["cdb"]["mean"] - accuracy["baseline"]["mean"])
+    cdb = json.loads((output_dir / f"seed{seed}" / "cdb" / "cdb_config.json").read_text())
+    assert {key: cdb[key.removeprefix("cdb_")] for key in raw if key.startswith("cdb_")} == \
+        {key: value for key, value in raw.items() if key.startswith("cdb_")}
 
 
 # The paper recipe's own keys that name its Hub model, data and hardware: replaced by the tiny fixtures.

@@ -181,8 +181,32 @@ def test_a_real_divergence_restores_the_run_it_was_replacing(trainer, tmp_path, 
     line = one_error_line(capsys, prefix="run_finetune.py: training diverged")
     assert "training diverged" in line and f"the previous run in {str(previous)!r} was restored" in line, line
     assert tree_hashes(previous) == before
-    for failed in tmp_path.glob(".out.failed-*"):  # the failed attempt, kept only for its checkpoints
-        assert str(failed) in line
+    assert not list(tmp_path.glob(".out.failed-*")), "a failed attempt with no checkpoint is not kept"
+
+
+@pytest.mark.parametrize("trainer", PATHS)
+def test_a_failed_replacement_keeps_its_checkpoints_beside_the_restored_run(trainer, tmp_path, capsys,
+                                                                           tiny_vit_dir, image_folder,
+                                                                           loss_becomes_nan_from_step):
+    """README, "Nothing lost": the failed run's checkpoints stay beside the restored one, in .<name>.failed-*."""
+    previous = make_previous_run(tmp_path / "out")
+    before = tree_hashes(previous)
+    loss_becomes_nan_from_step(5)
+
+    code = cli.main(argv_for(trainer, tiny_vit_dir, image_folder, previous, "--max_steps", "6",
+                             "--overwrite_output_dir", "true"))
+
+    assert code == 1
+    line = one_error_line(capsys, prefix="run_finetune.py: training diverged")
+    assert tree_hashes(previous) == before
+    failed = list(tmp_path.glob(".out.failed-*"))
+    assert len(failed) == 1, sorted(p.name for p in tmp_path.iterdir())
+    assert str(failed[0]) in line, line
+    assert json.loads((failed[0] / RUN_MARKER).read_text())["status"] == "failed"
+    record, problem = read_checkpoint_record(failed[0] / "checkpoint-4")
+    assert record is not None and record["step"] == 4, problem
+    weights = load_file(failed[0] / "checkpoint-4" / "model.safetensors")
+    assert all(torch.isfinite(tensor).all() for tensor in weights.values())
 
 
 def test_results_files_are_strict_json(tmp_path, tiny_vit_dir, image_folder):
@@ -260,6 +284,39 @@ def test_resume_allow_cdb_changes_goes_ahead_and_says_so(trainer, tmp_path, save
     assert code == 0, printed
     assert "seed: 0 in the checkpoint, 1 now" in caplog.text and "resuming anyway" in caplog.text
     assert (tmp_path / "resumed" / "model.safetensors").is_file()
+
+
+@pytest.fixture(scope="module")
+def saved_linear_runs(tmp_path_factory, tiny_vit_dir, image_folder):
+    """Per path: a 4-step run with --cdb_schedule linear (a setting that depends on the run's length)."""
+    runs = {}
+    for trainer in PATHS:
+        output_dir = tmp_path_factory.mktemp(f"linear_{trainer}") / "out"
+        code, printed = run_quietly(argv_for(trainer, tiny_vit_dir, image_folder, output_dir, "--max_steps", "4",
+                                             "--cdb_schedule", "linear"))
+        assert code == 0, printed
+        runs[trainer] = output_dir
+    return runs
+
+
+@pytest.mark.parametrize("trainer", PATHS)
+def test_resuming_a_run_length_dependent_schedule_with_another_length_is_refused_once_training_starts(
+        trainer, tmp_path, capsys, saved_linear_runs, tiny_vit_dir, image_folder):
+    """The run-sized settings (a linear schedule's total steps) are only known once training starts: that
+    in-training check must refuse, as pre-flight does for the user-level settings."""
+    checkpoint = saved_linear_runs[trainer] / "checkpoint-2"
+    before = tree_hashes(saved_linear_runs[trainer])
+
+    code = cli.main(argv_for(trainer, tiny_vit_dir, image_folder, tmp_path / "resumed", "--max_steps", "8",
+                             "--cdb_schedule", "linear", "--resume_from_checkpoint", str(checkpoint)))
+
+    assert code == 2
+    line = one_error_line(capsys)
+    assert "other ChannelDropBack settings" in line and "--resume_allow_cdb_changes" in line, line
+    assert "in the checkpoint" in line and "8 now" in line, line
+    assert tree_hashes(saved_linear_runs[trainer]) == before
+    assert not (tmp_path / "resumed" / "model.safetensors").exists()
+    assert not list((tmp_path / "resumed").glob("checkpoint-*"))
 
 
 # ---------------------------------------------------------------------------------- killed while saving
