@@ -184,7 +184,7 @@ def train(plan: RunPlan) -> dict[str, float]:
             if due["save"]:
                 save_checkpoint(accelerator, plan, progress, cdb_config,
                                 stream=parts.train_dataset if streamed else None)
-            if PREEMPTION.due(accelerator.num_processes, accelerator.device):  # this step is done: save, stop
+            if PREEMPTION.due(accelerator.num_processes):  # this step is done: save, stop
                 if not due["save"]:
                     guard.check(step, last_checkpoint(args.output_dir))
                     save_checkpoint(accelerator, plan, progress, cdb_config,

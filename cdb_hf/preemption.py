@@ -9,6 +9,9 @@ the CLI prints one line saying how to continue and exits with ``128 + signal``.
 Several processes must stop at the same step: each rank's flag is all-reduced (maximum) without
 waiting, and the result is read one step later, when the reduction has long finished, so all ranks
 stop together one step after the signal reached any of them, with no blocking collective per step.
+The flag is a CPU tensor reduced over gloo (the default group when it is gloo, else a gloo group made
+once, by every rank at the same first step): reading it never waits for the accelerator's queue, as
+reading a flag reduced over NCCL would.
 """
 
 from __future__ import annotations
@@ -64,12 +67,15 @@ class Preemption:
         self.training = False
         self._previous: dict[int, Any] = {}
         self._pending: tuple[Any, torch.Tensor] | None = None
+        self._flag_group: Any = None  # the gloo group the flags are reduced over (None: the default group)
+        self._flag_group_ready = False
 
     def install(self) -> None:
         """Catch SIGTERM and SIGUSR1 (main thread only; elsewhere a no-op) until :meth:`uninstall`."""
         if threading.current_thread() is not threading.main_thread() or self._previous:
             return
         self.signum, self._pending = None, None
+        self._flag_group, self._flag_group_ready = None, False  # a new run may have a new process group
         for sig in SIGNALS:
             self._previous[sig] = signal.signal(sig, self._note)
 
@@ -93,17 +99,22 @@ class Preemption:
         finally:
             self.training = False
 
-    def due(self, num_processes: int = 1, device: torch.device | str = "cpu") -> bool:
+    def due(self, num_processes: int = 1) -> bool:
         """Whether the run stops after this optimizer step (every rank answers alike at every step)."""
         if num_processes <= 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
             return self.signum is not None
+        if not self._flag_group_ready:  # collective: every rank reaches its first due() at the same step
+            if torch.distributed.get_backend() != "gloo":
+                self._flag_group = torch.distributed.new_group(backend="gloo")
+            self._flag_group_ready = True
         agreed = 0
         if self._pending is not None:  # the reduction started one step ago: finished by now
             work, flags = self._pending
             work.wait()
-            agreed = int(flags.item())
-        flags = torch.tensor([self.signum or 0], dtype=torch.int64, device=device)
-        self._pending = (torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, async_op=True), flags)
+            agreed = int(flags.item())  # a CPU tensor: no wait on the accelerator
+        flags = torch.tensor([self.signum or 0], dtype=torch.int64)
+        self._pending = (torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, async_op=True,
+                                                      group=self._flag_group), flags)
         if agreed:
             self.signum = agreed
         return bool(agreed)

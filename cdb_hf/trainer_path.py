@@ -362,7 +362,7 @@ class _RunWatch(TrainerCallback):
             self.startup.ready()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if PREEMPTION.due(args.world_size, args.device):  # finish this step: save it, then stop
+        if PREEMPTION.due(args.world_size):  # finish this step: save it, then stop
             control.should_save = control.should_training_stop = True
             self.preempted_step = state.global_step
         if control.should_log or control.should_evaluate or control.should_save or state.global_step >= state.max_steps:

@@ -4,7 +4,11 @@ then a resume that must end bitwise equal to the uninterrupted run."""
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from test_cli import assert_same_weights, run_quietly
@@ -13,6 +17,8 @@ from test_safety import PATHS, argv_for, make_previous_run, tree_hashes
 
 from cdb_hf.run_dir import RUN_MARKER, read_checkpoint_record, read_run_marker
 from cdb_hf.run_lock import lock_path
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +113,43 @@ def test_a_signal_before_the_first_step_stops_at_once_and_puts_the_replaced_run_
                                             "again"), err[-3000:]
     assert tree_hashes(output_dir) == previous
     assert not list(tmp_path.glob(".out.*"))
+
+
+_FLAG_GROUP_SCRIPT = r"""
+import sys, tempfile
+import torch
+import torch.distributed as dist
+from cdb_hf.preemption import Preemption
+
+dist.init_process_group("gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
+made = []
+new_group = dist.new_group
+dist.new_group = lambda **kwargs: made.append(kwargs) or new_group(**kwargs)
+if sys.argv[1] == "nccl":  # what a GPU job's default group is: the flags must not be reduced over it
+    dist.get_backend = lambda group=None: "nccl"
+state = Preemption()
+reduced = []
+all_reduce = dist.all_reduce
+dist.all_reduce = lambda tensor, **kwargs: reduced.append((tensor.device.type, kwargs["group"])) or all_reduce(tensor, **kwargs)
+answers = [state.due(2)]
+state.signum = 15
+answers += [state.due(2), state.due(2), state.due(2)]
+print(answers, state.signum, made, [(device, group is None) for device, group in reduced])
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("backend", ["gloo", "nccl"])
+def test_the_ranks_flags_are_reduced_on_the_cpu_over_gloo(backend):
+    """The flag read at every step is a CPU tensor reduced over gloo, so reading it never waits on a GPU's
+    queue: over the default group when it is gloo, else over a gloo group made once. A signal noted at one
+    step is agreed one step later."""
+    done = subprocess.run([sys.executable, "-c", _FLAG_GROUP_SCRIPT, backend], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    line = done.stdout.strip().splitlines()[-1]
+    assert line.startswith("[False, False, True, True] 15 "), line
+    if backend == "gloo":
+        assert "[] [('cpu', True), ('cpu', True), ('cpu', True), ('cpu', True)]" in line
+    else:
+        assert "[{'backend': 'gloo'}] [('cpu', False), ('cpu', False), ('cpu', False), ('cpu', False)]" in line
