@@ -14,6 +14,7 @@ LAYERS = [
     {"hub", "streaming"},
     {"preflight"},
     {"callback", "run"},
+    {"trainer"},
     {"trainer_path", "accelerate_loop"},
     {"eval_only"},
     {"launch"},
