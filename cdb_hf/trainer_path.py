@@ -20,12 +20,12 @@ from transformers.trainer_utils import EvalPrediction, rotate_checkpoints
 from transformers.utils import logging
 
 from .callback import ChannelDropBackCallback
+from .inference import FinalEvaluation
 from .metrics import build_compute_metrics
 from .preemption import PREEMPTION
 from .preflight import RunPlan, check_resume_matches
 from .run import (
     DivergenceGuard,
-    FinalEvaluation,
     Startup,
     failed_run,
     finish_run,
