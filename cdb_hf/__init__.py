@@ -14,8 +14,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "ChannelDropBackCallback": "cdb_hf.callback",
     "add_channel_drop_back": "cdb_hf.callback",
-    "CDBTrainer": "cdb_hf.trainer_path",
-    "ResumeSafeTrainer": "cdb_hf.trainer_path",
+    "CDBTrainer": "cdb_hf.trainer",
+    "ResumeSafeTrainer": "cdb_hf.trainer",
     "PerExampleSeeded": "cdb_hf.data",
 }
 __all__ = ["ChannelDropBack", "ChannelDropBackConfig", *_LAZY, "__version__"]

@@ -23,7 +23,6 @@ Outputs in ``output_dir``: ``seed{s}/baseline``, ``seed{s}/cdb`` (and ``seed{s}/
 from __future__ import annotations
 
 import copy
-import csv
 import dataclasses
 import json
 import math
@@ -40,37 +39,19 @@ from accelerate import PartialState
 from transformers.utils import logging
 
 from . import launch
+from .ab_report import ARMS, EXTRA_ARM, METRICS, ArmRun, finite, render_report, write_results
 from .preflight import RunPlan, UsageError
 from .run import failed_run, open_run_dir
 
-__all__ = ["ARMS", "EXTRA_ARM", "ArmRun", "arms_of", "METRICS", "arm_plan", "final_train_loss", "format_number", "load_eval_curve", "paired_difference", "plot_ab",
-           "render_report", "run_ab", "summarize", "write_results"]
+__all__ = ["ARMS", "EXTRA_ARM", "ArmRun", "arms_of", "METRICS", "arm_plan", "final_train_loss", "load_eval_curve",
+           "paired_difference", "run_ab", "summarize"]
 
 logger = logging.get_logger(__name__)
 
-ARMS = ("baseline", "cdb")
-#: The optional third arm: the baseline with ``--ab_extra_arm``'s values.
-EXTRA_ARM = "extra"
-#: The metrics compared, in report order; ``eval_accuracy`` is the primary one.
-METRICS = ("eval_accuracy", "eval_loss", "final_train_loss", "train_runtime")
 _HIGHER_IS_BETTER = {"eval_accuracy": True, "eval_loss": False, "final_train_loss": False, "train_runtime": False}
 _ERROR_TAIL_LINES = 6
 
 TrainFn = Callable[[RunPlan], dict[str, float]]
-
-
-@dataclasses.dataclass
-class ArmRun:
-    """One training run of one arm for one seed: its final metrics, validation curve, or its error."""
-
-    seed: int
-    arm: str
-    output_dir: str
-    status: str = "ok"  # "ok" | "failed"
-    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
-    curve: list[dict[str, float]] = dataclasses.field(default_factory=list)
-    error: str | None = None
-    wall_time_s: float = 0.0
 
 
 # ------------------------------------------------------------------------------------------- statistics
@@ -138,7 +119,7 @@ def summarize(runs: Sequence[ArmRun], metrics: Sequence[str] = METRICS, confiden
         "failed_runs": failed, "arms": list(arms), "metrics": {},
     }
     for metric in metrics:
-        pairs = [s for s in complete if all(_finite(by_seed[s][arm].metrics.get(metric)) for arm in arms)]
+        pairs = [s for s in complete if all(finite(by_seed[s][arm].metrics.get(metric)) for arm in arms)]
         values = {arm: [float(by_seed[s][arm].metrics[metric]) for s in pairs] for arm in arms}
         summary["metrics"][metric] = {
             "seeds": pairs,
@@ -151,9 +132,6 @@ def summarize(runs: Sequence[ArmRun], metrics: Sequence[str] = METRICS, confiden
                                                                                confidence)
     return summary
 
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # ------------------------------------------------------------------------------------------- running
@@ -220,7 +198,7 @@ def run_ab(plan: RunPlan, *, train_fn: TrainFn | None = None, confidence: float 
                 tic = time.time()
                 try:
                     metrics = train_fn(arm_run_plan)
-                    run.metrics = {k: float(v) for k, v in (metrics or {}).items() if _finite(v)}
+                    run.metrics = {k: float(v) for k, v in (metrics or {}).items() if finite(v)}
                     run.curve = load_eval_curve(run.output_dir)
                     train_loss = final_train_loss(run.output_dir)
                     if train_loss is not None:  # how far the run fitted its training set (a regularizer's room)
@@ -262,9 +240,9 @@ def load_eval_curve(output_dir: str | os.PathLike) -> list[dict[str, float]]:
         point = {}
         for name in ("accuracy", "loss"):
             for key in (f"eval_{name}", f"eval/{name}"):
-                if _finite(entry.get(key)):
+                if finite(entry.get(key)):
                     point[f"eval_{name}"] = float(entry[key])
-        if point and _finite(entry.get("step")):
+        if point and finite(entry.get("step")):
             curve.append({"step": float(entry["step"]), **point})
     # The Trainer path evaluates once more after training, at the same step: keep one point per step.
     unique = {point["step"]: point for point in curve}
@@ -273,7 +251,7 @@ def load_eval_curve(output_dir: str | os.PathLike) -> list[dict[str, float]]:
 
 def final_train_loss(output_dir: str | os.PathLike) -> float | None:
     """The last logged training loss (a window of ``logging_steps``) in a run's ``trainer_state.json``."""
-    losses = [float(entry["loss"]) for entry in _log_history(output_dir) if _finite(entry.get("loss"))]
+    losses = [float(entry["loss"]) for entry in _log_history(output_dir) if finite(entry.get("loss"))]
     return losses[-1] if losses else None
 
 
@@ -317,193 +295,3 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (bool, int, float, str)) or value is None:
         return value
     return str(getattr(value, "value", value))
-
-
-# ------------------------------------------------------------------------------------------- reporting
-
-
-def write_results(root: str | os.PathLike, runs: Sequence[ArmRun], summary: dict[str, Any]) -> str:
-    """Write ``results.json``, ``results.csv``, ``report.md`` and ``ab_plot.png`` into ``root``; return the report."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    payload = {"summary": summary, "runs": [dataclasses.asdict(run) for run in runs]}
-    (root / "results.json").write_text(json.dumps(_json_safe(payload), indent=2) + "\n")
-    with open(root / "results.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["seed", "arm", "status", *METRICS, "wall_time_s", "output_dir", "error"])
-        for run in runs:
-            writer.writerow([run.seed, run.arm, run.status, *(_csv(run.metrics.get(m)) for m in METRICS),
-                             f"{run.wall_time_s:.1f}", run.output_dir, run.error or ""])
-    report = render_report(runs, summary)
-    (root / "report.md").write_text(report + "\n")
-    try:
-        plot_ab(runs, summary, root / "ab_plot.png")
-    except ImportError as error:  # matplotlib is an optional (demo) dependency
-        logger.warning(f"No plot: {error}. pip install matplotlib (or cdb_hf[demo]).")
-    return report
-
-
-def _csv(value: Any) -> str:
-    return "" if value is None else f"{value:.6g}"
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN/inf are not JSON: write them as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def format_number(value: float | None, digits: int, scale: float = 1.0, signed: bool = False) -> str:
-    """``scale * value`` with ``digits`` decimals (a sign when ``signed``), or ``n/a`` when not finite."""
-    if not _finite(value):
-        return "n/a"
-    return f"{scale * value:{'+' if signed else ''}.{digits}f}"
-
-
-def _fmt(value: float, metric: str, signed: bool = False) -> str:
-    scale, digits = (100.0, 2) if metric == "eval_accuracy" else (1.0, 1) if metric == "train_runtime" else (1.0, 4)
-    return format_number(value, digits, scale, signed)
-
-
-_LABELS = {"eval_accuracy": "accuracy (%)", "eval_loss": "eval loss", "final_train_loss": "final train loss",
-           "train_runtime": "train time (s)"}
-_ARM_NAMES = {"baseline": "baseline", "cdb": "CDB", EXTRA_ARM: "extra"}
-#: Each arm compared with the baseline, and the summary key of its paired difference.
-_DIFFERENCES = (("cdb", "difference"), (EXTRA_ARM, "extra_difference"))
-
-
-def _arm_names(summary: dict[str, Any]) -> dict[str, str]:
-    """Display names; the extra arm is named by what it changes (e.g. ``weight_decay=0.05``)."""
-    extra = summary.get("setup", {}).get("extra_arm")
-    return {**_ARM_NAMES, **({EXTRA_ARM: extra} if extra else {})}
-
-
-def render_report(runs: Sequence[ArmRun], summary: dict[str, Any]) -> str:
-    """A Markdown report: per-seed table, mean ± std per arm, paired differences with their CI."""
-    arms = tuple(summary.get("arms", ARMS))
-    names = _arm_names(summary)
-    by_key = {(r.seed, r.arm): r for r in runs}
-    title = "baseline vs ChannelDropBack" + (f" vs {names[EXTRA_ARM]}" if EXTRA_ARM in arms else "")
-    compared = [arm for arm in arms if arm != "baseline"]
-    lines = [f"## A/B: {title} (paired seeds)", "",
-             "| seed | " + " | ".join(f"{_LABELS[m]} {names[arm]}" for m in METRICS for arm in arms)
-             + " | " + " | ".join(f"Δ accuracy {names[arm]} (pt)" for arm in compared) + " |",
-             "|---:|" + "---:|" * (len(arms) * len(METRICS) + len(compared))]
-    for seed in summary["seeds"]:
-        cells = []
-        for metric in METRICS:
-            for arm in arms:
-                run = by_key.get((seed, arm))
-                cells.append("FAILED" if run is None or run.status != "ok" else _fmt(run.metrics.get(metric), metric))
-        base = by_key.get((seed, "baseline"))
-        for arm in compared:
-            other = by_key.get((seed, arm))
-            delta = (other.metrics.get("eval_accuracy", math.nan) - base.metrics.get("eval_accuracy", math.nan)
-                     if base and other and base.status == other.status == "ok" else math.nan)
-            cells.append(_fmt(delta, "eval_accuracy", signed=True))
-        lines.append(f"| {seed} | " + " | ".join(cells) + " |")
-
-    confidence = None
-    lines += ["", "| metric | " + " | ".join(f"{names[arm]} mean ± std" for arm in arms) + " | comparison | "
-              "difference (mean) | CI | p | pairs |", "|---|" + "---:|" * len(arms) + "---|---:|---:|---:|---:|"]
-    for metric, stats in summary["metrics"].items():
-        arm_cells = [f"{_fmt(stats[arm]['mean'], metric)} ± {_fmt(stats[arm]['std'], metric)}" for arm in arms]
-        for arm, key in _DIFFERENCES:
-            if key not in stats:
-                continue
-            diff = stats[key]
-            confidence = diff["confidence"]
-            interval = (f"[{_fmt(diff['ci_low'], metric, True)}, {_fmt(diff['ci_high'], metric, True)}]"
-                        if _finite(diff["ci_low"]) else "n/a")
-            p_value = f"{diff['p_value']:.3f}" if _finite(diff["p_value"]) else "n/a"
-            lines.append(f"| {_LABELS.get(metric, metric)} | " + " | ".join(arm_cells) + f" | {names[arm]} - baseline"
-                         f" | {_fmt(diff['mean'], metric, True)} | {interval} | {p_value} | {diff['n']} |")
-            arm_cells = [""] * len(arms)  # the arms' columns once per metric
-    if confidence is not None:
-        lines += ["", f"CI: {100 * confidence:.0f}% Student-t interval of the mean paired difference "
-                      "(accuracy differences in percentage points)."]
-
-    accuracy = summary["metrics"].get("eval_accuracy", {})
-    verdicts = []
-    for arm, key in _DIFFERENCES:
-        diff = accuracy.get(key, {})
-        if not _finite(diff.get("ci_low")):
-            continue
-        if diff["ci_low"] > 0:
-            verdicts.append(f"{names[arm]}'s accuracy is higher than the baseline's, and the interval excludes zero.")
-        elif diff["ci_high"] < 0:
-            verdicts.append(f"{names[arm]}'s accuracy is lower than the baseline's, and the interval excludes zero.")
-        else:
-            verdicts.append(f"{names[arm]} vs baseline: the interval includes zero: no detectable accuracy "
-                            "difference at this number of seeds.")
-    if verdicts:
-        lines += ["", "Verdict: " + " ".join(verdicts)]
-    lost = summary["incomplete_seeds"]
-    if summary["failed_runs"]:
-        lines += ["", f"{len(summary['failed_runs'])} run(s) FAILED; {len(lost)} seed(s) left out of the "
-                      f"statistics (seeds {lost}):"]
-        lines += [f"- seed {f['seed']}, {f['arm']}: {f['error']}" for f in summary["failed_runs"]]
-    return "\n".join(lines)
-
-
-def plot_ab(runs: Sequence[ArmRun], summary: dict[str, Any], path: str | os.PathLike) -> None:
-    """Two panels: final accuracy per seed (pairs joined), and every run's validation accuracy curve."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never needs a display
-    import matplotlib.pyplot as plt
-
-    arms = tuple(summary.get("arms", ARMS))
-    colours = {"baseline": "tab:blue", "cdb": "tab:orange", EXTRA_ARM: "tab:green"}
-    names = _arm_names(summary)
-    by_key = {(r.seed, r.arm): r for r in runs if r.status == "ok"}
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-
-    for seed in summary["seeds"]:
-        pair = [by_key.get((seed, arm)) for arm in arms]
-        values = [100 * r.metrics["eval_accuracy"] if r and "eval_accuracy" in r.metrics else None for r in pair]
-        if all(v is not None for v in values):
-            left.plot(range(len(arms)), values, color="0.7", linewidth=1, zorder=1)
-        for x, (arm, value) in enumerate(zip(arms, values)):
-            if value is not None:
-                left.scatter([x], [value], color=colours[arm], zorder=2)
-    stats = summary["metrics"].get("eval_accuracy", {})
-    for x, arm in enumerate(arms):
-        mean = stats.get(arm, {}).get("mean", math.nan)
-        if _finite(mean):
-            left.hlines(100 * mean, x - 0.15, x + 0.15, color=colours[arm], linewidth=3)
-    title = "final validation accuracy per seed"
-    for arm, key in _DIFFERENCES:
-        diff = stats.get(key, {})
-        if _finite(diff.get("ci_low")):
-            title += (f"\n{names[arm]} - baseline = {100 * diff['mean']:+.2f} pt, {100 * diff['confidence']:.0f}% CI "
-                      f"[{100 * diff['ci_low']:+.2f}, {100 * diff['ci_high']:+.2f}]")
-    left.set_title(title, fontsize=10)
-    left.set_xticks(range(len(arms)), [names[arm] for arm in arms])
-    left.set_xlim(-0.5, len(arms) - 0.5)
-    left.set_ylabel("accuracy (%)")
-
-    drawn = set()
-    for run in runs:
-        points = [p for p in run.curve if "eval_accuracy" in p]
-        if run.status != "ok" or not points:
-            continue
-        label = names[run.arm] if run.arm not in drawn else None
-        drawn.add(run.arm)
-        right.plot([p["step"] for p in points], [100 * p["eval_accuracy"] for p in points],
-                   color=colours[run.arm], alpha=0.7, linewidth=1.2, marker=".", label=label)
-    if drawn:
-        right.legend()
-    else:
-        right.text(0.5, 0.5, "no validation curves recorded", ha="center", va="center", transform=right.transAxes)
-    right.set_title("validation accuracy during training (one line per run)", fontsize=10)
-    right.set_xlabel("optimizer step")
-    right.set_ylabel("accuracy (%)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -1,9 +1,11 @@
 """The accelerate face of ChannelDropBack: a fine-tuning loop that reads top to bottom.
 
 It follows accelerate's ``complete_cv_example.py`` and timm's ``train.py``: :func:`train` sets up
-(``Accelerator`` -> shared data and model setup -> optimizer -> ``prepare`` -> ChannelDropBack -> resume),
-then alternates :func:`train_one_epoch` and checkpoints, and ends with :func:`evaluate` and the shared
-outputs. ChannelDropBack is two lines: build it from the model, attach it to the optimizer.
+(``Accelerator`` -> shared data and model setup -> optimizer -> ``prepare`` -> ChannelDropBack -> resume, in
+:func:`_prepare` and :func:`_resume`), loops over the epochs with :func:`train_one_epoch` (which logs, evaluates
+and saves as due after each optimizer step), then evaluates (:func:`~cdb_hf.inference.evaluate`) and saves the
+shared outputs. What the run works with is one :class:`LoopRun`. ChannelDropBack is two lines: build it from
+the model, attach it to the optimizer.
 
 It takes the same :class:`~cdb_hf.preflight.RunPlan` as the Trainer path and honours ``TrainingArguments``'
 names, so one recipe drives both::
@@ -27,31 +29,28 @@ from __future__ import annotations
 import math
 import os
 import time
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.data_loader import IterableDatasetShard
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, InitProcessGroupKwargs
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from . import metrics as cdb_metrics
 from . import streaming
-from .core import ChannelDropBack, StatsWindow
+from .core import ChannelDropBack, ChannelDropBackConfig, StatsWindow
 from .data import data_seed
+from .inference import FinalEvaluation, evaluate, predict
 from .optimization import build_lr_scheduler, build_optimizer, optimizer_steps_per_epoch
 from .preemption import PREEMPTION
 from .preflight import RunPlan, UsageError, check_resume_matches, loop_state_error, trackers_for
 from .run import (
     DivergenceGuard,
-    FinalEvaluation,
-    PredictSet,
+    RunParts,
     Startup,
     checkpoint_load_error,
     failed_run,
@@ -63,9 +62,9 @@ from .run import (
     setup_logging,
 )
 from .run_dir import write_checkpoint_record
-from .streaming import StreamEvalImages, StreamTrainImages
+from .streaming import StreamTrainImages
 
-__all__ = ["LoopProgress", "build_optimizer", "evaluate", "predict", "train", "train_one_epoch"]
+__all__ = ["LoopProgress", "LoopRun", "build_optimizer", "train", "train_one_epoch"]
 
 logger = get_logger(__name__)
 
@@ -77,7 +76,128 @@ def train(plan: RunPlan) -> dict[str, float]:
     before ``output_dir`` changes; a failure after that restores what it held.
     """
     args = plan.training
-    accelerator = Accelerator(
+    accelerator = _accelerator(plan)
+    setup_logging(args)
+    opened = []
+    with failed_run(opened):
+        with Startup(hold_back=args.get_process_log_level() > 10) as startup:
+            logger.info(accelerator.state)
+            run = _prepare(plan, accelerator)  # data, model, optimizer, accelerator.prepare, ChannelDropBack
+            if plan.resume_checkpoint is not None:
+                _check_loop_record(plan, run.max_steps, run.cdb_config)
+            opened.append(open_run_dir(plan))
+            if plan.resume_checkpoint is not None:
+                _resume(run)
+            startup.ready()
+        _start_logging(run)
+
+        # Train: epoch after epoch, until max_steps optimizer steps are done.
+        starting_epoch, resume_step = divmod(run.progress.completed_steps, run.steps_per_epoch)
+        first_step, start_time = run.progress.completed_steps, time.time()
+        run_loss, run_batches = torch.zeros((), device=accelerator.device), 0
+        run.model.train()
+        with PREEMPTION.training_steps():  # a SIGTERM/SIGUSR1 now waits for the end of the current step
+            for epoch in range(starting_epoch, math.ceil(run.max_steps / run.steps_per_epoch)):
+                batches = _epoch_batches(run, epoch, resume_step if epoch == starting_epoch else 0)
+                epoch_loss, epoch_batches = train_one_epoch(run, batches)
+                run_loss, run_batches = run_loss + epoch_loss, run_batches + epoch_batches
+                if run.progress.completed_steps >= run.max_steps:
+                    break
+        run.progress_bar.close()
+        metrics = _train_metrics(run, time.time() - start_time, first_step, run_loss, run_batches)
+
+        # Evaluate (and predict), then save.
+        run.guard.check(run.progress.completed_steps, last_checkpoint(args.output_dir))
+        run.progress.log_history.append({**metrics, "step": run.progress.completed_steps})
+        final = FinalEvaluation()
+        eval_metrics = evaluate(run.model, run.eval_dataloader, accelerator, len(run.parts.labels), final=final)
+        log_event(accelerator, eval_metrics, run.progress.completed_steps, metrics["epoch"], run.progress.log_history)
+        metrics.update(eval_metrics)
+        if run.parts.predict is not None:
+            final.predict_logits = predict(run.model, run.parts.predict, accelerator, args)
+        if run.cdb_handle is not None:
+            run.cdb_handle.remove()  # the model may outlive this run: leave its optimizer plain
+        accelerator.wait_for_everyone()
+        for tracker in accelerator.trackers:  # not end_training(): the process group must outlive this call
+            tracker.finish()                  # (A/B runs and callers train several times in one process)
+        if accelerator.is_main_process:
+            state = {"global_step": run.progress.completed_steps, "max_steps": run.max_steps,
+                     "epoch": metrics["epoch"], "log_history": run.progress.log_history}
+            finish_run(plan, opened[0], run.parts, accelerator.unwrap_model(run.model), run.cdb_config, metrics,
+                       trainer_state=state, log_history=run.progress.log_history, final=final)
+        accelerator.wait_for_everyone()
+    return metrics
+
+
+def train_one_epoch(run: LoopRun, batches) -> tuple[torch.Tensor, int]:
+    """One pass over ``batches``: accumulate, clip, step (CDB masks inside ``optimizer.step()``).
+
+    Returns the summed loss (on the device) and the number of micro-batches; after every optimizer step,
+    :func:`_after_step` logs, evaluates and saves as due. Stops early once ``max_steps`` optimizer steps are done.
+    """
+    accelerator, model, optimizer, args = run.accelerator, run.model, run.optimizer, run.plan.training
+    cdb, progress, window = run.cdb, run.progress, run.window
+    loss_sum, micro_batches = torch.zeros((), device=accelerator.device), 0
+    for batch in batches:
+        with accelerator.accumulate(model):
+            loss = model(**batch).loss
+            run.guard.observe(loss)  # folded into a device flag: no host sync here
+            window.add_loss(loss.detach())
+            loss_sum, micro_batches = loss_sum + loss.detach(), micro_batches + 1
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                if args.max_grad_norm and args.max_grad_norm > 0:
+                    window.grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                if cdb is not None:
+                    cdb.step = progress.completed_steps  # the selection is a pure function of (seed, this step)
+            optimizer.step()
+            if accelerator.sync_gradients:
+                window.learning_rate = run.lr_scheduler.get_last_lr()[0]  # the rate this step used
+                if not accelerator.optimizer_step_was_skipped:
+                    run.lr_scheduler.step()
+            optimizer.zero_grad()
+        if not accelerator.sync_gradients:
+            continue
+        progress.completed_steps += 1
+        if cdb is not None and cdb.stepped(progress.completed_steps - 1, accelerator.optimizer_step_was_skipped):
+            window.add_cdb(cdb.last_stats)
+        _after_step(run, progress.completed_steps % run.steps_per_epoch == 0
+                    or progress.completed_steps >= run.max_steps)
+        if progress.completed_steps >= run.max_steps:
+            break
+    return loss_sum, micro_batches
+
+
+# ---------------------------------------------------------------------------- set-up
+@dataclass
+class LoopRun:
+    """What one run of the loop works with: built once by :func:`_prepare`, then passed to each step of it."""
+
+    plan: RunPlan
+    accelerator: Accelerator
+    parts: RunParts
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    train_dataloader: Any
+    eval_dataloader: Any
+    max_steps: int
+    steps_per_epoch: int
+    #: the run-sized CDB configuration (epoch milestones resolved), None without CDB
+    cdb_config: ChannelDropBackConfig | None
+    cdb: ChannelDropBack | None
+    cdb_handle: Any
+    streamed: bool
+    progress: LoopProgress = field(default_factory=lambda: LoopProgress())
+    window: LogWindow = field(default_factory=lambda: LogWindow())
+    guard: DivergenceGuard | None = None  # from _start_logging on
+    progress_bar: Any = None  # from _start_logging on
+
+
+def _accelerator(plan: RunPlan) -> Accelerator:
+    """The run's ``Accelerator``, configured from ``TrainingArguments``' names as the Trainer would be."""
+    args = plan.training
+    return Accelerator(
         cpu=args.use_cpu,
         # --bf16/--fp16 win; without them `accelerate launch --mixed_precision` (or its config) decides.
         mixed_precision="bf16" if args.bf16 else "fp16" if args.fp16 else None,
@@ -93,252 +213,131 @@ def train(plan: RunPlan) -> dict[str, float]:
         # --ddp_timeout bounds every barrier, as on the Trainer path (a first image check may be long).
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout))],
     )
-    setup_logging(args)
-    opened = []
-    with failed_run(opened):
-        with Startup(hold_back=args.get_process_log_level() > 10) as startup:
-            logger.info(accelerator.state)
-            parts = prepare_run(plan)
-            model = parts.model
-            if args.gradient_checkpointing:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
-            streamed = isinstance(parts.train_dataset, StreamTrainImages)
-            if streamed:  # shuffled, split per rank and endless already: the loop only batches it
-                train_dataloader = DataLoader(parts.train_dataset, collate_fn=parts.collate_fn,
-                                              batch_size=args.per_device_train_batch_size)
-            else:
-                train_dataloader = DataLoader(
-                    parts.train_dataset, shuffle=args.train_sampling_strategy != "sequential",
-                    collate_fn=parts.collate_fn, batch_size=args.per_device_train_batch_size,
-                    num_workers=args.dataloader_num_workers, drop_last=args.dataloader_drop_last,
-                    # A private generator keeps the loader's seed draws off the global RNG, which dropout uses.
-                    generator=torch.Generator().manual_seed(data_seed(args)))
-            eval_dataloader = DataLoader(parts.eval_dataset, collate_fn=parts.collate_fn,
-                                         batch_size=args.per_device_eval_batch_size,
-                                         num_workers=args.dataloader_num_workers)
 
-            optimizer = build_optimizer(model, args, plan.run.weight_decay_all)
-            model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
-                model, optimizer, train_dataloader, eval_dataloader)
-            if streamed:  # a stream has no epochs: the whole run is one (pre-flight required --max_steps)
-                train_dataloader = streaming.unshard(train_dataloader)
-                steps_per_epoch = max_steps = args.max_steps
-            else:
-                steps_per_epoch = optimizer_steps_per_epoch(len(train_dataloader), args.gradient_accumulation_steps)
-                max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
-            lr_scheduler = accelerator.prepare(build_lr_scheduler(optimizer, args, plan.run, max_steps, steps_per_epoch))
 
-            # ChannelDropBack: build it from the model, attach it to the optimizer (its step hooks mask the rows).
-            cdb_config = plan.cdb_config.for_run(max_steps, steps_per_epoch) if plan.cdb_config else None
-            cdb = ChannelDropBack(accelerator.unwrap_model(model), cdb_config) if cdb_config else None
-            cdb_handle = cdb.attach(optimizer) if cdb else None
+def _prepare(plan: RunPlan, accelerator: Accelerator) -> LoopRun:
+    """Data and model (:func:`~cdb_hf.run.prepare_run`), dataloaders, optimizer and schedule, all prepared by
+    ``accelerator``; then ChannelDropBack: build it from the model, attach it to the optimizer."""
+    args = plan.training
+    parts = prepare_run(plan)
+    model = parts.model
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
+    streamed = isinstance(parts.train_dataset, StreamTrainImages)
+    if streamed:  # shuffled, split per rank and endless already: the loop only batches it
+        train_dataloader = DataLoader(parts.train_dataset, collate_fn=parts.collate_fn,
+                                      batch_size=args.per_device_train_batch_size)
+    else:
+        train_dataloader = DataLoader(
+            parts.train_dataset, shuffle=args.train_sampling_strategy != "sequential",
+            collate_fn=parts.collate_fn, batch_size=args.per_device_train_batch_size,
+            num_workers=args.dataloader_num_workers, drop_last=args.dataloader_drop_last,
+            # A private generator keeps the loader's seed draws off the global RNG, which dropout uses.
+            generator=torch.Generator().manual_seed(data_seed(args)))
+    eval_dataloader = DataLoader(parts.eval_dataset, collate_fn=parts.collate_fn,
+                                 batch_size=args.per_device_eval_batch_size, num_workers=args.dataloader_num_workers)
 
-            progress = LoopProgress()
-            if plan.resume_checkpoint is not None:
-                _check_loop_record(plan, max_steps, cdb_config)
-            opened.append(open_run_dir(plan))
-            if plan.resume_checkpoint is not None:
-                logger.info(f"Resuming from {plan.resume_checkpoint}")
-                _load_state_or_refuse(accelerator, plan.resume_checkpoint)
-                progress.load_state_dict(plan.resume_record["loop"])
-                if streamed:  # the stream starts where the checkpoint's stood (no batches to skip)
-                    parts.train_dataset.resume_at(**streaming.read_stream_state(plan.resume_checkpoint,
-                                                                                accelerator.process_index))
-            startup.ready()
+    optimizer = build_optimizer(model, args, plan.run.weight_decay_all)
+    model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
+        model, optimizer, train_dataloader, eval_dataloader)
+    if streamed:  # a stream has no epochs: the whole run is one (pre-flight required --max_steps)
+        train_dataloader = streaming.unshard(train_dataloader)
+        steps_per_epoch = max_steps = args.max_steps
+    else:
+        steps_per_epoch = optimizer_steps_per_epoch(len(train_dataloader), args.gradient_accumulation_steps)
+        max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    lr_scheduler = accelerator.prepare(build_lr_scheduler(optimizer, args, plan.run, max_steps, steps_per_epoch))
 
-        if accelerator.log_with:
-            accelerator.init_trackers(getattr(args, "project", None) or "cdb_hf",
-                                      config=_hyperparameters(plan, cdb_config),
-                                      init_kwargs={"wandb": {"name": args.run_name}} if args.run_name else None)
-        starting_epoch, resume_step = divmod(progress.completed_steps, steps_per_epoch)
-        num_epochs = math.ceil(max_steps / steps_per_epoch)
-        total_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-        logger.info(f"***** {'a stream of' if streamed else len(parts.train_dataset)} training examples, {max_steps} optimizer steps over "
-                    f"{num_epochs} epoch(s), total batch {total_batch} on {accelerator.num_processes} process(es); "
-                    f"CDB {f'on {len(cdb.layers)} layers' if cdb else 'off'} *****")
+    # ChannelDropBack: build it from the model, attach it to the optimizer (its step hooks mask the rows).
+    cdb_config = plan.cdb_config.for_run(max_steps, steps_per_epoch) if plan.cdb_config else None
+    cdb = ChannelDropBack(accelerator.unwrap_model(model), cdb_config) if cdb_config else None
+    cdb_handle = cdb.attach(optimizer) if cdb else None
+    return LoopRun(plan=plan, accelerator=accelerator, parts=parts, model=model, optimizer=optimizer,
+                   lr_scheduler=lr_scheduler, train_dataloader=train_dataloader, eval_dataloader=eval_dataloader,
+                   max_steps=max_steps, steps_per_epoch=steps_per_epoch, cdb_config=cdb_config, cdb=cdb,
+                   cdb_handle=cdb_handle, streamed=streamed)
 
-        guard = DivergenceGuard(model)
-        window = LogWindow()
-        progress_bar = tqdm(range(max_steps), initial=progress.completed_steps, desc="train",
+
+def _resume(run: LoopRun) -> None:
+    """Load the checkpoint's state (model, optimizer, scheduler, RNG) and the loop's position."""
+    checkpoint = run.plan.resume_checkpoint
+    logger.info(f"Resuming from {checkpoint}")
+    _load_state_or_refuse(run.accelerator, checkpoint)
+    run.progress.load_state_dict(run.plan.resume_record["loop"])
+    if run.streamed:  # the stream starts where the checkpoint's stood (no batches to skip)
+        run.parts.train_dataset.resume_at(**streaming.read_stream_state(checkpoint, run.accelerator.process_index))
+
+
+def _start_logging(run: LoopRun) -> None:
+    """Trackers, the run's summary line, the divergence guard and the progress bar."""
+    accelerator, args = run.accelerator, run.plan.training
+    if accelerator.log_with:
+        accelerator.init_trackers(getattr(args, "project", None) or "cdb_hf",
+                                  config=_hyperparameters(run.plan, run.cdb_config),
+                                  init_kwargs={"wandb": {"name": args.run_name}} if args.run_name else None)
+    num_epochs = math.ceil(run.max_steps / run.steps_per_epoch)
+    logger.info(f"***** {'a stream of' if run.streamed else len(run.parts.train_dataset)} training examples, "
+                f"{run.max_steps} optimizer steps over {num_epochs} epoch(s), total batch {_total_batch(run)} on "
+                f"{accelerator.num_processes} process(es); CDB {f'on {len(run.cdb.layers)} layers' if run.cdb else 'off'} *****")
+    run.guard = DivergenceGuard(run.model)
+    run.progress_bar = tqdm(range(run.max_steps), initial=run.progress.completed_steps, desc="train",
                             disable=not accelerator.is_local_main_process or args.disable_tqdm)
-        first_step, start_time = progress.completed_steps, time.time()
-        run_loss = torch.zeros((), device=accelerator.device)
-        run_batches = 0
-
-        def after_step(end_of_epoch: bool) -> None:
-            """Logging, evaluation and checkpoints due after this optimizer step (the Trainer's strategies)."""
-            step = progress.completed_steps
-            progress_bar.update(1)
-            epoch_position = step / steps_per_epoch
-            due = {name: _due(getattr(args, f"{name}_strategy"), getattr(args, f"{name}_steps"), step, max_steps,
-                              end_of_epoch) for name in ("logging", "eval", "save")}
-            due["logging"] |= args.logging_first_step and step == 1
-            if any(due.values()) or step >= max_steps:  # values are read back here anyway: check them first
-                guard.check(step, last_checkpoint(args.output_dir))
-            if due["logging"]:
-                log_event(accelerator, window.flush(accelerator), step, epoch_position, progress.log_history)
-                progress_bar.set_postfix(loss=f"{progress.log_history[-1]['loss']:.4f}")
-            if due["eval"]:
-                log_event(accelerator, evaluate(model, eval_dataloader, accelerator, len(parts.labels)), step,
-                          epoch_position, progress.log_history)
-            if due["save"]:
-                save_checkpoint(accelerator, plan, progress, cdb_config,
-                                stream=parts.train_dataset if streamed else None)
-            if PREEMPTION.due(accelerator.num_processes):  # this step is done: save, stop
-                if not due["save"]:
-                    guard.check(step, last_checkpoint(args.output_dir))
-                    save_checkpoint(accelerator, plan, progress, cdb_config,
-                                    stream=parts.train_dataset if streamed else None)
-                raise preempted(plan, step)
-
-        model.train()
-        with PREEMPTION.training_steps():  # a SIGTERM/SIGUSR1 now waits for the end of the current step
-            for epoch in range(starting_epoch, num_epochs):
-                parts.train_dataset.set_epoch(epoch)
-                train_dataloader.set_epoch(epoch)
-                # Epoch orders are fixed, so skipping the consumed batches lands where the saved run was.
-                skip = resume_step * args.gradient_accumulation_steps if epoch == starting_epoch and not streamed else 0
-                batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
-                epoch_loss, epoch_batches = train_one_epoch(
-                    model, batches, optimizer, lr_scheduler, accelerator, args, cdb=cdb, guard=guard, window=window,
-                    progress=progress, max_steps=max_steps, steps_per_epoch=steps_per_epoch, after_step=after_step)
-                run_loss, run_batches = run_loss + epoch_loss, run_batches + epoch_batches
-                if progress.completed_steps >= max_steps:
-                    break
-        progress_bar.close()
-
-        runtime = time.time() - start_time
-        steps_run = progress.completed_steps - first_step
-        metrics: dict[str, float] = {
-            "train_runtime": round(runtime, 4),
-            "train_samples_per_second": round(steps_run * total_batch / runtime, 3) if runtime else 0.0,
-            "train_steps_per_second": round(steps_run / runtime, 3) if runtime else 0.0,
-            "train_loss": (accelerator.reduce(run_loss / max(run_batches, 1), reduction="mean").item()
-                           if run_batches else float("nan")),
-            "epoch": progress.completed_steps / steps_per_epoch,
-        }
-        guard.check(progress.completed_steps, last_checkpoint(args.output_dir))
-        progress.log_history.append({**metrics, "step": progress.completed_steps})
-        final = FinalEvaluation()
-        eval_metrics = evaluate(model, eval_dataloader, accelerator, len(parts.labels), final=final)
-        log_event(accelerator, eval_metrics, progress.completed_steps, metrics["epoch"], progress.log_history)
-        metrics.update(eval_metrics)
-        if parts.predict is not None:
-            final.predict_logits = predict(model, parts.predict, accelerator, args)
-        if cdb_handle is not None:
-            cdb_handle.remove()  # the model may outlive this run: leave its optimizer plain
-        accelerator.wait_for_everyone()
-        for tracker in accelerator.trackers:  # not end_training(): the process group must outlive this call
-            tracker.finish()                  # (A/B runs and callers train several times in one process)
-        if accelerator.is_main_process:
-            state = {"global_step": progress.completed_steps, "max_steps": max_steps, "epoch": metrics["epoch"],
-                     "log_history": progress.log_history}
-            finish_run(plan, opened[0], parts, accelerator.unwrap_model(model), cdb_config, metrics,
-                       trainer_state=state, log_history=progress.log_history, final=final)
-        accelerator.wait_for_everyone()
-    return metrics
 
 
-def train_one_epoch(model: torch.nn.Module, batches, optimizer, lr_scheduler, accelerator: Accelerator,
-                    args: TrainingArguments, *, cdb: ChannelDropBack | None, guard: DivergenceGuard,
-                    window: LogWindow, progress: LoopProgress, max_steps: int, steps_per_epoch: int,
-                    after_step) -> tuple[torch.Tensor, int]:
-    """One pass over ``batches``: accumulate, clip, step (CDB masks inside ``optimizer.step()``).
-
-    Returns the summed loss (on the device) and the number of micro-batches; ``after_step(end_of_epoch)``
-    runs after every optimizer step. Stops early once ``max_steps`` optimizer steps are done.
-    """
-    loss_sum, micro_batches = torch.zeros((), device=accelerator.device), 0
-    for batch in batches:
-        with accelerator.accumulate(model):
-            loss = model(**batch).loss
-            guard.observe(loss)  # folded into a device flag: no host sync here
-            window.add_loss(loss.detach())
-            loss_sum, micro_batches = loss_sum + loss.detach(), micro_batches + 1
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                if args.max_grad_norm and args.max_grad_norm > 0:
-                    window.grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                if cdb is not None:
-                    cdb.step = progress.completed_steps  # the selection is a pure function of (seed, this step)
-            optimizer.step()
-            if accelerator.sync_gradients:
-                window.learning_rate = lr_scheduler.get_last_lr()[0]  # the rate this step used
-                if not accelerator.optimizer_step_was_skipped:
-                    lr_scheduler.step()
-            optimizer.zero_grad()
-        if not accelerator.sync_gradients:
-            continue
-        progress.completed_steps += 1
-        if cdb is not None and cdb.stepped(progress.completed_steps - 1, accelerator.optimizer_step_was_skipped):
-            window.add_cdb(cdb.last_stats)
-        after_step(progress.completed_steps % steps_per_epoch == 0 or progress.completed_steps >= max_steps)
-        if progress.completed_steps >= max_steps:
-            break
-    return loss_sum, micro_batches
+def _epoch_batches(run: LoopRun, epoch: int, resume_step: int):
+    """Epoch ``epoch``'s batches; a resumed epoch skips the ``resume_step`` optimizer steps it already made
+    (epoch orders are fixed, so skipping the consumed batches lands where the saved run was)."""
+    run.parts.train_dataset.set_epoch(epoch)
+    run.train_dataloader.set_epoch(epoch)
+    skip = resume_step * run.plan.training.gradient_accumulation_steps if not run.streamed else 0
+    return run.accelerator.skip_first_batches(run.train_dataloader, skip) if skip else run.train_dataloader
 
 
-# ---------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, eval_dataloader: DataLoader, accelerator: Accelerator,
-             num_labels: int, final: FinalEvaluation | None = None) -> dict[str, float]:
-    """``eval_loss`` (the mean cross-entropy per image), ``eval_accuracy`` (and ``eval_top5_accuracy``) over the
-    whole validation set.
-
-    ``gather_for_metrics`` collects every process's predictions and drops the samples duplicated to even
-    out the last batch, so each example counts exactly once, whatever the number of processes. With
-    ``final``, the predicted and true class ids are kept in it (for the per-class results).
-    """
-    predicted, true = [], []
-    was_training = model.training
-    model.eval()
-    metrics = cdb_metrics.load_metrics(num_labels)
-    # Summed on the device and read once at the end: a host sync per batch would stall the accelerator.
-    sum_dtype = torch.float32 if accelerator.device.type == "mps" else torch.float64  # MPS has no float64
-    loss_sum, count = torch.zeros((), dtype=sum_dtype, device=accelerator.device), 0
-    # A stream's last batch is evened out across processes with examples from its start; accelerate cannot drop
-    # them (no length), but the stream counts what it read: keep that many (a Python int, no sync).
-    shard = getattr(eval_dataloader, "dataset", None)
-    stream = shard.dataset if isinstance(shard, IterableDatasetShard) and isinstance(shard.dataset, StreamEvalImages) \
-        else None
-    for batch in eval_dataloader:
-        logits = model(pixel_values=batch["pixel_values"]).logits
-        # Per image, not the batch mean repeated: a last batch evened out with duplicates would otherwise
-        # leak the duplicates' loss into the images that are kept.
-        losses = torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="none")
-        logits, labels, losses = accelerator.gather_for_metrics((logits, batch["labels"], losses))
-        if stream is not None and stream.examples_read - count < len(labels):
-            keep = max(stream.examples_read - count, 0)
-            logits, labels, losses = logits[:keep], labels[:keep], losses[:keep]
-        cdb_metrics.add_batch(metrics, logits, labels)
-        if final is not None:
-            predicted.append(logits.argmax(-1).cpu())
-            true.append(labels.cpu())
-        loss_sum, count = loss_sum + losses.sum().to(sum_dtype), count + losses.numel()
-    model.train(was_training)
-    results = {"eval_loss": loss_sum.item() / count if count else float("nan")}
-    results.update({f"eval_{name}": value for name, value in cdb_metrics.compute(metrics).items()})
-    if final is not None:
-        final.predictions = torch.cat(predicted).numpy() if predicted else np.zeros(0, dtype=np.int64)
-        final.references = torch.cat(true).numpy() if true else np.zeros(0, dtype=np.int64)
-    return results
+def _after_step(run: LoopRun, end_of_epoch: bool) -> None:
+    """Logging, evaluation and checkpoints due after this optimizer step (the Trainer's strategies)."""
+    accelerator, args, progress = run.accelerator, run.plan.training, run.progress
+    step = progress.completed_steps
+    run.progress_bar.update(1)
+    epoch_position = step / run.steps_per_epoch
+    due = {name: _due(getattr(args, f"{name}_strategy"), getattr(args, f"{name}_steps"), step, run.max_steps,
+                      end_of_epoch) for name in ("logging", "eval", "save")}
+    due["logging"] |= args.logging_first_step and step == 1
+    if any(due.values()) or step >= run.max_steps:  # values are read back here anyway: check them first
+        run.guard.check(step, last_checkpoint(args.output_dir))
+    if due["logging"]:
+        log_event(accelerator, run.window.flush(accelerator), step, epoch_position, progress.log_history)
+        run.progress_bar.set_postfix(loss=f"{progress.log_history[-1]['loss']:.4f}")
+    if due["eval"]:
+        log_event(accelerator, evaluate(run.model, run.eval_dataloader, accelerator, len(run.parts.labels)), step,
+                  epoch_position, progress.log_history)
+    if due["save"]:
+        save_checkpoint(accelerator, run.plan, progress, run.cdb_config,
+                        stream=run.parts.train_dataset if run.streamed else None)
+    if PREEMPTION.due(accelerator.num_processes):  # this step is done: save, stop
+        if not due["save"]:
+            run.guard.check(step, last_checkpoint(args.output_dir))
+            save_checkpoint(accelerator, run.plan, progress, run.cdb_config,
+                            stream=run.parts.train_dataset if run.streamed else None)
+        raise preempted(run.plan, step)
 
 
-@torch.no_grad()
-def predict(model: torch.nn.Module, predict_set: PredictSet, accelerator: Accelerator,
-            args: TrainingArguments) -> np.ndarray:
-    """The logits (float32, on the host) of every image of ``predict_set``, in order, each once."""
-    dataloader = accelerator.prepare(DataLoader(predict_set.dataset, collate_fn=predict_set.collate_fn,
-                                                batch_size=args.per_device_eval_batch_size,
-                                                num_workers=args.dataloader_num_workers))
-    was_training = model.training
-    model.eval()
-    chunks = []
-    for batch in dataloader:
-        logits = accelerator.gather_for_metrics(model(pixel_values=batch["pixel_values"]).logits)
-        chunks.append(logits.detach().float().cpu())
-    model.train(was_training)
-    return torch.cat(chunks).numpy() if chunks else np.zeros((0, 0), dtype=np.float32)
+def _total_batch(run: LoopRun) -> int:
+    args = run.plan.training
+    return args.per_device_train_batch_size * run.accelerator.num_processes * args.gradient_accumulation_steps
+
+
+def _train_metrics(run: LoopRun, runtime: float, first_step: int, run_loss: torch.Tensor,
+                   run_batches: int) -> dict[str, float]:
+    """The Trainer's ``train_*`` metrics of this run (its steps since ``first_step``; loss over every process)."""
+    steps_run = run.progress.completed_steps - first_step
+    return {
+        "train_runtime": round(runtime, 4),
+        "train_samples_per_second": round(steps_run * _total_batch(run) / runtime, 3) if runtime else 0.0,
+        "train_steps_per_second": round(steps_run / runtime, 3) if runtime else 0.0,
+        "train_loss": (run.accelerator.reduce(run_loss / max(run_batches, 1), reduction="mean").item()
+                       if run_batches else float("nan")),
+        "epoch": run.progress.completed_steps / run.steps_per_epoch,
+    }
 
 
 # ---------------------------------------------------------------------------- checkpoints

@@ -10,7 +10,7 @@ as ``callback.cdb`` once training has begun). They differ
 in where the ``cdb/*`` statistics go: ``Trainer.log`` hands each log to the ``report_to`` integrations
 (TensorBoard, W&B, ...) before user callbacks, so a callback passed in ``callbacks=`` adds its statistics
 to ``state.log_history`` and the console only; :func:`add_channel_drop_back` (and
-:class:`~cdb_hf.trainer_path.CDBTrainer`, which does the same for callbacks it is given) places the
+:class:`~cdb_hf.trainer.CDBTrainer`, which does the same for callbacks it is given) places the
 callback ahead of the integrations, so the statistics reach every tracker too.
 
 Order against gradient clipping. In one optimizer step the Trainer (1) runs every micro-batch's
@@ -30,7 +30,7 @@ restored (the step also rides in ``optimizer.pt``, in the optimizer's param grou
 Hyperparameter search. ``cdb`` and ``cdb_*`` keys in a trial's parameters (``Trainer.hyperparameter_search``
 with optuna, ray or wandb) configure that trial's CDB: at ``on_train_begin`` the callback applies them on top
 of its own config, through the CLI's ``CDBArguments`` and ``to_config`` (so the same names and checks), and
-``cdb: false`` makes the trial a baseline. :class:`~cdb_hf.trainer_path.CDBTrainer` hands them over exactly as
+``cdb: false`` makes the trial a baseline. :class:`~cdb_hf.trainer.CDBTrainer` hands them over exactly as
 its ``hp_space`` returned them (and keeps them out of ``TrainingArguments``, which has no such fields); any
 other Trainer passes them through ``state.trial_params`` (optuna: name each suggestion after its key).
 """
@@ -64,7 +64,7 @@ class ChannelDropBackCallback(TrainerCallback, ExportableState):
     CDB), ``cdb/layers`` (mean selected layers per step), ``cdb/keep_fraction`` (mean kept fraction
     of the selected layers) and ``cdb/layer_rate`` (scheduled rate) to every training log: they reach
     ``state.log_history`` and the console always, and the ``report_to`` integrations when the callback
-    was added with :func:`add_channel_drop_back` (or given to :class:`~cdb_hf.trainer_path.CDBTrainer`).
+    was added with :func:`add_channel_drop_back` (or given to :class:`~cdb_hf.trainer.CDBTrainer`).
 
     Args:
         config: the CDB knobs (a :class:`ChannelDropBackConfig` or its ``to_dict()``); the paper's

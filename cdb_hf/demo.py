@@ -103,7 +103,7 @@ def build_argv(output_dir: str | Path, extra: list[str]) -> list[str]:
 
 
 def _fmt(value: float | None, digits: int, scale: float = 1.0, signed: bool = False) -> str:
-    from .ab import format_number
+    from .ab_report import format_number
 
     return format_number(value, digits, scale, signed)
 

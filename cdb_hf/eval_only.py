@@ -25,11 +25,10 @@ from transformers import AutoConfig
 from transformers.utils import logging
 
 from . import data as data_module
-from .accelerate_loop import evaluate, predict
+from .inference import FinalEvaluation, evaluate, predict
 from .models import _call_hub, load_model_and_processor, resolve_model_path
 from .preflight import RunPlan, usage_errors
 from .run import (
-    FinalEvaluation,
     Startup,
     failed_run,
     load_predict_set,

@@ -1,4 +1,8 @@
-"""Run a validated plan on the training face it names: the one dispatch, for the CLI and the A/B runner."""
+"""Run a validated plan on the face it names: the one dispatch, for the CLI and the A/B runner.
+
+Three faces, one floor: the Trainer path (:mod:`cdb_hf.trainer_path`), the accelerate loop
+(:mod:`cdb_hf.accelerate_loop`) and evaluation/prediction of a saved model (:mod:`cdb_hf.eval_only`).
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The optimizer's parameter groups and the learning-rate schedule, one definition for both training paths.
 
-The Trainer path (:class:`~cdb_hf.trainer_path.CDBTrainer`) and the accelerate loop both ask this module
+The Trainer path (:class:`~cdb_hf.trainer.CDBTrainer`) and the accelerate loop both ask this module
 which parameters are weight-decayed and which scheduler to step, so a recipe gives the same optimizer and
 the same learning rate at every optimizer step whichever path runs it. Two settings exist to reproduce the
 official ChannelDropBack scripts, which ``TrainingArguments`` cannot express:

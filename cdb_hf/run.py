@@ -36,13 +36,14 @@ from . import data as data_module
 from . import evaluation
 from .core import ChannelDropBackConfig
 from .hub import push_outputs, save_merged_model, save_outputs, write_model_card
+from .inference import FinalEvaluation
 from .models import check_image_size, check_lora_targets, load_model_and_processor
 from .perf import apply_memory_format
 from .preemption import PREEMPTION, Preempted
 from .preflight import RunPlan, UsageError, check_cdb_against_model, usage_errors
 from .run_dir import RunDirectory, read_checkpoint_record
 
-__all__ = ["DivergenceGuard", "FinalEvaluation", "PredictSet", "RunParts", "Startup", "TrainingDiverged", "failed_run",
+__all__ = ["DivergenceGuard", "PredictSet", "RunParts", "Startup", "TrainingDiverged", "failed_run",
            "finish_run", "load_predict_set", "open_run_dir", "prepare_run", "setup_logging",
            "write_evaluation_files"]
 
@@ -83,16 +84,6 @@ class PredictSet:
     collate_fn: Any = data_module.collate_pixels
     #: each image's true class name, when the predicted split has class labels (``predictions.csv``'s ``label``)
     true_labels: list[str] | None = None
-
-
-@dataclass
-class FinalEvaluation:
-    """The final evaluation's class ids (predicted, true) and, with ``--do_predict``, the predict set's logits:
-    what :func:`write_evaluation_files` turns into the per-class files and ``predictions.csv``."""
-
-    predictions: Any = None
-    references: Any = None
-    predict_logits: Any = None
 
 
 # ------------------------------------------------------------------------------------------------ start-up

@@ -21,8 +21,8 @@ from cdb_hf.ab import (
     paired_difference,
     run_ab,
     summarize,
-    write_results,
 )
+from cdb_hf.ab_report import write_results
 from cdb_hf.preflight import UsageError, plan_run
 
 BASELINE = [0.80, 0.82, 0.79, 0.85]

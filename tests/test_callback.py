@@ -22,7 +22,7 @@ from transformers import (
 )
 
 from cdb_hf import ChannelDropBack, ChannelDropBackCallback, ChannelDropBackConfig, add_channel_drop_back
-from cdb_hf.trainer_path import CDBTrainer, ResumeSafeTrainer
+from cdb_hf.trainer import CDBTrainer, ResumeSafeTrainer
 
 NUM_LABELS = 3
 

@@ -9,13 +9,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "cdb_hf"
 
 # Lowest first; a module may import only modules of lower layers (and the package's __init__).
 LAYERS = [
-    {"core", "builtin", "perf", "metrics", "evaluation", "image_check"},
+    {"core", "builtin", "perf", "metrics", "evaluation", "image_check", "ab_report"},
     {"arguments", "run_dir", "run_lock", "preemption", "data", "models", "optimization"},
     {"hub", "streaming"},
-    {"preflight"},
+    {"preflight", "inference"},
     {"callback", "run"},
-    {"trainer_path", "accelerate_loop"},
-    {"eval_only"},
+    {"trainer"},
+    {"trainer_path", "accelerate_loop", "eval_only"},
     {"launch"},
     {"ab"},
     {"cli"},

@@ -14,6 +14,7 @@ from cdb_hf.cli import parse_args
 from cdb_hf.core import ChannelDropBack
 from cdb_hf.optimization import build_optimizer, lr_milestone_steps
 from cdb_hf.preflight import UsageError, plan_run
+from cdb_hf.trainer import CDBTrainer
 
 
 def _args(model_dir, image_folder, output_dir, *extra: str):
@@ -81,7 +82,7 @@ def test_weight_decay_groups_are_the_same_on_both_paths(weight_decay_all, tmp_pa
     model = _tiny_vit()
     args = TrainingArguments(output_dir=str(tmp_path), weight_decay=0.05, optim="sgd", use_cpu=True,
                              report_to="none")
-    trainer = trainer_path.CDBTrainer(model=model, args=args, run_args=RunArguments(weight_decay_all=weight_decay_all))
+    trainer = CDBTrainer(model=model, args=args, run_args=RunArguments(weight_decay_all=weight_decay_all))
     on_trainer = _decay_by_name(model, trainer.create_optimizer())
     on_loop = _decay_by_name(model, build_optimizer(model, args, weight_decay_all))
     assert on_trainer == on_loop
@@ -111,7 +112,7 @@ def test_conflicting_or_bad_schedules_are_refused_before_any_work(extra, named, 
 def test_cdb_trainer_refuses_a_schedule_its_run_args_would_override(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), lr_scheduler_type="cosine", use_cpu=True, report_to="none")
     with pytest.raises(UsageError, match="--lr_scheduler_type 'cosine' conflicts with --lr_schedule multistep"):
-        trainer_path.CDBTrainer(model=_tiny_vit(), args=args, run_args=RunArguments(lr_schedule="multistep"))
+        CDBTrainer(model=_tiny_vit(), args=args, run_args=RunArguments(lr_schedule="multistep"))
 
 
 def test_cdb_trainer_flop_estimate_is_the_trainers_with_the_parameters_counted_once(tmp_path, monkeypatch):
@@ -119,7 +120,7 @@ def test_cdb_trainer_flop_estimate_is_the_trainers_with_the_parameters_counted_o
 
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
     model = _tiny_vit()
-    trainer = trainer_path.CDBTrainer(model=model, args=args)
+    trainer = CDBTrainer(model=model, args=args)
     inputs = {"pixel_values": torch.zeros(4, 3, 16, 16), "labels": torch.zeros(4, dtype=torch.long)}
     expected = Trainer.floating_point_ops(trainer, inputs)
     counts = []
