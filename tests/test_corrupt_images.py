@@ -21,7 +21,8 @@ from test_safety import tree_hashes
 
 from cdb_hf import cli, image_check
 from cdb_hf.arguments import DataArguments
-from cdb_hf.data import find_corrupt_images, load_image_datasets
+from cdb_hf.corrupt_images import find_corrupt_images
+from cdb_hf.data import load_image_datasets
 from cdb_hf.run_dir import write_run_marker
 
 REPO = Path(__file__).resolve().parents[1]
