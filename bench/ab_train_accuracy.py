@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-from cdb_hf import cli
+from cdb_hf import cli, transforms
 from cdb_hf import data as data_module
 
 
@@ -54,7 +54,7 @@ def main() -> None:
         splits = data_module.load_image_datasets(data_args, seed=run["seed"])
         model = AutoModelForImageClassification.from_pretrained(arm_dir).eval()
         processor = AutoImageProcessor.from_pretrained(arm_dir)
-        _, evaluate = data_module.build_transforms(processor, "none")
+        _, evaluate = transforms.build_transforms(processor, "none")
         row = {"seed": run["seed"], "arm": run["arm"], "train_images": len(splits["train"]),
                "train_accuracy": accuracy(model, splits["train"], evaluate),
                "eval_accuracy": accuracy(model, splits["validation"], evaluate),

@@ -44,7 +44,6 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from . import metrics as cdb_metrics
 from . import streaming
 from .core import ChannelDropBack, StatsWindow
-from .data import data_seed
 from .optimization import build_lr_scheduler, build_optimizer, optimizer_steps_per_epoch
 from .preemption import PREEMPTION
 from .preflight import RunPlan, UsageError, check_resume_matches, loop_state_error, trackers_for
@@ -64,6 +63,7 @@ from .run import (
 )
 from .run_dir import write_checkpoint_record
 from .streaming import StreamEvalImages, StreamTrainImages
+from .train_set import data_seed
 
 __all__ = ["LoopProgress", "build_optimizer", "evaluate", "predict", "train", "train_one_epoch"]
 

@@ -25,6 +25,7 @@ from transformers import AutoConfig
 from transformers.utils import logging
 
 from . import data as data_module
+from . import transforms
 from .accelerate_loop import evaluate, predict
 from .models import _call_hub, load_model_and_processor, resolve_model_path
 from .preflight import RunPlan, usage_errors
@@ -83,7 +84,7 @@ class _RemappedLabels:
         self.remap = torch.as_tensor(remap)
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        batch = data_module.collate_fn(examples)
+        batch = transforms.collate_fn(examples)
         batch["labels"] = self.remap[batch["labels"]]
         return batch
 
@@ -109,7 +110,7 @@ def evaluate_only(plan: RunPlan) -> dict[str, float]:
                         split = data_module.load_eval_split(plan.data, seed=args.seed, cache_dir=plan.model.cache_dir,
                                                             token=plan.model.token)
                     remap = match_labels(split.features["label"].names, labels)
-                    eval_loader = DataLoader(data_module.apply_eval_transform(split, image_processor),
+                    eval_loader = DataLoader(transforms.apply_eval_transform(split, image_processor),
                                              collate_fn=_RemappedLabels(remap),
                                              batch_size=args.per_device_eval_batch_size,
                                              num_workers=args.dataloader_num_workers)

@@ -22,8 +22,7 @@ from typing import Any
 from transformers import TrainingArguments
 from transformers.utils import logging
 
-from . import builtin, corrupt_images
-from . import data as data_module
+from . import builtin, corrupt_images, transforms
 from .core import ChannelDropBackConfig, eligible_layers
 from .run_dir import (
     checkpoint_step,
@@ -101,9 +100,9 @@ def plan_run(model_args, data_args, cdb_args, run_args, training_args: TrainingA
                              "or --train_dir (an image folder)")
         _check_finite_everywhere(model_args, data_args, cdb_args, run_args, training_args)
         _check_ranges(model_args, run_args, training_args)
-        if data_args.train_augmentation not in data_module.TRAIN_AUGMENTATIONS:  # a recipe bypasses argparse's choices
+        if data_args.train_augmentation not in transforms.TRAIN_AUGMENTATIONS:  # a recipe bypasses argparse's choices
             raise UsageError(f"--train_augmentation {data_args.train_augmentation!r} is not valid; choose one of "
-                             f"{', '.join(data_module.TRAIN_AUGMENTATIONS)}")
+                             f"{', '.join(transforms.TRAIN_AUGMENTATIONS)}")
         if data_args.corrupt_images not in corrupt_images.CORRUPT_IMAGE_MODES:
             raise UsageError(f"--corrupt_images {data_args.corrupt_images!r} is not valid; choose one of "
                              f"{', '.join(corrupt_images.CORRUPT_IMAGE_MODES)}")

@@ -330,7 +330,7 @@ class StreamTrainImages(torch.utils.data.IterableDataset):
             epoch += 1
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        from .data import TrainTransform, to_uint8_chw
+        from .transforms import TrainTransform, to_uint8_chw
 
         for position, example in self._raw():
             if position < self.start:

@@ -24,9 +24,9 @@ import cdb_hf.accelerate_loop as loop
 import cdb_hf.run
 from cdb_hf.cli import parse_args
 from cdb_hf.core import ChannelDropBack
-from cdb_hf.data import PerExampleSeeded
 from cdb_hf.preflight import UsageError, check_supported_setup, plan_run
 from cdb_hf.run_dir import CHECKPOINT_RECORD
+from cdb_hf.train_set import PerExampleSeeded
 
 
 def train(model_dir, image_folder, output_dir, *extra: str) -> dict[str, float]:
