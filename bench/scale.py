@@ -136,12 +136,12 @@ def data_path(train: Path, validation: Path, examples: int = 1000) -> dict[str, 
 
     import torch
 
-    from cdb_hf import data, streaming, train_set, transforms
+    from cdb_hf import sources, streaming, train_set, transforms
     from cdb_hf.arguments import DataArguments
 
     torch.set_num_threads(1)
     transform = transforms.TrainTransform((32, 32), transforms.v2.InterpolationMode.BILINEAR, [0.5] * 3, [0.5] * 3, 1 / 255)
-    split = data._load_image_folders(str(train), None)["train"]
+    split = sources._load_image_folders(str(train), None)["train"]
     result = {}
     for name, cache in (("map_uncached", 0), ("map_cached", 1 << 30)):
         tic = time.perf_counter()

@@ -24,8 +24,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoConfig
 from transformers.utils import logging
 
-from . import data as data_module
-from . import transforms
+from . import sources, transforms
 from .accelerate_loop import evaluate, predict
 from .models import _call_hub, load_model_and_processor, resolve_model_path
 from .preflight import RunPlan, usage_errors
@@ -107,7 +106,7 @@ def evaluate_only(plan: RunPlan) -> dict[str, float]:
                 eval_loader = None
                 if has_eval_data:
                     with accelerator.main_process_first():
-                        split = data_module.load_eval_split(plan.data, seed=args.seed, cache_dir=plan.model.cache_dir,
+                        split = sources.load_eval_split(plan.data, seed=args.seed, cache_dir=plan.model.cache_dir,
                                                             token=plan.model.token)
                     remap = match_labels(split.features["label"].names, labels)
                     eval_loader = DataLoader(transforms.apply_eval_transform(split, image_processor),

@@ -32,8 +32,7 @@ import torch
 from accelerate import PartialState
 from transformers import set_seed
 
-from . import data as data_module
-from . import evaluation, train_set, transforms
+from . import evaluation, sources, train_set, transforms
 from .core import ChannelDropBackConfig
 from .hub import push_outputs, save_merged_model, save_outputs, write_model_card
 from .models import check_image_size, check_lora_targets, load_model_and_processor
@@ -211,7 +210,7 @@ def prepare_run(plan: RunPlan) -> RunParts:
             return _prepare_streaming_run(plan, skipped_images)
         # The main process fills the datasets cache and the image-check cache first; the others read both.
         with state.main_process_first():
-            dataset = data_module.load_image_datasets(data_args, seed=args.seed, cache_dir=model_args.cache_dir,
+            dataset = sources.load_image_datasets(data_args, seed=args.seed, cache_dir=model_args.cache_dir,
                                                       token=model_args.token, skipped_images=skipped_images)
         labels = dataset["train"].features["label"].names
         _warn_about_unseen_classes(dataset, labels)
@@ -258,7 +257,7 @@ def _prepare_streaming_run(plan: RunPlan, skipped_images: dict[str, int]) -> Run
 def load_predict_set(plan: RunPlan, image_processor) -> PredictSet:
     """``--predict_dir`` / ``--predict_split_name`` through the checkpoint's evaluation preprocessing."""
     with usage_errors():
-        key_name, keys, dataset, true_labels = data_module.load_predict_images(
+        key_name, keys, dataset, true_labels = sources.load_predict_images(
             plan.data, cache_dir=plan.model.cache_dir, token=plan.model.token)
         return PredictSet(key_name, keys, transforms.apply_eval_transform(dataset, image_processor),
                           true_labels=true_labels)

@@ -1,4 +1,5 @@
-"""cdb_hf.data: every source, column detection, seeded splits, every bad input, and the transforms."""
+"""cdb_hf.sources, .transforms and .train_set: every source, column detection, seeded splits, every bad input,
+the transforms and the seeded training set."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from PIL import Image
 from torchvision.transforms import v2
 from transformers import ConvNextImageProcessor, DeiTImageProcessor, ViTImageProcessor
 
-from cdb_hf import data as data_module
+from cdb_hf import sources
 from cdb_hf.arguments import DataArguments
-from cdb_hf.data import load_image_datasets, num_examples_per_class
+from cdb_hf.sources import load_image_datasets, num_examples_per_class
 from cdb_hf.train_set import PerExampleSeeded
 from cdb_hf.transforms import ToRGB, apply_transforms, build_transforms, collate_fn
 
@@ -362,7 +363,7 @@ def test_missing_train_split_and_empty_split_are_refused(tmp_path, monkeypatch):
     # datasets itself cannot save and reload an empty split, so hand one over directly.
     empty = datasets.DatasetDict({"train": image_dataset(2, ["a", "b"]), "validation": image_dataset(2, ["a", "b"])
                                   .select([])})
-    monkeypatch.setattr(data_module, "_load_source", lambda *args, **kwargs: empty)
+    monkeypatch.setattr(sources, "_load_source", lambda *args, **kwargs: empty)
     with pytest.raises(ValueError, match="'validation' split .* is empty"):
         load_image_datasets(DataArguments(dataset_name="owner/anything"), seed=0)
 

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "cdb_hf"
 LAYERS = [
     {"core", "builtin", "perf", "metrics", "evaluation", "image_check"},
     {"arguments", "run_dir", "run_lock", "preemption", "corrupt_images", "transforms", "models", "optimization"},
-    {"data", "train_set"},
+    {"sources", "train_set"},
     {"hub", "streaming"},
     {"preflight"},
     {"callback", "run"},

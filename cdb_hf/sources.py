@@ -1,14 +1,11 @@
-"""Image classification data: load any supported source into ``image``/``label`` splits, and transform it.
+"""Image classification sources: load any supported source into ``image``/``label`` splits.
 
 Follows transformers' ``examples/pytorch/image-classification/run_image_classification.py``: a Hub or
 local dataset (``--dataset_name``) or image folders (``--train_dir``/``--validation_dir``), a seeded
-validation split carved from train when there is none, ``max_*_samples`` truncation, and
-RandomResizedCrop/flip for training vs the checkpoint's own resize/crop for evaluation. Every bad input
-is reported as one ValueError/FileNotFoundError before any training work starts.
-
-Training examples (:class:`TrainImages`) are decoded once into uint8 tensors when they fit in memory and
-cropped on uint8 tensors from a random stream of their own (seed, epoch, index): cheaper than decoding
-and cropping PIL images at every fetch, and independent of prefetching, workers and resumption.
+validation split carved from train when there is none, and ``max_*_samples`` truncation; also the split
+an evaluation-only run evaluates on and the images ``--do_predict`` classifies. Every bad input is
+reported as one ValueError/FileNotFoundError before any training work starts; corrupt images are
+refused or left out by :mod:`cdb_hf.corrupt_images`. The transforms are in :mod:`cdb_hf.transforms`.
 """
 
 from __future__ import annotations
