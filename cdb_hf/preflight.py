@@ -22,7 +22,7 @@ from typing import Any
 from transformers import TrainingArguments
 from transformers.utils import logging
 
-from . import builtin, corrupt_images, transforms
+from . import builtin, image_check, transforms
 from .core import ChannelDropBackConfig, eligible_layers
 from .run_dir import (
     checkpoint_step,
@@ -103,9 +103,9 @@ def plan_run(model_args, data_args, cdb_args, run_args, training_args: TrainingA
         if data_args.train_augmentation not in transforms.TRAIN_AUGMENTATIONS:  # a recipe bypasses argparse's choices
             raise UsageError(f"--train_augmentation {data_args.train_augmentation!r} is not valid; choose one of "
                              f"{', '.join(transforms.TRAIN_AUGMENTATIONS)}")
-        if data_args.corrupt_images not in corrupt_images.CORRUPT_IMAGE_MODES:
+        if data_args.corrupt_images not in image_check.CORRUPT_IMAGE_MODES:
             raise UsageError(f"--corrupt_images {data_args.corrupt_images!r} is not valid; choose one of "
-                             f"{', '.join(corrupt_images.CORRUPT_IMAGE_MODES)}")
+                             f"{', '.join(image_check.CORRUPT_IMAGE_MODES)}")
         cache_mb = data_args.train_image_cache_mb
         if isinstance(cache_mb, bool) or not isinstance(cache_mb, int) or cache_mb < 0:
             raise UsageError(f"--train_image_cache_mb must be a whole number of MiB >= 0 (0 turns the cache off), "

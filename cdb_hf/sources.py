@@ -5,7 +5,7 @@ local dataset (``--dataset_name``) or image folders (``--train_dir``/``--validat
 validation split carved from train when there is none, and ``max_*_samples`` truncation; also the split
 an evaluation-only run evaluates on and the images ``--do_predict`` classifies. Every bad input is
 reported as one ValueError/FileNotFoundError before any training work starts; corrupt images are
-refused or left out by :mod:`cdb_hf.corrupt_images`. The transforms are in :mod:`cdb_hf.transforms`.
+refused or left out by :mod:`cdb_hf.image_check`. The transforms are in :mod:`cdb_hf.transforms`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import datasets
 import numpy as np
 
 from . import builtin
-from .corrupt_images import _drop_or_refuse_corrupt_images, _without_corrupt_images
+from .image_check import _drop_or_refuse_corrupt_images, _without_corrupt_images
 
 __all__ = ["load_eval_split", "load_image_datasets", "load_predict_images", "num_examples_per_class"]
 

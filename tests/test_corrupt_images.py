@@ -21,7 +21,7 @@ from test_safety import tree_hashes
 
 from cdb_hf import cli, image_check
 from cdb_hf.arguments import DataArguments
-from cdb_hf.corrupt_images import find_corrupt_images
+from cdb_hf.image_check import find_corrupt_images
 from cdb_hf.run_dir import write_run_marker
 from cdb_hf.sources import load_image_datasets
 
