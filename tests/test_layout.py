@@ -10,9 +10,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "cdb_hf"
 # Lowest first; a module may import only modules of lower layers (and the package's __init__).
 LAYERS = [
     {"core", "builtin", "perf", "metrics", "evaluation", "image_check"},
-    {"arguments", "run_dir", "run_lock", "preemption", "transforms", "models", "optimization"},
-    {"sources", "train_set"},
-    {"hub", "streaming"},
+    {"arguments", "run_dir", "run_lock", "preemption", "sources", "transforms", "models", "optimization"},
+    {"train_set", "hub", "streaming"},
     {"preflight"},
     {"callback", "run"},
     {"trainer_path", "accelerate_loop"},
