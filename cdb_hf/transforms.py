@@ -152,8 +152,8 @@ def to_uint8_chw(image: Any) -> torch.Tensor:
 class TrainTransform:
     """RandomResizedCrop (and a horizontal flip) on ``uint8`` tensors, then the checkpoint's normalization.
 
-    Draws from an explicit :class:`random.Random` (see :func:`cdb_hf.train_set.example_rng`) rather than the global RNGs,
-    so an example's crop depends on nothing but its seed; called without one it draws a seed from
+    Draws from an explicit :class:`random.Random` (see :func:`cdb_hf.train_set.example_rng`) rather than the
+    global RNGs, so an example's crop depends on nothing but its seed; called without one it draws a seed from
     torch's global generator (``torch.manual_seed`` makes it repeatable). Works on uint8 tensors because
     cropping and resizing 8-bit pixels is several times cheaper than on PIL images or floats.
     """
