@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-from cdb_hf import cli
-from cdb_hf import data as data_module
+from cdb_hf import cli, sources, transforms
 
 
 @torch.no_grad()
@@ -51,10 +50,10 @@ def main() -> None:
         arm_dir = Path(run["output_dir"])
         if not arm_dir.is_dir():  # the study was moved: its arms lie beside results.json
             arm_dir = own.study / f"seed{run['seed']}" / run["arm"]
-        splits = data_module.load_image_datasets(data_args, seed=run["seed"])
+        splits = sources.load_image_datasets(data_args, seed=run["seed"])
         model = AutoModelForImageClassification.from_pretrained(arm_dir).eval()
         processor = AutoImageProcessor.from_pretrained(arm_dir)
-        _, evaluate = data_module.build_transforms(processor, "none")
+        _, evaluate = transforms.build_transforms(processor, "none")
         row = {"seed": run["seed"], "arm": run["arm"], "train_images": len(splits["train"]),
                "train_accuracy": accuracy(model, splits["train"], evaluate),
                "eval_accuracy": accuracy(model, splits["validation"], evaluate),

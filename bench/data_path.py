@@ -5,8 +5,8 @@ given input size through three paths, in one process, interleaved, median over b
 
 * ``pil``: the path run_finetune.py used before: each fetch reads the Arrow row and decodes the PNG,
   then RandomResizedCrop and flip on the PIL image, then float conversion and normalization, under
-  per-example seeding of the global RNGs (:class:`cdb_hf.data.PerExampleSeeded`);
-* ``uint8``: :class:`cdb_hf.data.TrainImages` without its cache (``--train_image_cache_mb 0``):
+  per-example seeding of the global RNGs (:class:`cdb_hf.train_set.PerExampleSeeded`);
+* ``uint8``: :class:`cdb_hf.train_set.TrainImages` without its cache (``--train_image_cache_mb 0``):
   decode at each fetch, crop and flip on uint8 tensors from the example's own random stream;
 * ``uint8+cache``: the same on images decoded once (the default).
 
@@ -27,7 +27,7 @@ import torch
 from torchvision.transforms import v2
 from transformers import AutoImageProcessor
 
-from cdb_hf import data as data_module
+from cdb_hf import train_set, transforms
 from cdb_hf.builtin import load_builtin_dataset
 from cdb_hf.demo import prepare_base_checkpoint
 
@@ -36,21 +36,21 @@ def datasets_for(image_size: int, num_examples: int) -> dict[str, torch.utils.da
     """The three training sets over the same examples, for the built-in Lite0's preprocessing at ``image_size``."""
     processor = AutoImageProcessor.from_pretrained(str(prepare_base_checkpoint(image_size)))
     split = load_builtin_dataset("builtin:mnist5k")["train"].select(range(num_examples))
-    train, _ = data_module.build_transforms(processor)
-    pil = v2.Compose([data_module.ToRGB(), v2.RandomResizedCrop(train.size, interpolation=train.interpolation),
+    train, _ = transforms.build_transforms(processor)
+    pil = v2.Compose([transforms.ToRGB(), v2.RandomResizedCrop(train.size, interpolation=train.interpolation),
                       v2.RandomHorizontalFlip(), v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
                       v2.Normalize(mean=list(processor.data_config["mean"]), std=list(processor.data_config["std"]))])
     tic = time.perf_counter()
-    cached = data_module.TrainImages(split, train, seed=0, cache_bytes=2**30)
+    cached = train_set.TrainImages(split, train, seed=0, cache_bytes=2**30)
     decode_once_s = time.perf_counter() - tic
-    return {"pil": data_module.PerExampleSeeded(split.with_transform(data_module._ExampleTransform(pil)), seed=0),
-            "uint8": data_module.TrainImages(split, train, seed=0, cache_bytes=0),
+    return {"pil": train_set.PerExampleSeeded(split.with_transform(transforms._ExampleTransform(pil)), seed=0),
+            "uint8": train_set.TrainImages(split, train, seed=0, cache_bytes=0),
             "uint8+cache": cached}, decode_once_s
 
 
 def batch_ms(dataset, start: int, batch_size: int) -> float:
     tic = time.perf_counter()
-    data_module.collate_fn([dataset[i] for i in range(start, start + batch_size)])
+    transforms.collate_fn([dataset[i] for i in range(start, start + batch_size)])
     return (time.perf_counter() - tic) * 1e3
 
 

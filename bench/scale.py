@@ -136,16 +136,16 @@ def data_path(train: Path, validation: Path, examples: int = 1000) -> dict[str, 
 
     import torch
 
-    from cdb_hf import data, streaming
+    from cdb_hf import sources, streaming, train_set, transforms
     from cdb_hf.arguments import DataArguments
 
     torch.set_num_threads(1)
-    transform = data.TrainTransform((32, 32), data.v2.InterpolationMode.BILINEAR, [0.5] * 3, [0.5] * 3, 1 / 255)
-    split = data._load_image_folders(str(train), None)["train"]
+    transform = transforms.TrainTransform((32, 32), transforms.v2.InterpolationMode.BILINEAR, [0.5] * 3, [0.5] * 3, 1 / 255)
+    split = sources._load_image_folders(str(train), None)["train"]
     result = {}
     for name, cache in (("map_uncached", 0), ("map_cached", 1 << 30)):
         tic = time.perf_counter()
-        dataset = data.TrainImages(split, transform, 0, cache_bytes=cache)
+        dataset = train_set.TrainImages(split, transform, 0, cache_bytes=cache)
         result[f"{name}_build_s"] = round(time.perf_counter() - tic, 3)
         tic = time.perf_counter()
         for index in range(min(examples, len(dataset))):

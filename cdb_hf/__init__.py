@@ -16,7 +16,7 @@ _LAZY = {
     "add_channel_drop_back": "cdb_hf.callback",
     "CDBTrainer": "cdb_hf.trainer",
     "ResumeSafeTrainer": "cdb_hf.trainer",
-    "PerExampleSeeded": "cdb_hf.data",
+    "PerExampleSeeded": "cdb_hf.train_set",
 }
 __all__ = ["ChannelDropBack", "ChannelDropBackConfig", *_LAZY, "__version__"]
 

@@ -43,7 +43,6 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from . import streaming
 from .core import ChannelDropBack, ChannelDropBackConfig, StatsWindow
-from .data import data_seed
 from .inference import FinalEvaluation, evaluate, predict
 from .optimization import build_lr_scheduler, build_optimizer, optimizer_steps_per_epoch
 from .preemption import PREEMPTION
@@ -63,6 +62,7 @@ from .run import (
 )
 from .run_dir import write_checkpoint_record
 from .streaming import StreamTrainImages
+from .train_set import data_seed
 
 __all__ = ["LoopProgress", "LoopRun", "build_optimizer", "train", "train_one_epoch"]
 

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoConfig
 from transformers.utils import logging
 
-from . import data as data_module
+from . import sources, transforms
 from .inference import FinalEvaluation, evaluate, predict
 from .models import _call_hub, load_model_and_processor, resolve_model_path
 from .preflight import RunPlan, usage_errors
@@ -82,7 +82,7 @@ class _RemappedLabels:
         self.remap = torch.as_tensor(remap)
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        batch = data_module.collate_fn(examples)
+        batch = transforms.collate_fn(examples)
         batch["labels"] = self.remap[batch["labels"]]
         return batch
 
@@ -105,10 +105,10 @@ def evaluate_only(plan: RunPlan) -> dict[str, float]:
                 eval_loader = None
                 if has_eval_data:
                     with accelerator.main_process_first():
-                        split = data_module.load_eval_split(plan.data, seed=args.seed, cache_dir=plan.model.cache_dir,
+                        split = sources.load_eval_split(plan.data, seed=args.seed, cache_dir=plan.model.cache_dir,
                                                             token=plan.model.token)
                     remap = match_labels(split.features["label"].names, labels)
-                    eval_loader = DataLoader(data_module.apply_eval_transform(split, image_processor),
+                    eval_loader = DataLoader(transforms.apply_eval_transform(split, image_processor),
                                              collate_fn=_RemappedLabels(remap),
                                              batch_size=args.per_device_eval_batch_size,
                                              num_workers=args.dataloader_num_workers)

@@ -22,8 +22,7 @@ from typing import Any
 from transformers import TrainingArguments
 from transformers.utils import logging
 
-from . import builtin
-from . import data as data_module
+from . import builtin, image_check, transforms
 from .core import ChannelDropBackConfig, eligible_layers
 from .run_dir import (
     checkpoint_step,
@@ -101,12 +100,12 @@ def plan_run(model_args, data_args, cdb_args, run_args, training_args: TrainingA
                              "or --train_dir (an image folder)")
         _check_finite_everywhere(model_args, data_args, cdb_args, run_args, training_args)
         _check_ranges(model_args, run_args, training_args)
-        if data_args.train_augmentation not in data_module.TRAIN_AUGMENTATIONS:  # a recipe bypasses argparse's choices
+        if data_args.train_augmentation not in transforms.TRAIN_AUGMENTATIONS:  # a recipe bypasses argparse's choices
             raise UsageError(f"--train_augmentation {data_args.train_augmentation!r} is not valid; choose one of "
-                             f"{', '.join(data_module.TRAIN_AUGMENTATIONS)}")
-        if data_args.corrupt_images not in data_module.CORRUPT_IMAGE_MODES:
+                             f"{', '.join(transforms.TRAIN_AUGMENTATIONS)}")
+        if data_args.corrupt_images not in image_check.CORRUPT_IMAGE_MODES:
             raise UsageError(f"--corrupt_images {data_args.corrupt_images!r} is not valid; choose one of "
-                             f"{', '.join(data_module.CORRUPT_IMAGE_MODES)}")
+                             f"{', '.join(image_check.CORRUPT_IMAGE_MODES)}")
         cache_mb = data_args.train_image_cache_mb
         if isinstance(cache_mb, bool) or not isinstance(cache_mb, int) or cache_mb < 0:
             raise UsageError(f"--train_image_cache_mb must be a whole number of MiB >= 0 (0 turns the cache off), "

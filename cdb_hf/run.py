@@ -32,8 +32,7 @@ import torch
 from accelerate import PartialState
 from transformers import set_seed
 
-from . import data as data_module
-from . import evaluation
+from . import evaluation, sources, train_set, transforms
 from .core import ChannelDropBackConfig
 from .hub import push_outputs, save_merged_model, save_outputs, write_model_card
 from .inference import FinalEvaluation
@@ -64,7 +63,7 @@ class RunParts:
     labels: list[str]
     model: torch.nn.Module
     image_processor: Any
-    train_dataset: data_module.TrainImages
+    train_dataset: train_set.TrainImages
     eval_dataset: Any
     collate_fn: Any
     #: Corrupt images left out by ``--corrupt_images skip``, by split ("train", "validation").
@@ -81,7 +80,7 @@ class PredictSet:
     key_name: str
     keys: list[Any]
     dataset: Any
-    collate_fn: Any = data_module.collate_pixels
+    collate_fn: Any = transforms.collate_pixels
     #: each image's true class name, when the predicted split has class labels (``predictions.csv``'s ``label``)
     true_labels: list[str] | None = None
 
@@ -202,7 +201,7 @@ def prepare_run(plan: RunPlan) -> RunParts:
             return _prepare_streaming_run(plan, skipped_images)
         # The main process fills the datasets cache and the image-check cache first; the others read both.
         with state.main_process_first():
-            dataset = data_module.load_image_datasets(data_args, seed=args.seed, cache_dir=model_args.cache_dir,
+            dataset = sources.load_image_datasets(data_args, seed=args.seed, cache_dir=model_args.cache_dir,
                                                       token=model_args.token, skipped_images=skipped_images)
         labels = dataset["train"].features["label"].names
         _warn_about_unseen_classes(dataset, labels)
@@ -210,15 +209,15 @@ def prepare_run(plan: RunPlan) -> RunParts:
         model, image_processor = load_model_and_processor(model_args, labels)
         check_cdb_against_model(model, plan.cdb_config)
         apply_memory_format(model, run_args.channels_last)  # before the optimizer, so its state shares the layout
-        train_transform, _ = data_module.build_transforms(image_processor, data_args.train_augmentation)
+        train_transform, _ = transforms.build_transforms(image_processor, data_args.train_augmentation)
         # Each example's augmentation is drawn from its own (seed, epoch, index) stream, so prefetching and a
         # resume's skipped batches cannot shift it; the images are decoded once when they fit in memory.
-        train_dataset = data_module.TrainImages(dataset["train"], train_transform, seed=data_module.data_seed(args),
+        train_dataset = train_set.TrainImages(dataset["train"], train_transform, seed=train_set.data_seed(args),
                                                 cache_bytes=data_args.train_image_cache_mb * 2**20)
-        eval_dataset = data_module.apply_eval_transform(dataset["validation"], image_processor)
+        eval_dataset = transforms.apply_eval_transform(dataset["validation"], image_processor)
     predict = load_predict_set(plan, image_processor) if args.do_predict else None
     return RunParts(labels=labels, model=model, image_processor=image_processor, train_dataset=train_dataset,
-                    eval_dataset=eval_dataset, collate_fn=data_module.collate_fn, predict=predict,
+                    eval_dataset=eval_dataset, collate_fn=transforms.collate_fn, predict=predict,
                     skipped_images=skipped_images)
 
 
@@ -232,9 +231,9 @@ def _prepare_streaming_run(plan: RunPlan, skipped_images: dict[str, int]) -> Run
     model, image_processor = load_model_and_processor(model_args, streams.labels)
     check_cdb_against_model(model, plan.cdb_config)
     apply_memory_format(model, run_args.channels_last)
-    train_transform, eval_transform = data_module.build_transforms(image_processor, data_args.train_augmentation)
+    train_transform, eval_transform = transforms.build_transforms(image_processor, data_args.train_augmentation)
     train_dataset = streaming.StreamTrainImages(
-        streams.train, train_transform, data_module.data_seed(args), buffer_size=data_args.shuffle_buffer_size,
+        streams.train, train_transform, train_set.data_seed(args), buffer_size=data_args.shuffle_buffer_size,
         rank=state.process_index, world_size=state.num_processes, corrupt_images=data_args.corrupt_images,
         source=streams.source, skipped=skipped_images)
     eval_dataset = streaming.StreamEvalImages(streams.validation, eval_transform,
@@ -242,16 +241,16 @@ def _prepare_streaming_run(plan: RunPlan, skipped_images: dict[str, int]) -> Run
                                               skipped=skipped_images)
     predict = load_predict_set(plan, image_processor) if args.do_predict else None
     return RunParts(labels=streams.labels, model=model, image_processor=image_processor, train_dataset=train_dataset,
-                    eval_dataset=eval_dataset, collate_fn=data_module.collate_fn, predict=predict,
+                    eval_dataset=eval_dataset, collate_fn=transforms.collate_fn, predict=predict,
                     skipped_images=skipped_images)
 
 
 def load_predict_set(plan: RunPlan, image_processor) -> PredictSet:
     """``--predict_dir`` / ``--predict_split_name`` through the checkpoint's evaluation preprocessing."""
     with usage_errors():
-        key_name, keys, dataset, true_labels = data_module.load_predict_images(
+        key_name, keys, dataset, true_labels = sources.load_predict_images(
             plan.data, cache_dir=plan.model.cache_dir, token=plan.model.token)
-        return PredictSet(key_name, keys, data_module.apply_eval_transform(dataset, image_processor),
+        return PredictSet(key_name, keys, transforms.apply_eval_transform(dataset, image_processor),
                           true_labels=true_labels)
 
 

@@ -34,8 +34,7 @@ import torch
 from datasets.distributed import split_dataset_by_node
 from PIL import Image as PILImage
 
-from . import builtin
-from . import data as data_module
+from . import builtin, sources
 
 __all__ = ["STREAM_STATE_FILE", "StreamEvalImages", "StreamSplits", "StreamTrainImages", "check_streaming_arguments",
            "open_streams", "read_stream_state", "unshard", "write_stream_state"]
@@ -107,14 +106,14 @@ def open_streams(data_args, seed: int, *, cache_dir: str | None = None,
     Raises ValueError/FileNotFoundError for a source that cannot stream, a Hub id that cannot be reached, no
     validation split (a stream cannot be carved), or a label column without class names.
     """
-    data_module._check_arguments(data_args)  # the map-style path's own checks of the same flags
+    sources._check_arguments(data_args)  # the map-style path's own checks of the same flags
     raw = _open_source(data_args, seed, cache_dir, token)
     source = data_args.dataset_name or data_args.train_dir
     if "train" not in raw:
         raise ValueError(f"Dataset {source!r} has no 'train' split; it has: {sorted(raw)}.")
     eval_name = data_args.eval_split_name
     if eval_name is None:
-        eval_name = next((name for name in data_module.VALIDATION_SPLIT_NAMES if name in raw), None)
+        eval_name = next((name for name in sources.VALIDATION_SPLIT_NAMES if name in raw), None)
         if eval_name is None:
             raise ValueError(f"{source!r} has no validation split (its splits: {sorted(raw)}) and a stream cannot "
                              "be carved into one (--train_val_split): pass --eval_split_name, or drop --streaming")
@@ -122,9 +121,9 @@ def open_streams(data_args, seed: int, *, cache_dir: str | None = None,
         raise ValueError(f"--eval_split_name {eval_name!r} is not a split of {source!r} other than train; its "
                          f"splits: {sorted(raw)}.")
     train = _resolved(raw["train"])
-    image_column = data_module._find_image_column(train, data_args.image_column_name, source)
-    label_column = data_module._find_column(train, data_args.label_column_name, source, "label", datasets.ClassLabel,
-                                            (*data_module.LABEL_COLUMN_CANDIDATES, "cls"))  # "cls": WebDataset
+    image_column = sources._find_image_column(train, data_args.image_column_name, source)
+    label_column = sources._find_column(train, data_args.label_column_name, source, "label", datasets.ClassLabel,
+                                            (*sources.LABEL_COLUMN_CANDIDATES, "cls"))  # "cls": WebDataset
     splits = {}
     for name, split in (("train", train), ("validation", _resolved(raw[eval_name]))):
         missing = [c for c in (image_column, label_column) if c not in split.column_names]
@@ -155,7 +154,7 @@ def _open_source(data_args, seed: int, cache_dir: str | None, token) -> dict[str
     path = Path(os.path.expanduser(name))
     if path.exists():
         return _local_streams(path, data_args.dataset_config_name, cache_dir)
-    if data_module._looks_like_local_path(name):
+    if sources._looks_like_local_path(name):
         raise FileNotFoundError(f"--dataset_name {name!r}: no such file or directory (and it is not a Hub id of "
                                 "the form 'name' or 'owner/name').")
     try:
@@ -178,10 +177,10 @@ def _local_streams(path: Path, config_name: str | None, cache_dir: str | None) -
         return {name: split.to_iterable_dataset(num_shards=max(1, min(len(split), 64)))
                 for name, split in loaded.items()}
     if path.is_file():
-        builder = data_module._DATA_FILE_BUILDERS.get(path.suffix.lower())
+        builder = sources._DATA_FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise ValueError(f"--dataset_name {str(path)!r} cannot stream: valid files end in "
-                             f"{', '.join(data_module._DATA_FILE_BUILDERS)}; or give a folder of data files")
+                             f"{', '.join(sources._DATA_FILE_BUILDERS)}; or give a folder of data files")
         loaded = datasets.load_dataset(builder, data_files=str(path), cache_dir=cache_dir, streaming=True)
     else:
         try:
@@ -204,7 +203,7 @@ def _folder_stream(folder: str, flag: str, seed: int | None) -> datasets.Iterabl
     in proportion to their number). With ``seed``, the files are put in a seeded order first: the stream's shards
     are contiguous runs of the list, and a list sorted by class would give shards of few classes, which no shuffle
     buffer smaller than a class could mix."""
-    classes = data_module._class_folders(folder, flag)
+    classes = sources._class_folders(folder, flag)
     names = sorted(classes)
     files = [(str(file), index) for index, name in enumerate(names) for file in classes[name]]
     if seed is not None:
@@ -330,7 +329,7 @@ class StreamTrainImages(torch.utils.data.IterableDataset):
             epoch += 1
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        from .data import TrainTransform, to_uint8_chw
+        from .transforms import TrainTransform, to_uint8_chw
 
         for position, example in self._raw():
             if position < self.start:

@@ -30,15 +30,15 @@ import torch
 import torch.distributed as dist
 from accelerate import PartialState
 
-import cdb_hf.data
 import cdb_hf.image_check
+import cdb_hf.transforms
 from cdb_hf.accelerate_loop import train as accelerate_train
 from cdb_hf.cli import parse_args
 from cdb_hf.core import ChannelDropBack
-from cdb_hf.data import collate_fn
 from cdb_hf.eval_only import evaluate_only
 from cdb_hf.preflight import plan_run
 from cdb_hf.trainer_path import train as trainer_train
+from cdb_hf.transforms import collate_fn
 
 
 class SimulatedCrash(Exception):
@@ -79,11 +79,11 @@ class StepSpy:
 
 
 class BatchSpy:
-    """Records the batches a rank loads (both training paths collate through cdb_hf.data.collate_fn)."""
+    """Records the batches a rank loads (both training paths collate through cdb_hf.transforms.collate_fn)."""
 
     def __init__(self) -> None:
         self.batches: list[dict] = []
-        cdb_hf.data.collate_fn = self.collate  # what both paths' shared setup hands them
+        cdb_hf.transforms.collate_fn = self.collate  # what both paths' shared setup hands them
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         batch = collate_fn(examples)

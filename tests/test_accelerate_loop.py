@@ -24,9 +24,9 @@ import cdb_hf.accelerate_loop as loop
 import cdb_hf.run
 from cdb_hf.cli import parse_args
 from cdb_hf.core import ChannelDropBack
-from cdb_hf.data import PerExampleSeeded
 from cdb_hf.preflight import UsageError, check_supported_setup, plan_run
 from cdb_hf.run_dir import CHECKPOINT_RECORD
+from cdb_hf.train_set import PerExampleSeeded
 
 
 def train(model_dir, image_folder, output_dir, *extra: str) -> dict[str, float]:
@@ -164,7 +164,7 @@ def _fake_loop_checkpoint(checkpoint: Path, record) -> None:
 def test_a_checkpoint_with_a_malformed_or_mismatched_loop_state_is_refused_before_any_work(tmp_path, tiny_vit_dir,
                                                                                            image_folder, monkeypatch):
     checkpoint = tmp_path / "out" / "checkpoint-2"
-    monkeypatch.setattr(cdb_hf.run.data_module, "load_image_datasets",
+    monkeypatch.setattr(cdb_hf.run.sources, "load_image_datasets",
                         lambda *a, **k: pytest.fail("work started before the error"))
     _fake_loop_checkpoint(checkpoint, "not json")
     with pytest.raises(UsageError, match="no complete checkpoint-N folder.*cdb_hf_checkpoint.json is unreadable"):
@@ -197,7 +197,7 @@ def test_baseline_under_bf16_autocast(tmp_path, tiny_vit_dir, image_folder, sele
 ])
 def test_bad_input_is_refused_before_any_work(tmp_path, tiny_vit_dir, image_folder, monkeypatch, extra, error,
                                               match):
-    monkeypatch.setattr(cdb_hf.run.data_module, "load_image_datasets",
+    monkeypatch.setattr(cdb_hf.run.sources, "load_image_datasets",
                         lambda *a, **k: pytest.fail("work started before the error"))
     with pytest.raises(error, match=match):
         train(tiny_vit_dir, image_folder, tmp_path / "out", *extra)
@@ -208,7 +208,7 @@ def test_a_trainer_checkpoint_is_refused_as_a_resume_point(tmp_path, tiny_vit_di
     trainer_checkpoint = tmp_path / "out" / "checkpoint-2"
     _fake_loop_checkpoint(trainer_checkpoint, {"trainer": "hf", "step": 2, "cdb": None, "cdb_run": None,
                                                "files": {"model.safetensors": 7}})
-    monkeypatch.setattr(cdb_hf.run.data_module, "load_image_datasets",
+    monkeypatch.setattr(cdb_hf.run.sources, "load_image_datasets",
                         lambda *a, **k: pytest.fail("work started before the error"))
     with pytest.raises(ValueError, match=r"was written by the Trainer \(--trainer hf\); resume it with --trainer hf"):
         train(tiny_vit_dir, image_folder, tmp_path / "out", "--resume_from_checkpoint", "latest")
@@ -228,7 +228,7 @@ def test_fsdp_and_deepspeed_launches_are_refused(variable, match, monkeypatch):
 
 def test_an_fsdp_accelerate_config_is_refused_before_any_work(tmp_path, tiny_vit_dir, image_folder, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets for an FSDP config file
-    monkeypatch.setattr(cdb_hf.run.data_module, "load_image_datasets",
+    monkeypatch.setattr(cdb_hf.run.sources, "load_image_datasets",
                         lambda *a, **k: pytest.fail("work started before the error"))
     with pytest.raises(ValueError, match="FSDP"):
         train(tiny_vit_dir, image_folder, tmp_path / "out")

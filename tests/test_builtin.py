@@ -12,8 +12,8 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from cdb_hf import builtin
 from cdb_hf.arguments import DataArguments, ModelArguments
-from cdb_hf.data import load_image_datasets, num_examples_per_class
 from cdb_hf.models import load_model_and_processor
+from cdb_hf.sources import load_image_datasets, num_examples_per_class
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,9 @@ from test_safety import tree_hashes
 
 from cdb_hf import cli, image_check
 from cdb_hf.arguments import DataArguments
-from cdb_hf.data import find_corrupt_images, load_image_datasets
+from cdb_hf.image_check import find_corrupt_images
 from cdb_hf.run_dir import write_run_marker
+from cdb_hf.sources import load_image_datasets
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -213,7 +214,7 @@ def test_skip_trains_without_the_corrupt_image_and_reports_the_count(tmp_path, t
 
 
 def test_predict_and_evaluate_only_images_are_checked_too(tmp_path):
-    from cdb_hf.data import load_eval_split, load_predict_images
+    from cdb_hf.sources import load_eval_split, load_predict_images
 
     folder = tmp_path / "to_predict"
     (folder / "sub").mkdir(parents=True)

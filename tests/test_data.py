@@ -1,4 +1,5 @@
-"""cdb_hf.data: every source, column detection, seeded splits, every bad input, and the transforms."""
+"""cdb_hf.sources, .transforms and .train_set: every source, column detection, seeded splits, every bad input,
+the transforms and the seeded training set."""
 
 from __future__ import annotations
 
@@ -13,17 +14,11 @@ from PIL import Image
 from torchvision.transforms import v2
 from transformers import ConvNextImageProcessor, DeiTImageProcessor, ViTImageProcessor
 
-from cdb_hf import data as data_module
+from cdb_hf import sources
 from cdb_hf.arguments import DataArguments
-from cdb_hf.data import (
-    PerExampleSeeded,
-    ToRGB,
-    apply_transforms,
-    build_transforms,
-    collate_fn,
-    load_image_datasets,
-    num_examples_per_class,
-)
+from cdb_hf.sources import load_image_datasets, num_examples_per_class
+from cdb_hf.train_set import PerExampleSeeded
+from cdb_hf.transforms import ToRGB, apply_transforms, build_transforms, collate_fn
 
 
 def folder_args(root, **overrides) -> DataArguments:
@@ -368,7 +363,7 @@ def test_missing_train_split_and_empty_split_are_refused(tmp_path, monkeypatch):
     # datasets itself cannot save and reload an empty split, so hand one over directly.
     empty = datasets.DatasetDict({"train": image_dataset(2, ["a", "b"]), "validation": image_dataset(2, ["a", "b"])
                                   .select([])})
-    monkeypatch.setattr(data_module, "_load_source", lambda *args, **kwargs: empty)
+    monkeypatch.setattr(sources, "_load_source", lambda *args, **kwargs: empty)
     with pytest.raises(ValueError, match="'validation' split .* is empty"):
         load_image_datasets(DataArguments(dataset_name="owner/anything"), seed=0)
 
@@ -548,7 +543,7 @@ def test_per_example_seeding_touches_neither_cuda_generators_nor_the_global_cpu_
 def test_data_seed_follows_the_trainers_rule():
     from types import SimpleNamespace
 
-    from cdb_hf.data import data_seed
+    from cdb_hf.train_set import data_seed
 
     assert data_seed(SimpleNamespace(seed=3, data_seed=None)) == 3
     assert data_seed(SimpleNamespace(seed=3, data_seed=11)) == 11
@@ -558,7 +553,7 @@ def test_data_seed_follows_the_trainers_rule():
 
 
 def _train_images(image_folder, augmentation="crop_flip", cache_bytes=2**20, seed=7, processor=None):
-    from cdb_hf.data import TrainImages
+    from cdb_hf.train_set import TrainImages
 
     loaded = load_image_datasets(folder_args(image_folder), seed=0)
     processor = processor or ViTImageProcessor(size={"height": 16, "width": 16})
@@ -634,7 +629,7 @@ def test_eval_transform_gives_the_logits_of_the_processors_own_preprocessing(ima
 
 def test_train_transform_on_uint8_tensors_matches_a_pil_resize_closely():
     """The tensor path resizes as PIL does up to rounding: a smooth image gives nearly the same pixels."""
-    from cdb_hf.data import TrainTransform, to_uint8_chw
+    from cdb_hf.transforms import TrainTransform, to_uint8_chw
 
     ramp = np.tile(np.linspace(0, 255, 64, dtype=np.uint8), (48, 1))
     vertical = np.tile(np.linspace(0, 255, 48, dtype=np.uint8)[:, None], (1, 64))
@@ -660,7 +655,7 @@ def test_a_negative_image_cache_size_is_refused_before_any_work(tmp_path, image_
 
 
 def test_an_unknown_train_augmentation_is_refused_by_name():
-    from cdb_hf.data import build_transforms
+    from cdb_hf.transforms import build_transforms
 
     with pytest.raises(ValueError, match="train_augmentation 'rotate'"):
         build_transforms(ViTImageProcessor(size={"height": 16, "width": 16}), "rotate")

@@ -20,8 +20,7 @@ import pytest
 from conftest import TINY_LABELS, make_image
 from test_cli import run_quietly
 
-from cdb_hf import data as data_module
-from cdb_hf import evaluation
+from cdb_hf import evaluation, sources
 from cdb_hf.eval_only import match_labels
 from cdb_hf.hub import write_model_card
 from cdb_hf.run_dir import read_run_marker
@@ -145,14 +144,14 @@ def test_predict_split_of_a_dataset_is_keyed_by_index_with_its_true_labels(tmp_p
     }).save_to_disk(tmp_path / "ds")
     args = SimpleNamespace(predict_dir=None, predict_split_name="test", dataset_name=str(tmp_path / "ds"),
                            dataset_config_name=None, train_dir=None, image_column_name=None)
-    key_name, keys, split, true_labels = data_module.load_predict_images(args)
+    key_name, keys, split, true_labels = sources.load_predict_images(args)
     assert (key_name, keys, split.column_names) == ("index", [0, 1, 2], ["image"])
     assert true_labels == ["", "", ""], "a hidden test set's -1 is no class"
     args.predict_split_name = "validation"
-    assert data_module.load_predict_images(args)[3] == ["y", "x"]
+    assert sources.load_predict_images(args)[3] == ["y", "x"]
     args.predict_split_name = "nope"
     with pytest.raises(ValueError, match=r"--predict_split_name 'nope' is not a split .* \['test', 'train', 'valid"):
-        data_module.load_predict_images(args)
+        sources.load_predict_images(args)
 
 
 # ---------------------------------------------------------------------------------------------- pre-flight

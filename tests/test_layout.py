@@ -10,8 +10,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "cdb_hf"
 # Lowest first; a module may import only modules of lower layers (and the package's __init__).
 LAYERS = [
     {"core", "builtin", "perf", "metrics", "evaluation", "image_check", "ab_report"},
-    {"arguments", "run_dir", "run_lock", "preemption", "data", "models", "optimization"},
-    {"hub", "streaming"},
+    {"arguments", "run_dir", "run_lock", "preemption", "sources", "transforms", "models", "optimization"},
+    {"train_set", "hub", "streaming"},
     {"preflight", "inference"},
     {"callback", "run"},
     {"trainer"},

@@ -205,7 +205,7 @@ def _eval_logits(model, pixel_values, **kwargs):
 def _train_and_eval_shapes(processor):
     from PIL import Image
 
-    from cdb_hf.data import build_transforms
+    from cdb_hf.transforms import build_transforms
 
     image = Image.new("RGB", (40, 30), (10, 120, 200))
     return [tuple(transform(image).shape) for transform in build_transforms(processor)]
