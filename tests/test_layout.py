@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "cdb_hf"
 
 # Lowest first; a module may import only modules of lower layers (and the package's __init__).
 LAYERS = [
-    {"core", "builtin", "perf", "metrics", "evaluation", "image_check"},
+    {"version", "core", "builtin", "perf", "metrics", "evaluation", "image_check"},
     {"arguments", "run_dir", "run_lock", "preemption", "data", "models", "optimization"},
     {"hub", "streaming"},
     {"preflight"},
