@@ -40,7 +40,8 @@ from accelerate import PartialState
 from transformers.utils import logging
 
 from . import launch
-from .preflight import RunPlan, UsageError
+from .errors import UsageError
+from .preflight import RunPlan
 from .run import failed_run, open_run_dir
 
 __all__ = ["ARMS", "EXTRA_ARM", "ArmRun", "arms_of", "METRICS", "arm_plan", "final_train_loss", "format_number", "load_eval_curve", "paired_difference", "plot_ab",

@@ -45,9 +45,10 @@ from . import metrics as cdb_metrics
 from . import streaming
 from .core import ChannelDropBack, StatsWindow
 from .data import data_seed
+from .errors import UsageError
 from .optimization import build_lr_scheduler, build_optimizer, optimizer_steps_per_epoch
 from .preemption import PREEMPTION
-from .preflight import RunPlan, UsageError, check_resume_matches, loop_state_error, trackers_for
+from .preflight import RunPlan, check_resume_matches, loop_state_error, trackers_for
 from .run import (
     DivergenceGuard,
     FinalEvaluation,

@@ -44,8 +44,9 @@ from transformers.trainer_callback import DefaultFlowCallback, ExportableState
 from transformers.utils import logging
 
 from .arguments import CDB_PREFIX, CDBArguments
+from .checks import check_supported_setup
 from .core import ChannelDropBack, ChannelDropBackConfig, StatsWindow
-from .preflight import UsageError, check_supported_setup, usage_errors
+from .errors import UsageError, usage_errors
 
 __all__ = ["ChannelDropBackCallback", "LOG_PREFIX", "add_channel_drop_back", "cdb_trial_params",
            "place_before_integrations", "trial_config"]

@@ -25,8 +25,10 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from . import launch
 from .arguments import CDBArguments, DataArguments, ModelArguments, RunArguments
+from .checks import check_supported_setup
+from .errors import UsageError, preview, usage_errors
 from .preemption import PREEMPTION, Preempted, Terminated
-from .preflight import UsageError, check_supported_setup, plan_run, preview, usage_errors
+from .preflight import plan_run
 from .run import TrainingDiverged
 from .run_lock import RunLock
 

@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from . import cli
     from .ab import run_ab
-    from .preflight import UsageError, plan_run
+    from .errors import UsageError
+    from .preflight import plan_run
 
     started = time.time()
     output_dir = Path(own.output_dir)

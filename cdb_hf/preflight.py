@@ -24,7 +24,9 @@ from transformers.utils import logging
 
 from . import builtin
 from . import data as data_module
-from .core import ChannelDropBackConfig, eligible_layers
+from .checks import check_supported_setup
+from .core import ChannelDropBackConfig
+from .errors import _FALSE_STRINGS, _TRUE_STRINGS, UsageError, preview, usage_errors
 from .run_dir import (
     checkpoint_step,
     find_checkpoints,
@@ -35,22 +37,15 @@ from .run_dir import (
     set_aside_runs,
 )
 
-__all__ = ["LOOP_OPTIMIZERS", "RunPlan", "UsageError", "check_cdb_against_model", "check_evaluate_only",
+__all__ = ["LOOP_OPTIMIZERS", "RunPlan", "check_evaluate_only",
            "check_lora_arguments", "check_predict_arguments",
-           "check_lr_schedule", "check_resume_matches", "check_supported_setup", "plan_run",
-           "resolve_resume_checkpoint", "trackers_for",
-           "usage_errors"]
+           "check_lr_schedule", "check_resume_matches", "plan_run",
+           "resolve_resume_checkpoint", "trackers_for"]
 
 logger = logging.get_logger(__name__)
 
 #: ``TrainingArguments.optim`` values the accelerate loop builds (through the Trainer's own factory).
 LOOP_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "sgd", "adagrad", "rmsprop", "adafactor")
-_FALSE_STRINGS = ("", "false", "no", "0", "none")
-_TRUE_STRINGS = ("1", "true", "yes")
-
-
-class UsageError(ValueError):
-    """Bad input: a value, file or setting the run cannot use. Reported in one line, exit code 2."""
 
 
 @dataclass
@@ -147,17 +142,6 @@ MAX_EPOCHS = 100_000
 _MAX_SEED = 2**32 - 1
 
 
-def preview(value: Any, limit: int = 80) -> str:
-    """``repr(value)`` cut to a short preview (nested or huge values, such as a YAML alias bomb, stay cheap)."""
-    import reprlib
-
-    short = reprlib.Repr()
-    short.maxlevel, short.maxlist, short.maxtuple, short.maxdict = 2, 6, 6, 4
-    short.maxstring = short.maxother = short.maxlong = limit
-    text = short.repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
 #: Flags that name a local path (or a Hub id): never an empty string, always a string.
 _PATH_FLAGS = {"model": ("model_name_or_path", "config_name", "image_processor_name", "cache_dir"),
                "data": ("dataset_name", "train_dir", "validation_dir", "predict_dir"),
@@ -225,19 +209,6 @@ def _physical_memory() -> int | None:
         return None
 
 
-class usage_errors:
-    """Turn ValueError/OSError/ImportError raised inside into :class:`UsageError` (bad input, not a bug)."""
-
-    def __enter__(self) -> usage_errors:
-        return self
-
-    def __exit__(self, kind, error, traceback) -> bool:
-        if error is not None and not isinstance(error, UsageError) and isinstance(error, (ValueError, OSError,
-                                                                                          ImportError)):
-            raise UsageError(" ".join(str(error).split()) or type(error).__name__) from error
-        return False
-
-
 # ------------------------------------------------------------------------------------------------ eval / predict
 #: Flags that only mean something when training: refused with ``--do_train false`` (by the name a user typed).
 _TRAINING_ONLY = ("resume_from_checkpoint", "ab_seeds", "ab_extra_arm", "push_to_hub", "lora_r", "lora_alpha",
@@ -289,31 +260,6 @@ def check_predict_arguments(data_args, training_args: TrainingArguments) -> None
     elif not data_args.dataset_name:
         raise UsageError(f"--predict_split_name {split!r} names a split of --dataset_name, which is not given; use "
                          "--predict_dir for an image folder")
-
-
-# ------------------------------------------------------------------------------------------------ setups
-def check_supported_setup(args: Any) -> None:
-    """Refuse DeepSpeed, FSDP and Megatron-LM, from flags or from an accelerate launch config (its env).
-
-    DeepSpeed runs the optimizer step inside ``backward()`` (with ``param.grad`` usually ``None`` under
-    ZeRO), before any hook or callback could mask it; FSDP through the Trainer or accelerate is not
-    tested end to end (the core alone supports FSDP2 shards). Each would make CDB silently do nothing
-    or the wrong thing. The one place that refuses them, for the CLI, the callback and the loop alike.
-    """
-    def env(name: str) -> bool:
-        return os.environ.get(name, "").lower() in _TRUE_STRINGS
-
-    if getattr(args, "deepspeed", None) or env("ACCELERATE_USE_DEEPSPEED"):
-        raise UsageError("ChannelDropBack does not support DeepSpeed: DeepSpeed runs the optimizer step inside "
-                         "backward(), before any callback can mask the gradients; train without --deepspeed "
-                         "(plain DDP via torchrun/accelerate launch is supported)")
-    if getattr(args, "fsdp", None) or env("ACCELERATE_USE_FSDP"):
-        raise UsageError(f"ChannelDropBack does not support FSDP (fsdp={getattr(args, 'fsdp', None)!r}) in the "
-                         "Trainer or the accelerate loop: FSDP shards the gradient rows CDB selects; train "
-                         "without --fsdp (plain DDP via torchrun/accelerate launch is supported)")
-    if env("ACCELERATE_USE_MEGATRON_LM"):
-        raise UsageError("ChannelDropBack does not support Megatron-LM; launch plain DDP instead "
-                         "(accelerate launch --multi_gpu or torchrun)")
 
 
 # ------------------------------------------------------------------------------------------------ values
@@ -864,40 +810,6 @@ def check_resume_matches(record: dict[str, Any] | None, key: str, current: dict[
         logger.warning(f"{message}; resuming anyway because of --resume_allow_cdb_changes")
         return
     raise UsageError(f"{message}; resume with the same settings, or pass --resume_allow_cdb_changes true")
-
-
-# ------------------------------------------------------------------------------------------------ model
-def check_cdb_against_model(model, cdb_config: ChannelDropBackConfig | None) -> None:
-    """Raise UsageError now if include/exclude/skip_first leave no layer of this model (None: baseline)."""
-    if cdb_config is not None:
-        with usage_errors():
-            layers = eligible_layers(model, cdb_config)
-        _check_cdb_does_something(cdb_config, layers)
-
-
-def _check_cdb_does_something(config: ChannelDropBackConfig, layers: dict[str, Any]) -> None:
-    """Settings under which CDB never drops a channel (or almost never) train like ``--cdb false``: say so once.
-
-    Not refused: a zero rate is a legitimate way to check that CDB changes nothing (``--cdb false`` is the
-    plain baseline)."""
-    rates = {"constant": [config.layer_rate], "step": [config.layer_rate_init, config.layer_rate / 2, config.layer_rate],
-             "linear": [config.layer_rate_init, config.layer_rate],
-             "piecewise": list(config.schedule_rates or [config.layer_rate])}[config.schedule]
-    sizes = [int(weight.shape[1 if config.axis == "cols" else 0]) for weight in layers.values()]
-    expected = max(config.channel_rate * n for n in sizes)  # channels dropped in the widest selected layer
-    if max(rates) == 0 or config.step_rate == 0:
-        what = "--cdb_step_rate 0" if config.step_rate == 0 else f"--cdb_layer_rate {config.layer_rate:g}"
-        reason = f"{what} (schedule {config.schedule!r}) never selects a layer"
-    elif config.channel_sampling == "exact" and all(min(round(config.channel_rate * n), n - 1) == 0 for n in sizes):
-        reason = (f"--cdb_channel_rate {config.channel_rate:g} with exact sampling drops round(rate x channels) = 0 "
-                  f"channels in every layer (at most {max(sizes)} channels)")
-    elif config.channel_sampling == "bernoulli" and expected < 0.01:
-        reason = (f"--cdb_channel_rate {config.channel_rate:g} drops {expected:.2g} channels per selected layer on "
-                  f"average (at most {max(sizes)} channels)")
-    else:
-        return
-    logger.warning(f"{reason}, so ChannelDropBack does (almost) nothing: cdb/applied stays near 0 and the run trains "
-                   "like --cdb false; the paper drops 0.3 to 0.5 of the channels of its selected layers")
 
 
 def loop_state_error(path: str, state: Any, max_steps: int | None = None) -> str | None:

@@ -34,12 +34,14 @@ from transformers import set_seed
 
 from . import data as data_module
 from . import evaluation
+from .checks import check_cdb_against_model
 from .core import ChannelDropBackConfig
+from .errors import UsageError, usage_errors
 from .hub import push_outputs, save_merged_model, save_outputs, write_model_card
 from .models import check_image_size, check_lora_targets, load_model_and_processor
 from .perf import apply_memory_format
 from .preemption import PREEMPTION, Preempted
-from .preflight import RunPlan, UsageError, check_cdb_against_model, usage_errors
+from .preflight import RunPlan
 from .run_dir import RunDirectory, read_checkpoint_record
 
 __all__ = ["DivergenceGuard", "FinalEvaluation", "PredictSet", "RunParts", "Startup", "TrainingDiverged", "failed_run",

@@ -13,7 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from cdb_hf.preflight import UsageError, check_resume_matches, loop_state_error
+from cdb_hf.errors import UsageError
+from cdb_hf.preflight import check_resume_matches, loop_state_error
 from cdb_hf.run_dir import (
     CHECKPOINT_RECORD,
     RUN_MARKER,
