@@ -48,7 +48,8 @@ from .data import data_seed
 from .errors import UsageError
 from .optimization import build_lr_scheduler, build_optimizer, optimizer_steps_per_epoch
 from .preemption import PREEMPTION
-from .preflight import RunPlan, check_resume_matches, loop_state_error, trackers_for
+from .preflight import RunPlan, trackers_for
+from .resume import check_resume_matches, loop_state_error
 from .run import (
     DivergenceGuard,
     FinalEvaluation,

@@ -27,7 +27,8 @@ from .errors import UsageError
 from .metrics import build_compute_metrics
 from .optimization import build_lr_scheduler, decay_parameter_names
 from .preemption import PREEMPTION
-from .preflight import RunPlan, check_lr_schedule, check_resume_matches
+from .preflight import RunPlan, check_lr_schedule
+from .resume import check_resume_matches
 from .run import (
     DivergenceGuard,
     FinalEvaluation,

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "cdb_hf"
 LAYERS = [
     {"version", "errors", "core", "builtin", "perf", "metrics", "evaluation", "image_check"},
     {"checks", "arguments", "run_dir", "run_lock", "preemption", "data", "models", "optimization"},
-    {"hub", "streaming"},
+    {"hub", "streaming", "resume"},
     {"preflight"},
     {"callback", "run"},
     {"trainer_path", "accelerate_loop"},
