@@ -37,9 +37,9 @@ other Trainer passes them through ``state.trial_params`` (optuna: name each sugg
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import DefaultFlowCallback, ExportableState
 from transformers.utils import logging
 
@@ -47,6 +47,9 @@ from .arguments import CDB_PREFIX, CDBArguments
 from .checks import check_supported_setup
 from .core import ChannelDropBack, ChannelDropBackConfig, StatsWindow
 from .errors import UsageError, usage_errors
+
+if TYPE_CHECKING:  # an annotation only: importing transformers.Trainer loads datasets and pyarrow
+    from transformers import Trainer
 
 __all__ = ["ChannelDropBackCallback", "LOG_PREFIX", "add_channel_drop_back", "cdb_trial_params",
            "place_before_integrations", "trial_config"]
