@@ -14,6 +14,7 @@ LAYERS = [
     {"version", "errors", "core", "builtin", "perf", "metrics", "evaluation", "image_check"},
     {"checks", "arguments", "run_dir", "run_lock", "preemption", "data", "models", "optimization"},
     {"hub", "streaming", "resume"},
+    {"output_dir"},
     {"preflight"},
     {"callback", "run"},
     {"trainer_path", "accelerate_loop"},
