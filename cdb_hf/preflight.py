@@ -26,6 +26,7 @@ from . import data as data_module
 from .checks import check_supported_setup
 from .core import ChannelDropBackConfig
 from .errors import _FALSE_STRINGS, _TRUE_STRINGS, UsageError, preview, usage_errors
+from .hub_auth import check_can_push
 from .output_dir import plan_output_dir
 from .run_dir import is_finite_number, read_run_marker
 
@@ -109,8 +110,6 @@ def plan_run(model_args, data_args, cdb_args, run_args, training_args: TrainingA
         cdb_config = cdb_args.to_config()  # the core validates every rate and mode
         if run_args.ab_seeds and cdb_config is None:  # the A/B runner's CDB arm must be valid too
             dataclasses.replace(cdb_args, cdb=True).to_config()
-        from .hub import check_can_push
-
         check_can_push(training_args)
         extra_arm = parse_extra_arm(run_args, training_args)
         plan = RunPlan(model_args, data_args, cdb_args, run_args, training_args, cdb_config, extra_arm=extra_arm,
