@@ -43,12 +43,13 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from . import metrics as cdb_metrics
 from . import streaming
+from .checks import trackers_for
 from .core import ChannelDropBack, StatsWindow
 from .data import data_seed
 from .errors import UsageError
 from .optimization import build_lr_scheduler, build_optimizer, optimizer_steps_per_epoch
 from .preemption import PREEMPTION
-from .preflight import RunPlan, trackers_for
+from .preflight import RunPlan
 from .resume import check_resume_matches, loop_state_error
 from .run import (
     DivergenceGuard,

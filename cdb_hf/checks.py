@@ -2,11 +2,14 @@
 
 :func:`check_supported_setup` refuses DeepSpeed, FSDP and Megatron-LM (pre-flight, the callback and the loop
 call it); :func:`check_cdb_against_model` refuses include/exclude patterns that leave no layer of the loaded
-model, and warns when the settings make CDB do (almost) nothing.
+model, and warns when the settings make CDB do (almost) nothing. The checks of ``TrainingArguments`` values
+(the run's, and an A/B extra arm's) and :func:`trackers_for` (the loop's ``report_to``) live here too.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from typing import Any
 
@@ -15,9 +18,13 @@ from transformers.utils import logging
 from .core import ChannelDropBackConfig, eligible_layers
 from .errors import _TRUE_STRINGS, UsageError, usage_errors
 
-__all__ = ["check_cdb_against_model", "check_supported_setup"]
+__all__ = ["LOOP_OPTIMIZERS", "check_cdb_against_model", "check_finite_everywhere", "check_loop_arguments",
+           "check_supported_setup", "check_training_arguments", "trackers_for"]
 
 logger = logging.get_logger(__name__)
+
+#: ``TrainingArguments.optim`` values the accelerate loop builds (through the Trainer's own factory).
+LOOP_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "sgd", "adagrad", "rmsprop", "adafactor")
 
 
 def check_supported_setup(args: Any) -> None:
@@ -75,3 +82,100 @@ def _check_cdb_does_something(config: ChannelDropBackConfig, layers: dict[str, A
         return
     logger.warning(f"{reason}, so ChannelDropBack does (almost) nothing: cdb/applied stays near 0 and the run trains "
                    "like --cdb false; the paper drops 0.3 to 0.5 of the channels of its selected layers")
+
+
+def check_finite_everywhere(*argument_objects) -> None:
+    """No NaN or infinity in any numeric argument: they pass argparse and fail (or corrupt) much later."""
+    for arguments in argument_objects:
+        for item in dataclasses.fields(arguments):
+            value = getattr(arguments, item.name, None)
+            values = value if isinstance(value, (list, tuple)) else [value]
+            for number in values:
+                if isinstance(number, float) and not math.isfinite(number):
+                    raise UsageError(f"--{item.name} {number!r} is not valid: it must be a finite number")
+
+
+def check_training_arguments(args: Any) -> None:
+    """The TrainingArguments values the Trainer or the loop would reject (or misuse) only after work began."""
+    def at_least(name: str, low: float, *, strict: bool = False) -> None:
+        value = getattr(args, name)
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low or (strict and value == low):
+            sign = ">" if strict else ">="
+            raise UsageError(f"--{name} {value!r} is not valid; it must be a number {sign} {low:g}")
+
+    at_least("learning_rate", 0)
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        at_least(name, 1)
+    for name in ("weight_decay", "max_grad_norm", "warmup_steps", "adam_epsilon", "dataloader_num_workers",
+                 "label_smoothing_factor"):
+        at_least(name, 0)
+    for name in ("adam_beta1", "adam_beta2"):
+        value = getattr(args, name)
+        if not 0 <= value < 1:
+            raise UsageError(f"--{name} {value!r} is not valid; it must be in [0, 1)")
+    if not args.label_smoothing_factor < 1:
+        raise UsageError(f"--label_smoothing_factor {args.label_smoothing_factor!r} is not valid; it must be in "
+                         "[0, 1)")
+    if args.max_steps is not None and args.max_steps > 0:
+        pass  # max_steps wins over num_train_epochs, as in the Trainer
+    elif not args.num_train_epochs > 0:
+        raise UsageError(f"--num_train_epochs {args.num_train_epochs!r} gives a run of no training step; give a "
+                         "number > 0 (or --max_steps N > 0)")
+    for strategy, steps in (("logging_strategy", "logging_steps"), ("eval_strategy", "eval_steps"),
+                            ("save_strategy", "save_steps")):
+        if str(getattr(getattr(args, strategy), "value", getattr(args, strategy))) == "steps":
+            value = getattr(args, steps)
+            if value is not None and not value > 0:
+                raise UsageError(f"--{steps} {value!r} is not valid with --{strategy} steps; it must be > 0")
+    if args.save_total_limit is not None and args.save_total_limit < 1:
+        raise UsageError(f"--save_total_limit {args.save_total_limit!r} is not valid; it must be >= 1 (or unset)")
+    if getattr(args, "batch_eval_metrics", False):
+        raise UsageError("--batch_eval_metrics true is not supported: cdb_hf computes its metrics over the whole "
+                         "evaluation set at once; drop the flag")
+    if args.dataloader_persistent_workers and args.dataloader_num_workers > 0:
+        raise UsageError("--dataloader_persistent_workers true is not supported: persistent workers keep the "
+                         "first epoch's augmentation seeds, so every epoch would crop and flip alike; drop the "
+                         f"flag (--dataloader_num_workers {args.dataloader_num_workers} alone starts fresh "
+                         "workers each epoch)")
+
+
+def check_loop_arguments(args: Any) -> None:
+    """The TrainingArguments values the accelerate loop cannot honour, refused by name."""
+    optim = str(getattr(args.optim, "value", args.optim))
+    if optim not in LOOP_OPTIMIZERS:
+        raise UsageError(f"optim={optim!r} is not supported by the accelerate loop; choose one of "
+                         f"{', '.join(LOOP_OPTIMIZERS)} (or use --trainer hf)")
+    if str(getattr(args.save_strategy, "value", args.save_strategy)) == "best" or args.load_best_model_at_end:
+        raise UsageError("save_strategy='best' and load_best_model_at_end are not supported by the accelerate "
+                         "loop; use save_strategy 'steps', 'epoch' or 'no' (or --trainer hf)")
+    unsupported = {"label_smoothing_factor": args.label_smoothing_factor != 0, "torch_compile": args.torch_compile,
+                   "auto_find_batch_size": args.auto_find_batch_size,
+                   "train_sampling_strategy": args.train_sampling_strategy not in ("random", "sequential")}
+    for name, is_set in unsupported.items():
+        if is_set:
+            raise UsageError(f"{name}={getattr(args, name)!r} is not supported by the accelerate loop (use --trainer "
+                             "hf, or drop the flag; train_sampling_strategy may be 'random' or 'sequential')")
+    trackers_for(args.report_to)
+    launcher_accumulation = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
+    if launcher_accumulation and int(launcher_accumulation) != args.gradient_accumulation_steps:
+        raise UsageError(f"the accelerate launcher sets gradient_accumulation_steps={launcher_accumulation} but the "
+                         f"run has --gradient_accumulation_steps {args.gradient_accumulation_steps}; set it once, "
+                         "with --gradient_accumulation_steps (the value both training paths read)")
+
+
+def trackers_for(report_to: list[str] | str | None) -> list[str]:
+    """``report_to`` as accelerate's ``log_with`` (the loop's trackers); unknown names raise UsageError."""
+    from accelerate.utils import LoggerType
+
+    supported = [str(t.value) for t in LoggerType if t != LoggerType.ALL]
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    names = [name for name in names if name != "none"]
+    if "all" in names:
+        return ["all"]
+    unknown = [name for name in names if name not in supported]
+    if unknown:
+        raise UsageError(f"report_to={unknown} is not supported by the accelerate loop; choose from "
+                         f"{', '.join(supported)}, 'all' or 'none'")
+    return names

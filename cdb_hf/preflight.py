@@ -11,7 +11,6 @@ loaded, still before anything is written.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import os
@@ -23,20 +22,21 @@ from transformers import TrainingArguments
 
 from . import builtin
 from . import data as data_module
-from .checks import check_supported_setup
+from .ab_args import parse_extra_arm
+from .checks import (
+    check_finite_everywhere,
+    check_loop_arguments,
+    check_supported_setup,
+    check_training_arguments,
+)
 from .core import ChannelDropBackConfig
-from .errors import _FALSE_STRINGS, _TRUE_STRINGS, UsageError, preview, usage_errors
+from .errors import _FALSE_STRINGS, UsageError, preview, usage_errors
 from .hub_auth import check_can_push
 from .output_dir import plan_output_dir
 from .run_dir import is_finite_number, read_run_marker
 
-__all__ = ["LOOP_OPTIMIZERS", "RunPlan", "check_evaluate_only",
-           "check_lora_arguments", "check_predict_arguments",
-           "check_lr_schedule", "plan_run",
-           "trackers_for"]
-
-#: ``TrainingArguments.optim`` values the accelerate loop builds (through the Trainer's own factory).
-LOOP_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "sgd", "adagrad", "rmsprop", "adafactor")
+__all__ = ["RunPlan", "check_evaluate_only", "check_lora_arguments", "check_lr_schedule", "check_predict_arguments",
+           "plan_run"]
 
 
 @dataclass
@@ -85,7 +85,7 @@ def plan_run(model_args, data_args, cdb_args, run_args, training_args: TrainingA
         elif not (data_args.dataset_name or data_args.train_dir):
             raise UsageError("no training data: pass --dataset_name (Hub id, local dataset folder or builtin:...) "
                              "or --train_dir (an image folder)")
-        _check_finite_everywhere(model_args, data_args, cdb_args, run_args, training_args)
+        check_finite_everywhere(model_args, data_args, cdb_args, run_args, training_args)
         _check_ranges(model_args, run_args, training_args)
         if data_args.train_augmentation not in data_module.TRAIN_AUGMENTATIONS:  # a recipe bypasses argparse's choices
             raise UsageError(f"--train_augmentation {data_args.train_augmentation!r} is not valid; choose one of "
@@ -101,10 +101,10 @@ def plan_run(model_args, data_args, cdb_args, run_args, training_args: TrainingA
         from .streaming import check_streaming_arguments
 
         check_streaming_arguments(data_args, run_args, training_args, cdb_args)
-        _check_training_arguments(training_args)
+        check_training_arguments(training_args)
         check_lr_schedule(run_args, training_args)
         if run_args.trainer == "accelerate":
-            _check_loop_arguments(training_args)
+            check_loop_arguments(training_args)
         notes: list[str] = []
         _resolve_epoch_milestones(cdb_args, run_args, training_args, notes)
         cdb_config = cdb_args.to_config()  # the core validates every rate and mode
@@ -263,60 +263,6 @@ def _check_run_arguments(run_args) -> None:
             raise UsageError(f"--{name} {value!r} is not valid; it must be true or false")
 
 
-#: TrainingArguments an extra arm may not change: they define the pairing or where results go.
-_EXTRA_ARM_FIXED = ("seed", "data_seed", "output_dir", "run_name", "logging_dir", "push_to_hub", "hub_model_id",
-                    "hub_token", "resume_from_checkpoint", "do_train", "do_eval", "report_to")
-
-
-def parse_extra_arm(run_args, training_args: TrainingArguments) -> dict[str, Any]:
-    """``--ab_extra_arm 'name=value,...'`` as typed TrainingArguments values, checked like the run's own.
-
-    Only scalar (bool/int/float/str) TrainingArguments values that do not define the pairing may change;
-    the arm's arguments go through the same checks as the run's, so a bad value fails now, not mid-study.
-    """
-    spec = run_args.ab_extra_arm
-    if spec is None or spec == "":
-        return {}
-    if not run_args.ab_seeds:
-        raise UsageError(f"--ab_extra_arm {spec!r} needs --ab_seeds N (it adds an arm to an A/B comparison)")
-    overrides: dict[str, Any] = {}
-    for item in str(spec).split(","):
-        name, equals, raw = (part.strip() for part in item.partition("="))
-        if not equals or not name:
-            raise UsageError(f"--ab_extra_arm {spec!r} is not valid: expected name=value pairs separated by commas, "
-                             "e.g. 'weight_decay=0.05'")
-        current = getattr(training_args, name, None) if hasattr(training_args, name) else None
-        if not hasattr(training_args, name) or name in _EXTRA_ARM_FIXED or name.startswith("cdb"):
-            raise UsageError(f"--ab_extra_arm: {name!r} is not a TrainingArguments value an extra arm may change "
-                             f"(not allowed: unknown names, cdb_* flags, {', '.join(_EXTRA_ARM_FIXED)})")
-        kind = type(getattr(current, "value", current))
-        try:
-            if kind is bool:
-                if raw.lower() not in (*_TRUE_STRINGS, "false", "no", "0"):
-                    raise ValueError(raw)
-                value: Any = raw.lower() in _TRUE_STRINGS
-            elif kind in (int, float, str):
-                value = kind(raw)
-            else:
-                raise TypeError(name)
-        except (TypeError, ValueError):
-            raise UsageError(f"--ab_extra_arm: {name}={raw!r} is not valid; {name} takes a "
-                             f"{kind.__name__ if kind in (bool, int, float, str) else 'non-scalar'} value "
-                             f"(now {current!r})") from None
-        overrides[name] = value
-    arm_args = copy.deepcopy(training_args)
-    for name, value in overrides.items():
-        setattr(arm_args, name, value)
-    try:
-        _check_finite_everywhere(arm_args)
-        _check_training_arguments(arm_args)
-        if run_args.trainer == "accelerate":
-            _check_loop_arguments(arm_args)
-    except UsageError as error:  # the run's own value is fine: say that the arm's is not
-        raise UsageError(f"--ab_extra_arm {spec!r}: {error}") from None
-    return overrides
-
-
 def check_lr_schedule(run_args, args: TrainingArguments) -> None:
     """``--lr_schedule``, its milestones and factor, and no conflicting ``TrainingArguments`` schedule.
 
@@ -447,102 +393,5 @@ def check_lora_arguments(model_args) -> None:
     except ImportError as error:
         raise UsageError("--lora_r needs the peft library, which is not installed: pip install 'cdb_hf[peft]'") \
             from error
-
-
-def _check_finite_everywhere(*argument_objects) -> None:
-    """No NaN or infinity in any numeric argument: they pass argparse and fail (or corrupt) much later."""
-    for arguments in argument_objects:
-        for item in dataclasses.fields(arguments):
-            value = getattr(arguments, item.name, None)
-            values = value if isinstance(value, (list, tuple)) else [value]
-            for number in values:
-                if isinstance(number, float) and not math.isfinite(number):
-                    raise UsageError(f"--{item.name} {number!r} is not valid: it must be a finite number")
-
-
-def _check_training_arguments(args: TrainingArguments) -> None:
-    """The TrainingArguments values the Trainer or the loop would reject (or misuse) only after work began."""
-    def at_least(name: str, low: float, *, strict: bool = False) -> None:
-        value = getattr(args, name)
-        if value is None:
-            return
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low or (strict and value == low):
-            sign = ">" if strict else ">="
-            raise UsageError(f"--{name} {value!r} is not valid; it must be a number {sign} {low:g}")
-
-    at_least("learning_rate", 0)
-    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-        at_least(name, 1)
-    for name in ("weight_decay", "max_grad_norm", "warmup_steps", "adam_epsilon", "dataloader_num_workers",
-                 "label_smoothing_factor"):
-        at_least(name, 0)
-    for name in ("adam_beta1", "adam_beta2"):
-        value = getattr(args, name)
-        if not 0 <= value < 1:
-            raise UsageError(f"--{name} {value!r} is not valid; it must be in [0, 1)")
-    if not args.label_smoothing_factor < 1:
-        raise UsageError(f"--label_smoothing_factor {args.label_smoothing_factor!r} is not valid; it must be in "
-                         "[0, 1)")
-    if args.max_steps is not None and args.max_steps > 0:
-        pass  # max_steps wins over num_train_epochs, as in the Trainer
-    elif not args.num_train_epochs > 0:
-        raise UsageError(f"--num_train_epochs {args.num_train_epochs!r} gives a run of no training step; give a "
-                         "number > 0 (or --max_steps N > 0)")
-    for strategy, steps in (("logging_strategy", "logging_steps"), ("eval_strategy", "eval_steps"),
-                            ("save_strategy", "save_steps")):
-        if str(getattr(getattr(args, strategy), "value", getattr(args, strategy))) == "steps":
-            value = getattr(args, steps)
-            if value is not None and not value > 0:
-                raise UsageError(f"--{steps} {value!r} is not valid with --{strategy} steps; it must be > 0")
-    if args.save_total_limit is not None and args.save_total_limit < 1:
-        raise UsageError(f"--save_total_limit {args.save_total_limit!r} is not valid; it must be >= 1 (or unset)")
-    if getattr(args, "batch_eval_metrics", False):
-        raise UsageError("--batch_eval_metrics true is not supported: cdb_hf computes its metrics over the whole "
-                         "evaluation set at once; drop the flag")
-    if args.dataloader_persistent_workers and args.dataloader_num_workers > 0:
-        raise UsageError("--dataloader_persistent_workers true is not supported: persistent workers keep the "
-                         "first epoch's augmentation seeds, so every epoch would crop and flip alike; drop the "
-                         f"flag (--dataloader_num_workers {args.dataloader_num_workers} alone starts fresh "
-                         "workers each epoch)")
-
-
-def _check_loop_arguments(args: TrainingArguments) -> None:
-    """The TrainingArguments values the accelerate loop cannot honour, refused by name."""
-    optim = str(getattr(args.optim, "value", args.optim))
-    if optim not in LOOP_OPTIMIZERS:
-        raise UsageError(f"optim={optim!r} is not supported by the accelerate loop; choose one of "
-                         f"{', '.join(LOOP_OPTIMIZERS)} (or use --trainer hf)")
-    if str(getattr(args.save_strategy, "value", args.save_strategy)) == "best" or args.load_best_model_at_end:
-        raise UsageError("save_strategy='best' and load_best_model_at_end are not supported by the accelerate "
-                         "loop; use save_strategy 'steps', 'epoch' or 'no' (or --trainer hf)")
-    unsupported = {"label_smoothing_factor": args.label_smoothing_factor != 0, "torch_compile": args.torch_compile,
-                   "auto_find_batch_size": args.auto_find_batch_size,
-                   "train_sampling_strategy": args.train_sampling_strategy not in ("random", "sequential")}
-    for name, is_set in unsupported.items():
-        if is_set:
-            raise UsageError(f"{name}={getattr(args, name)!r} is not supported by the accelerate loop (use --trainer "
-                             "hf, or drop the flag; train_sampling_strategy may be 'random' or 'sequential')")
-    trackers_for(args.report_to)
-    launcher_accumulation = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
-    if launcher_accumulation and int(launcher_accumulation) != args.gradient_accumulation_steps:
-        raise UsageError(f"the accelerate launcher sets gradient_accumulation_steps={launcher_accumulation} but the "
-                         f"run has --gradient_accumulation_steps {args.gradient_accumulation_steps}; set it once, "
-                         "with --gradient_accumulation_steps (the value both training paths read)")
-
-
-def trackers_for(report_to: list[str] | str | None) -> list[str]:
-    """``report_to`` as accelerate's ``log_with`` (the loop's trackers); unknown names raise UsageError."""
-    from accelerate.utils import LoggerType
-
-    supported = [str(t.value) for t in LoggerType if t != LoggerType.ALL]
-    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
-    names = [name for name in names if name != "none"]
-    if "all" in names:
-        return ["all"]
-    unknown = [name for name in names if name not in supported]
-    if unknown:
-        raise UsageError(f"report_to={unknown} is not supported by the accelerate loop; choose from "
-                         f"{', '.join(supported)}, 'all' or 'none'")
-    return names
 
 

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "cdb_hf"
 LAYERS = [
     {"version", "errors", "core", "builtin", "perf", "metrics", "evaluation", "image_check"},
     {"checks", "hub_auth", "arguments", "run_dir", "run_lock", "preemption", "data", "models", "optimization"},
-    {"hub", "streaming", "resume"},
+    {"hub", "streaming", "resume", "ab_args"},
     {"output_dir"},
     {"preflight"},
     {"callback", "run"},
