@@ -41,7 +41,7 @@ from transformers.utils import logging
 
 from . import launch
 from .errors import UsageError
-from .preflight import RunPlan
+from .plan import RunPlan
 from .run import failed_run, open_run_dir
 
 __all__ = ["ARMS", "EXTRA_ARM", "ArmRun", "arms_of", "METRICS", "arm_plan", "final_train_loss", "format_number", "load_eval_curve", "paired_difference", "plot_ab",

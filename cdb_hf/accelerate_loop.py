@@ -48,8 +48,8 @@ from .core import ChannelDropBack, StatsWindow
 from .data import data_seed
 from .errors import UsageError
 from .optimization import build_lr_scheduler, build_optimizer, optimizer_steps_per_epoch
+from .plan import RunPlan
 from .preemption import PREEMPTION
-from .preflight import RunPlan
 from .resume import check_resume_matches, loop_state_error
 from .run import (
     DivergenceGuard,

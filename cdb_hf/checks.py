@@ -3,7 +3,8 @@
 :func:`check_supported_setup` refuses DeepSpeed, FSDP and Megatron-LM (pre-flight, the callback and the loop
 call it); :func:`check_cdb_against_model` refuses include/exclude patterns that leave no layer of the loaded
 model, and warns when the settings make CDB do (almost) nothing. The checks of ``TrainingArguments`` values
-(the run's, and an A/B extra arm's) and :func:`trackers_for` (the loop's ``report_to``) live here too.
+(the run's, an A/B extra arm's, a trial's ``--lr_schedule``) and :func:`trackers_for` (the loop's
+``report_to``) live here too.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ import math
 import os
 from typing import Any
 
+from transformers import TrainingArguments
 from transformers.utils import logging
 
 from .core import ChannelDropBackConfig, eligible_layers
-from .errors import _TRUE_STRINGS, UsageError, usage_errors
+from .errors import _TRUE_STRINGS, UsageError, preview, usage_errors
 
 __all__ = ["LOOP_OPTIMIZERS", "check_cdb_against_model", "check_finite_everywhere", "check_loop_arguments",
-           "check_supported_setup", "check_training_arguments", "trackers_for"]
+           "check_lr_schedule", "check_supported_setup", "check_training_arguments", "trackers_for"]
 
 logger = logging.get_logger(__name__)
 
@@ -179,3 +181,42 @@ def trackers_for(report_to: list[str] | str | None) -> list[str]:
         raise UsageError(f"report_to={unknown} is not supported by the accelerate loop; choose from "
                          f"{', '.join(supported)}, 'all' or 'none'")
     return names
+
+
+def check_lr_schedule(run_args, args: TrainingArguments) -> None:
+    """``--lr_schedule``, its milestones and factor, and no conflicting ``TrainingArguments`` schedule.
+
+    ``multistep`` replaces ``lr_scheduler_type``: a non-default type, scheduler kwargs or a warmup next to it
+    would be silently ignored, so they are refused by name.
+    """
+    schedule = getattr(run_args, "lr_schedule", "trainer")
+    if schedule not in ("trainer", "multistep"):
+        raise UsageError(f"--lr_schedule {schedule!r} is not valid; choose 'trainer' (TrainingArguments' "
+                         "--lr_scheduler_type) or 'multistep' (the official MultiStepLR)")
+    gamma = run_args.lr_gamma
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
+        raise UsageError(f"--lr_gamma {gamma!r} is not valid; it must be a number in (0, 1] (official: 0.1)")
+    milestones = run_args.lr_milestones
+    if milestones is not None:
+        if (not isinstance(milestones, (list, tuple)) or not milestones
+                or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in milestones)
+                or list(milestones) != sorted(set(milestones))):
+            raise UsageError(f"--lr_milestones {preview(milestones)} is not valid; give increasing epochs >= 1 (the first "
+                             "epoch at each lower rate, e.g. 26 51 72), or leave it unset for the official "
+                             "round(0.3E), round(0.6E), round(0.85E)")
+    if schedule != "multistep":
+        if milestones is not None:
+            raise UsageError(f"--lr_milestones {list(milestones)} needs --lr_schedule multistep (the current "
+                             f"--lr_schedule {schedule!r} would ignore it)")
+        return
+    scheduler_type = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
+    default_type = TrainingArguments.__dataclass_fields__["lr_scheduler_type"].default
+    default_type = str(getattr(default_type, "value", default_type))
+    conflicts = {"lr_scheduler_type": scheduler_type != default_type, "lr_scheduler_kwargs": bool(args.lr_scheduler_kwargs),
+                 "warmup_steps": bool(args.warmup_steps), "warmup_ratio": bool(getattr(args, "warmup_ratio", 0))}
+    for name, conflicting in conflicts.items():
+        if conflicting:
+            value = getattr(args, name)
+            raise UsageError(f"--{name} {getattr(value, 'value', value)!r} conflicts with --lr_schedule multistep, which sets "
+                             f"the whole schedule (MultiStepLR, no warmup); drop --{name} or use --lr_schedule "
+                             "trainer")

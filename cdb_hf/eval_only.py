@@ -28,7 +28,7 @@ from . import data as data_module
 from .accelerate_loop import evaluate, predict
 from .errors import usage_errors
 from .models import _call_hub, load_model_and_processor, resolve_model_path
-from .preflight import RunPlan
+from .plan import RunPlan
 from .run import (
     FinalEvaluation,
     Startup,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .preflight import RunPlan
+from .plan import RunPlan
 
 __all__ = ["train"]
 

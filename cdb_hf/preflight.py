@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,47 +25,17 @@ from .ab_args import parse_extra_arm
 from .checks import (
     check_finite_everywhere,
     check_loop_arguments,
+    check_lr_schedule,
     check_supported_setup,
     check_training_arguments,
 )
-from .core import ChannelDropBackConfig
 from .errors import _FALSE_STRINGS, UsageError, preview, usage_errors
 from .hub_auth import check_can_push
 from .output_dir import plan_output_dir
+from .plan import RunPlan
 from .run_dir import is_finite_number, read_run_marker
 
-__all__ = ["RunPlan", "check_evaluate_only", "check_lora_arguments", "check_lr_schedule", "check_predict_arguments",
-           "plan_run"]
-
-
-@dataclass
-class RunPlan:
-    """A validated run: the arguments, and what pre-flight decided about them."""
-
-    model: Any
-    data: Any
-    cdb: Any
-    run: Any
-    training: TrainingArguments
-    #: The CDB configuration (None: a baseline run). The run's length is filled in by prepare_run.
-    cdb_config: ChannelDropBackConfig | None
-    #: "fresh" (missing or empty output_dir), "resume" (continue the run there) or "replace".
-    output_mode: str = "fresh"
-    resume_checkpoint: str | None = None
-    #: The resume checkpoint's record (cdb_hf_checkpoint.json), None when there is none.
-    resume_record: dict[str, Any] | None = None
-    #: Checkpoints of this output_dir that ``--resume_from_checkpoint true`` skipped because a kill left them
-    #: half-written (no record); the resumed run removes them before it saves over their step numbers.
-    incomplete_checkpoints: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    #: ``--ab_extra_arm`` parsed: the TrainingArguments values of the A/B runner's third arm (empty: none).
-    extra_arm: dict[str, Any] = field(default_factory=dict)
-    #: "train" (fine-tune, then evaluate) or "eval" (``--do_train false``: evaluate and/or predict a saved model).
-    kind: str = "train"
-
-    @property
-    def args(self) -> tuple[Any, Any, Any, Any, TrainingArguments]:
-        return self.model, self.data, self.cdb, self.run, self.training
+__all__ = ["check_evaluate_only", "check_lora_arguments", "check_predict_arguments", "plan_run"]
 
 
 def plan_run(model_args, data_args, cdb_args, run_args, training_args: TrainingArguments) -> RunPlan:
@@ -261,45 +230,6 @@ def _check_run_arguments(run_args) -> None:
         value = getattr(run_args, name, False)
         if not isinstance(value, bool):
             raise UsageError(f"--{name} {value!r} is not valid; it must be true or false")
-
-
-def check_lr_schedule(run_args, args: TrainingArguments) -> None:
-    """``--lr_schedule``, its milestones and factor, and no conflicting ``TrainingArguments`` schedule.
-
-    ``multistep`` replaces ``lr_scheduler_type``: a non-default type, scheduler kwargs or a warmup next to it
-    would be silently ignored, so they are refused by name.
-    """
-    schedule = getattr(run_args, "lr_schedule", "trainer")
-    if schedule not in ("trainer", "multistep"):
-        raise UsageError(f"--lr_schedule {schedule!r} is not valid; choose 'trainer' (TrainingArguments' "
-                         "--lr_scheduler_type) or 'multistep' (the official MultiStepLR)")
-    gamma = run_args.lr_gamma
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
-        raise UsageError(f"--lr_gamma {gamma!r} is not valid; it must be a number in (0, 1] (official: 0.1)")
-    milestones = run_args.lr_milestones
-    if milestones is not None:
-        if (not isinstance(milestones, (list, tuple)) or not milestones
-                or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in milestones)
-                or list(milestones) != sorted(set(milestones))):
-            raise UsageError(f"--lr_milestones {preview(milestones)} is not valid; give increasing epochs >= 1 (the first "
-                             "epoch at each lower rate, e.g. 26 51 72), or leave it unset for the official "
-                             "round(0.3E), round(0.6E), round(0.85E)")
-    if schedule != "multistep":
-        if milestones is not None:
-            raise UsageError(f"--lr_milestones {list(milestones)} needs --lr_schedule multistep (the current "
-                             f"--lr_schedule {schedule!r} would ignore it)")
-        return
-    scheduler_type = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
-    default_type = TrainingArguments.__dataclass_fields__["lr_scheduler_type"].default
-    default_type = str(getattr(default_type, "value", default_type))
-    conflicts = {"lr_scheduler_type": scheduler_type != default_type, "lr_scheduler_kwargs": bool(args.lr_scheduler_kwargs),
-                 "warmup_steps": bool(args.warmup_steps), "warmup_ratio": bool(getattr(args, "warmup_ratio", 0))}
-    for name, conflicting in conflicts.items():
-        if conflicting:
-            value = getattr(args, name)
-            raise UsageError(f"--{name} {getattr(value, 'value', value)!r} conflicts with --lr_schedule multistep, which sets "
-                             f"the whole schedule (MultiStepLR, no warmup); drop --{name} or use --lr_schedule "
-                             "trainer")
 
 
 def official_cdb_phase_starts(epochs: float) -> list[int]:

@@ -40,8 +40,8 @@ from .errors import UsageError, usage_errors
 from .hub import push_outputs, save_merged_model, save_outputs, write_model_card
 from .models import check_image_size, check_lora_targets, load_model_and_processor
 from .perf import apply_memory_format
+from .plan import RunPlan
 from .preemption import PREEMPTION, Preempted
-from .preflight import RunPlan
 from .run_dir import RunDirectory, read_checkpoint_record
 
 __all__ = ["DivergenceGuard", "FinalEvaluation", "PredictSet", "RunParts", "Startup", "TrainingDiverged", "failed_run",

@@ -23,11 +23,12 @@ from transformers.trainer_utils import EvalPrediction, has_length, rotate_checkp
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, logging
 
 from .callback import ChannelDropBackCallback, cdb_trial_params, place_before_integrations
+from .checks import check_lr_schedule
 from .errors import UsageError
 from .metrics import build_compute_metrics
 from .optimization import build_lr_scheduler, decay_parameter_names
+from .plan import RunPlan
 from .preemption import PREEMPTION
-from .preflight import RunPlan, check_lr_schedule
 from .resume import check_resume_matches
 from .run import (
     DivergenceGuard,

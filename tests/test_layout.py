@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "cdb_hf"
 # Lowest first; a module may import only modules of lower layers (and the package's __init__).
 LAYERS = [
     {"version", "errors", "core", "builtin", "perf", "metrics", "evaluation", "image_check"},
-    {"checks", "hub_auth", "arguments", "run_dir", "run_lock", "preemption", "data", "models", "optimization"},
+    {"checks", "hub_auth", "plan", "arguments", "run_dir", "run_lock", "preemption", "data", "models", "optimization"},
     {"hub", "streaming", "resume", "ab_args"},
     {"output_dir"},
     {"preflight"},
