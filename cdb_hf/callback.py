@@ -185,7 +185,7 @@ def trial_config(base: ChannelDropBackConfig, params: dict[str, Any]) -> Channel
     """``base`` with a trial's ``cdb``/``cdb_*`` values applied, built as the CLI builds it (``CDBArguments``
     -> ``to_config``, which checks every value); None when the trial sets ``cdb`` false.
 
-    Raises :class:`~cdb_hf.preflight.UsageError` naming an unknown key or a bad value.
+    Raises :class:`~cdb_hf.errors.UsageError` naming an unknown key or a bad value.
     """
     arguments = CDBArguments(cdb=True, **{CDB_PREFIX + name: value for name, value in base.to_dict().items()})
     unknown = sorted(set(params) - set(vars(arguments)))

@@ -7,7 +7,7 @@ after it overrides the recipe::
     python run_finetune.py recipes/vit-b16_cifar10.yaml --learning_rate 1e-4 --cdb_channel_rate 0.5
 
 Bad input ends with one line on stderr (``run_finetune.py: error: ...``) and exit code 2, before any
-training starts and before ``--output_dir`` changes (:class:`~cdb_hf.preflight.UsageError`).
+training starts and before ``--output_dir`` changes (:class:`~cdb_hf.errors.UsageError`).
 """
 
 from __future__ import annotations

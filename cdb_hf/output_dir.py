@@ -1,6 +1,6 @@
 """What a run does to ``--output_dir``: fresh, resume or replace, decided before anything is written.
 
-:func:`plan_output_dir` (called by :func:`cdb_hf.preflight.plan_run`) refuses every folder whose loss would
+:func:`plan_output_dir` (called by :func:`cdb_hf.preflight.plan_run`) refuses every folder where writing could
 lose data: a live run's, one the run reads from, the home directory, a git work tree, files cdb_hf did not
 write; it resolves the checkpoint to resume from (:mod:`cdb_hf.resume`) and fills the plan's
 ``output_mode``, ``resume_checkpoint``, ``resume_record`` and notes.

@@ -1,12 +1,11 @@
 """Pre-flight: every check a run needs, run once, before anything is loaded or written.
 
-:func:`plan_run` takes the five argument dataclasses and returns a :class:`RunPlan` that both training
-faces consume: the validated CDB configuration, what happens to ``--output_dir`` (a fresh run, a resumed
-one, or a transactional replacement of an earlier cdb_hf run), and the checkpoint to resume from. Bad
-input raises :class:`UsageError`, which ``run_finetune.py`` prints as one line with exit code 2. The
-checks that need the data or the model (labels, include/exclude patterns, the run's length, a
-checkpoint's weights) live here too and are called by :func:`cdb_hf.run.prepare_run` once those are
-loaded, still before anything is written.
+:func:`plan_run` takes the five argument dataclasses and returns a :class:`~cdb_hf.plan.RunPlan` that both
+training faces consume: the validated CDB configuration, what happens to ``--output_dir`` (a fresh run, a
+resumed one, or a transactional replacement of an earlier cdb_hf run: :mod:`cdb_hf.output_dir`), and the
+checkpoint to resume from (:mod:`cdb_hf.resume`). Bad input raises :class:`~cdb_hf.errors.UsageError`,
+which ``run_finetune.py`` prints as one line with exit code 2. The checks the faces also run later, once
+the model is loaded or inside a user's own Trainer, live in :mod:`cdb_hf.checks`.
 """
 
 from __future__ import annotations
