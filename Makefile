@@ -48,8 +48,8 @@ bench: install
 # reach each mutant, and writes the score to bench/results/mutation_score.json. Niced: it takes the cores.
 # (The pre-flight planners of the output folder and the resume checkpoint are tested end to end in
 # test_safety.py, too slow to run per mutant; add them here once fast tests reach them.)
-MUTANTS ?= cdb_hf.core.* cdb_hf.run_dir.* cdb_hf.preflight.x_check_resume_matches__* \
-	cdb_hf.preflight.x_loop_state_error__*
+MUTANTS ?= cdb_hf.core.* cdb_hf.run_dir.* cdb_hf.resume.x_check_resume_matches__* \
+	cdb_hf.resume.x_loop_state_error__*
 MUTANT_WORKERS ?= 2
 mutants: install
 	$(BIN)/python -m pip install -q -e ".[mutants]"

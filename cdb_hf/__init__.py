@@ -8,8 +8,7 @@ import importlib
 from typing import Any
 
 from .core import ChannelDropBack, ChannelDropBackConfig
-
-__version__ = "0.1.0"
+from .version import __version__
 
 _LAZY = {
     "ChannelDropBackCallback": "cdb_hf.callback",

@@ -40,7 +40,8 @@ from transformers.utils import logging
 
 from . import launch
 from .ab_report import ARMS, EXTRA_ARM, METRICS, ArmRun, finite, render_report, write_results
-from .preflight import RunPlan, UsageError
+from .errors import UsageError
+from .plan import RunPlan
 from .run import failed_run, open_run_dir
 
 __all__ = ["ARMS", "EXTRA_ARM", "ArmRun", "arms_of", "METRICS", "arm_plan", "final_train_loss", "load_eval_curve",

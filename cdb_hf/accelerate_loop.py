@@ -42,16 +42,19 @@ from tqdm.auto import tqdm
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from . import streaming
+from .checks import trackers_for
 from .core import ChannelDropBack, ChannelDropBackConfig, StatsWindow
-from .inference import FinalEvaluation, evaluate, predict
+from .errors import UsageError
+from .evaluation import FinalEvaluation
+from .inference import evaluate, predict
 from .optimization import build_lr_scheduler, build_optimizer, optimizer_steps_per_epoch
+from .plan import RunPlan
 from .preemption import PREEMPTION
-from .preflight import RunPlan, UsageError, check_resume_matches, loop_state_error, trackers_for
+from .resume import check_resume_matches, checkpoint_load_error, loop_state_error
 from .run import (
     DivergenceGuard,
     RunParts,
     Startup,
-    checkpoint_load_error,
     failed_run,
     finish_run,
     last_checkpoint,

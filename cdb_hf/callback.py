@@ -37,15 +37,19 @@ other Trainer passes them through ``state.trial_params`` (optuna: name each sugg
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import DefaultFlowCallback, ExportableState
 from transformers.utils import logging
 
 from .arguments import CDB_PREFIX, CDBArguments
+from .checks import check_supported_setup
 from .core import ChannelDropBack, ChannelDropBackConfig, StatsWindow
-from .preflight import UsageError, check_supported_setup, usage_errors
+from .errors import UsageError, usage_errors
+
+if TYPE_CHECKING:  # an annotation only: importing transformers.Trainer loads datasets and pyarrow
+    from transformers import Trainer
 
 __all__ = ["ChannelDropBackCallback", "LOG_PREFIX", "add_channel_drop_back", "cdb_trial_params",
            "place_before_integrations", "trial_config"]
@@ -181,7 +185,7 @@ def trial_config(base: ChannelDropBackConfig, params: dict[str, Any]) -> Channel
     """``base`` with a trial's ``cdb``/``cdb_*`` values applied, built as the CLI builds it (``CDBArguments``
     -> ``to_config``, which checks every value); None when the trial sets ``cdb`` false.
 
-    Raises :class:`~cdb_hf.preflight.UsageError` naming an unknown key or a bad value.
+    Raises :class:`~cdb_hf.errors.UsageError` naming an unknown key or a bad value.
     """
     arguments = CDBArguments(cdb=True, **{CDB_PREFIX + name: value for name, value in base.to_dict().items()})
     unknown = sorted(set(params) - set(vars(arguments)))

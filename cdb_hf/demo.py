@@ -152,9 +152,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="Where the models and results go; an earlier demo's results there are replaced.")
     own, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
 
-    from . import cli
     from .ab import run_ab
-    from .preflight import UsageError, plan_run
+    from .errors import UsageError
+    from .parsing import parse_args
+    from .preflight import plan_run
 
     started = time.time()
     output_dir = Path(own.output_dir)
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         if extra and not extra[0].startswith("-"):
             raise UsageError(f"unexpected argument {extra[0]!r}: the demo takes flags only (recipes go to "
                              "run_finetune.py)")
-        plan = plan_run(*cli.parse_args(build_argv(output_dir, extra)))
+        plan = plan_run(*parse_args(build_argv(output_dir, extra)))
         if plan.run.ab_seeds < 1:
             raise UsageError(f"--ab_seeds {plan.run.ab_seeds} is not valid for the demo; it compares baseline and "
                              "CDB over at least 1 seed")

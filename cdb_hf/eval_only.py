@@ -25,9 +25,11 @@ from transformers import AutoConfig
 from transformers.utils import logging
 
 from . import sources, transforms
-from .inference import FinalEvaluation, evaluate, predict
+from .errors import usage_errors
+from .evaluation import FinalEvaluation
+from .inference import evaluate, predict
 from .models import _call_hub, load_model_and_processor, resolve_model_path
-from .preflight import RunPlan, usage_errors
+from .plan import RunPlan
 from .run import (
     Startup,
     failed_run,

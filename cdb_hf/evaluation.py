@@ -21,13 +21,14 @@ import logging
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["CONFUSION_MATRIX_CSV", "CONFUSION_MATRIX_PNG", "PER_CLASS_CSV", "PREDICTIONS_CSV", "confusion_matrix",
-           "per_class_accuracy", "softmax", "top_k", "write_confusion_matrix_png", "write_per_class_files",
+__all__ = ["CONFUSION_MATRIX_CSV", "CONFUSION_MATRIX_PNG", "FinalEvaluation", "PER_CLASS_CSV", "PREDICTIONS_CSV",
+           "confusion_matrix", "per_class_accuracy", "softmax", "top_k", "write_confusion_matrix_png", "write_per_class_files",
            "write_predictions_csv"]
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,16 @@ CONFUSION_MATRIX_PNG = "eval_confusion_matrix.png"
 PREDICTIONS_CSV = "predictions.csv"
 #: Beyond this many classes a picture of the matrix is unreadable: the CSV is written, the PNG is not.
 MAX_PLOTTED_CLASSES = 50
+
+
+@dataclass
+class FinalEvaluation:
+    """The final evaluation's class ids (predicted, true) and, with ``--do_predict``, the predict set's logits:
+    what :func:`cdb_hf.run.write_evaluation_files` turns into the per-class files and ``predictions.csv``."""
+
+    predictions: Any = None
+    references: Any = None
+    predict_logits: Any = None
 
 
 def _ids(values: Any, num_labels: int, what: str) -> np.ndarray:

@@ -16,8 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from huggingface_hub import HfApi, ModelCard, get_token
-from huggingface_hub import constants as hub_constants
+from huggingface_hub import HfApi, ModelCard
 from transformers import TrainingArguments
 from transformers.modelcard import TrainingSummary, extract_hyperparameters_from_trainer, parse_log_history
 from transformers.utils import logging
@@ -27,7 +26,7 @@ from .core import ChannelDropBackConfig
 from .optimization import OFFICIAL_LR_MILESTONE_FRACTIONS
 from .run_dir import RUN_MARKER, write_results_json
 
-__all__ = ["CDB_CONFIG_NAME", "LORA_MERGED_DIR", "MAX_CARD_CLASSES", "LORA_MODEL_CONFIG_DIR", "UPLOAD_IGNORE_PATTERNS", "check_can_push",
+__all__ = ["CDB_CONFIG_NAME", "LORA_MERGED_DIR", "MAX_CARD_CLASSES", "LORA_MODEL_CONFIG_DIR", "UPLOAD_IGNORE_PATTERNS",
            "is_peft_model", "push_outputs", "save_merged_model", "save_outputs", "write_model_card"]
 
 logger = logging.get_logger(__name__)
@@ -170,18 +169,6 @@ def write_model_card(output_dir: str | os.PathLike, model_args, data_args, cdb_c
     output_dir.mkdir(parents=True, exist_ok=True)
     card.save(output_dir / "README.md")
     return str(card)
-
-
-def check_can_push(training_args: TrainingArguments) -> None:
-    """Raise before any work if ``--push_to_hub`` cannot possibly succeed (offline mode, no token)."""
-    if not getattr(training_args, "push_to_hub", False):
-        return
-    if hub_constants.HF_HUB_OFFLINE:
-        raise ValueError("--push_to_hub needs the Hugging Face Hub, but HF_HUB_OFFLINE is set; unset it or drop "
-                         "--push_to_hub (the outputs are saved in --output_dir either way)")
-    if not (training_args.hub_token or get_token()):
-        raise ValueError("--push_to_hub needs a Hugging Face token: run `hf auth login`, set HF_TOKEN, or pass "
-                         "--hub_token (it is never logged)")
 
 
 def push_outputs(output_dir: str | os.PathLike, training_args: TrainingArguments, *,

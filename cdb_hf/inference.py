@@ -8,7 +8,6 @@ a predict set. Both run on a model and dataloaders that ``accelerator`` prepared
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,19 +18,10 @@ from torch.utils.data import DataLoader
 from transformers import TrainingArguments
 
 from . import metrics as cdb_metrics
+from .evaluation import FinalEvaluation
 from .streaming import StreamEvalImages
 
-__all__ = ["FinalEvaluation", "evaluate", "predict"]
-
-
-@dataclass
-class FinalEvaluation:
-    """The final evaluation's class ids (predicted, true) and, with ``--do_predict``, the predict set's logits:
-    what :func:`cdb_hf.run.write_evaluation_files` turns into the per-class files and ``predictions.csv``."""
-
-    predictions: Any = None
-    references: Any = None
-    predict_logits: Any = None
+__all__ = ["evaluate", "predict"]
 
 
 @torch.no_grad()

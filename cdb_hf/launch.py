@@ -6,7 +6,7 @@ Three faces, one floor: the Trainer path (:mod:`cdb_hf.trainer_path`), the accel
 
 from __future__ import annotations
 
-from .preflight import RunPlan
+from .plan import RunPlan
 
 __all__ = ["train"]
 

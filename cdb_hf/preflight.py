@@ -1,85 +1,39 @@
 """Pre-flight: every check a run needs, run once, before anything is loaded or written.
 
-:func:`plan_run` takes the five argument dataclasses and returns a :class:`RunPlan` that both training
-faces consume: the validated CDB configuration, what happens to ``--output_dir`` (a fresh run, a resumed
-one, or a transactional replacement of an earlier cdb_hf run), and the checkpoint to resume from. Bad
-input raises :class:`UsageError`, which ``run_finetune.py`` prints as one line with exit code 2. The
-checks that need the data or the model (labels, include/exclude patterns, the run's length, a
-checkpoint's weights) live here too and are called by :func:`cdb_hf.run.prepare_run` once those are
-loaded, still before anything is written.
+:func:`plan_run` takes the five argument dataclasses and returns a :class:`~cdb_hf.plan.RunPlan` that both
+training faces consume: the validated CDB configuration, what happens to ``--output_dir`` (a fresh run, a
+resumed one, or a transactional replacement of an earlier cdb_hf run: :mod:`cdb_hf.output_dir`), and the
+checkpoint to resume from (:mod:`cdb_hf.resume`). Bad input raises :class:`~cdb_hf.errors.UsageError`,
+which ``run_finetune.py`` prints as one line with exit code 2. The checks the faces also run later, once
+the model is loaded or inside a user's own Trainer, live in :mod:`cdb_hf.checks`.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainingArguments
-from transformers.utils import logging
 
 from . import builtin, image_check, transforms
-from .core import ChannelDropBackConfig, eligible_layers
-from .run_dir import (
-    checkpoint_step,
-    find_checkpoints,
-    foreign_entries,
-    is_finite_number,
-    read_checkpoint_record,
-    read_run_marker,
-    set_aside_runs,
+from .ab_args import parse_extra_arm
+from .checks import (
+    check_finite_everywhere,
+    check_loop_arguments,
+    check_lr_schedule,
+    check_supported_setup,
+    check_training_arguments,
 )
+from .errors import _FALSE_STRINGS, UsageError, preview, usage_errors
+from .hub_auth import check_can_push
+from .output_dir import plan_output_dir
+from .plan import RunPlan
+from .run_dir import is_finite_number, read_run_marker
 
-__all__ = ["LOOP_OPTIMIZERS", "RunPlan", "UsageError", "check_cdb_against_model", "check_evaluate_only",
-           "check_lora_arguments", "check_predict_arguments",
-           "check_lr_schedule", "check_resume_matches", "check_supported_setup", "plan_run",
-           "resolve_resume_checkpoint", "trackers_for",
-           "usage_errors"]
-
-logger = logging.get_logger(__name__)
-
-#: ``TrainingArguments.optim`` values the accelerate loop builds (through the Trainer's own factory).
-LOOP_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "sgd", "adagrad", "rmsprop", "adafactor")
-_FALSE_STRINGS = ("", "false", "no", "0", "none")
-_TRUE_STRINGS = ("1", "true", "yes")
-
-
-class UsageError(ValueError):
-    """Bad input: a value, file or setting the run cannot use. Reported in one line, exit code 2."""
-
-
-@dataclass
-class RunPlan:
-    """A validated run: the arguments, and what pre-flight decided about them."""
-
-    model: Any
-    data: Any
-    cdb: Any
-    run: Any
-    training: TrainingArguments
-    #: The CDB configuration (None: a baseline run). The run's length is filled in by prepare_run.
-    cdb_config: ChannelDropBackConfig | None
-    #: "fresh" (missing or empty output_dir), "resume" (continue the run there) or "replace".
-    output_mode: str = "fresh"
-    resume_checkpoint: str | None = None
-    #: The resume checkpoint's record (cdb_hf_checkpoint.json), None when there is none.
-    resume_record: dict[str, Any] | None = None
-    #: Checkpoints of this output_dir that ``--resume_from_checkpoint true`` skipped because a kill left them
-    #: half-written (no record); the resumed run removes them before it saves over their step numbers.
-    incomplete_checkpoints: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    #: ``--ab_extra_arm`` parsed: the TrainingArguments values of the A/B runner's third arm (empty: none).
-    extra_arm: dict[str, Any] = field(default_factory=dict)
-    #: "train" (fine-tune, then evaluate) or "eval" (``--do_train false``: evaluate and/or predict a saved model).
-    kind: str = "train"
-
-    @property
-    def args(self) -> tuple[Any, Any, Any, Any, TrainingArguments]:
-        return self.model, self.data, self.cdb, self.run, self.training
+__all__ = ["check_evaluate_only", "check_lora_arguments", "check_predict_arguments", "plan_run"]
 
 
 def plan_run(model_args, data_args, cdb_args, run_args, training_args: TrainingArguments) -> RunPlan:
@@ -98,7 +52,7 @@ def plan_run(model_args, data_args, cdb_args, run_args, training_args: TrainingA
         elif not (data_args.dataset_name or data_args.train_dir):
             raise UsageError("no training data: pass --dataset_name (Hub id, local dataset folder or builtin:...) "
                              "or --train_dir (an image folder)")
-        _check_finite_everywhere(model_args, data_args, cdb_args, run_args, training_args)
+        check_finite_everywhere(model_args, data_args, cdb_args, run_args, training_args)
         _check_ranges(model_args, run_args, training_args)
         if data_args.train_augmentation not in transforms.TRAIN_AUGMENTATIONS:  # a recipe bypasses argparse's choices
             raise UsageError(f"--train_augmentation {data_args.train_augmentation!r} is not valid; choose one of "
@@ -114,22 +68,20 @@ def plan_run(model_args, data_args, cdb_args, run_args, training_args: TrainingA
         from .streaming import check_streaming_arguments
 
         check_streaming_arguments(data_args, run_args, training_args, cdb_args)
-        _check_training_arguments(training_args)
+        check_training_arguments(training_args)
         check_lr_schedule(run_args, training_args)
         if run_args.trainer == "accelerate":
-            _check_loop_arguments(training_args)
+            check_loop_arguments(training_args)
         notes: list[str] = []
         _resolve_epoch_milestones(cdb_args, run_args, training_args, notes)
         cdb_config = cdb_args.to_config()  # the core validates every rate and mode
         if run_args.ab_seeds and cdb_config is None:  # the A/B runner's CDB arm must be valid too
             dataclasses.replace(cdb_args, cdb=True).to_config()
-        from .hub import check_can_push
-
         check_can_push(training_args)
         extra_arm = parse_extra_arm(run_args, training_args)
         plan = RunPlan(model_args, data_args, cdb_args, run_args, training_args, cdb_config, extra_arm=extra_arm,
                        kind=kind, notes=notes)
-        _plan_output_dir(plan)
+        plan_output_dir(plan)
         if kind == "eval" and plan.output_mode == "replace":
             marker = read_run_marker(training_args.output_dir) or {}
             if marker.get("kind") != "eval":  # a training run's files are never an evaluation's to replace
@@ -144,17 +96,6 @@ MAX_AB_SEEDS = 1000
 #: The most epochs a run may have (a larger --num_train_epochs is a typo, not a plan).
 MAX_EPOCHS = 100_000
 _MAX_SEED = 2**32 - 1
-
-
-def preview(value: Any, limit: int = 80) -> str:
-    """``repr(value)`` cut to a short preview (nested or huge values, such as a YAML alias bomb, stay cheap)."""
-    import reprlib
-
-    short = reprlib.Repr()
-    short.maxlevel, short.maxlist, short.maxtuple, short.maxdict = 2, 6, 6, 4
-    short.maxstring = short.maxother = short.maxlong = limit
-    text = short.repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 #: Flags that name a local path (or a Hub id): never an empty string, always a string.
@@ -224,19 +165,6 @@ def _physical_memory() -> int | None:
         return None
 
 
-class usage_errors:
-    """Turn ValueError/OSError/ImportError raised inside into :class:`UsageError` (bad input, not a bug)."""
-
-    def __enter__(self) -> usage_errors:
-        return self
-
-    def __exit__(self, kind, error, traceback) -> bool:
-        if error is not None and not isinstance(error, UsageError) and isinstance(error, (ValueError, OSError,
-                                                                                          ImportError)):
-            raise UsageError(" ".join(str(error).split()) or type(error).__name__) from error
-        return False
-
-
 # ------------------------------------------------------------------------------------------------ eval / predict
 #: Flags that only mean something when training: refused with ``--do_train false`` (by the name a user typed).
 _TRAINING_ONLY = ("resume_from_checkpoint", "ab_seeds", "ab_extra_arm", "push_to_hub", "lora_r", "lora_alpha",
@@ -290,31 +218,6 @@ def check_predict_arguments(data_args, training_args: TrainingArguments) -> None
                          "--predict_dir for an image folder")
 
 
-# ------------------------------------------------------------------------------------------------ setups
-def check_supported_setup(args: Any) -> None:
-    """Refuse DeepSpeed, FSDP and Megatron-LM, from flags or from an accelerate launch config (its env).
-
-    DeepSpeed runs the optimizer step inside ``backward()`` (with ``param.grad`` usually ``None`` under
-    ZeRO), before any hook or callback could mask it; FSDP through the Trainer or accelerate is not
-    tested end to end (the core alone supports FSDP2 shards). Each would make CDB silently do nothing
-    or the wrong thing. The one place that refuses them, for the CLI, the callback and the loop alike.
-    """
-    def env(name: str) -> bool:
-        return os.environ.get(name, "").lower() in _TRUE_STRINGS
-
-    if getattr(args, "deepspeed", None) or env("ACCELERATE_USE_DEEPSPEED"):
-        raise UsageError("ChannelDropBack does not support DeepSpeed: DeepSpeed runs the optimizer step inside "
-                         "backward(), before any callback can mask the gradients; train without --deepspeed "
-                         "(plain DDP via torchrun/accelerate launch is supported)")
-    if getattr(args, "fsdp", None) or env("ACCELERATE_USE_FSDP"):
-        raise UsageError(f"ChannelDropBack does not support FSDP (fsdp={getattr(args, 'fsdp', None)!r}) in the "
-                         "Trainer or the accelerate loop: FSDP shards the gradient rows CDB selects; train "
-                         "without --fsdp (plain DDP via torchrun/accelerate launch is supported)")
-    if env("ACCELERATE_USE_MEGATRON_LM"):
-        raise UsageError("ChannelDropBack does not support Megatron-LM; launch plain DDP instead "
-                         "(accelerate launch --multi_gpu or torchrun)")
-
-
 # ------------------------------------------------------------------------------------------------ values
 def _check_run_arguments(run_args) -> None:
     if run_args.trainer not in ("hf", "accelerate"):
@@ -325,99 +228,6 @@ def _check_run_arguments(run_args) -> None:
         value = getattr(run_args, name, False)
         if not isinstance(value, bool):
             raise UsageError(f"--{name} {value!r} is not valid; it must be true or false")
-
-
-#: TrainingArguments an extra arm may not change: they define the pairing or where results go.
-_EXTRA_ARM_FIXED = ("seed", "data_seed", "output_dir", "run_name", "logging_dir", "push_to_hub", "hub_model_id",
-                    "hub_token", "resume_from_checkpoint", "do_train", "do_eval", "report_to")
-
-
-def parse_extra_arm(run_args, training_args: TrainingArguments) -> dict[str, Any]:
-    """``--ab_extra_arm 'name=value,...'`` as typed TrainingArguments values, checked like the run's own.
-
-    Only scalar (bool/int/float/str) TrainingArguments values that do not define the pairing may change;
-    the arm's arguments go through the same checks as the run's, so a bad value fails now, not mid-study.
-    """
-    spec = run_args.ab_extra_arm
-    if spec is None or spec == "":
-        return {}
-    if not run_args.ab_seeds:
-        raise UsageError(f"--ab_extra_arm {spec!r} needs --ab_seeds N (it adds an arm to an A/B comparison)")
-    overrides: dict[str, Any] = {}
-    for item in str(spec).split(","):
-        name, equals, raw = (part.strip() for part in item.partition("="))
-        if not equals or not name:
-            raise UsageError(f"--ab_extra_arm {spec!r} is not valid: expected name=value pairs separated by commas, "
-                             "e.g. 'weight_decay=0.05'")
-        current = getattr(training_args, name, None) if hasattr(training_args, name) else None
-        if not hasattr(training_args, name) or name in _EXTRA_ARM_FIXED or name.startswith("cdb"):
-            raise UsageError(f"--ab_extra_arm: {name!r} is not a TrainingArguments value an extra arm may change "
-                             f"(not allowed: unknown names, cdb_* flags, {', '.join(_EXTRA_ARM_FIXED)})")
-        kind = type(getattr(current, "value", current))
-        try:
-            if kind is bool:
-                if raw.lower() not in (*_TRUE_STRINGS, "false", "no", "0"):
-                    raise ValueError(raw)
-                value: Any = raw.lower() in _TRUE_STRINGS
-            elif kind in (int, float, str):
-                value = kind(raw)
-            else:
-                raise TypeError(name)
-        except (TypeError, ValueError):
-            raise UsageError(f"--ab_extra_arm: {name}={raw!r} is not valid; {name} takes a "
-                             f"{kind.__name__ if kind in (bool, int, float, str) else 'non-scalar'} value "
-                             f"(now {current!r})") from None
-        overrides[name] = value
-    arm_args = copy.deepcopy(training_args)
-    for name, value in overrides.items():
-        setattr(arm_args, name, value)
-    try:
-        _check_finite_everywhere(arm_args)
-        _check_training_arguments(arm_args)
-        if run_args.trainer == "accelerate":
-            _check_loop_arguments(arm_args)
-    except UsageError as error:  # the run's own value is fine: say that the arm's is not
-        raise UsageError(f"--ab_extra_arm {spec!r}: {error}") from None
-    return overrides
-
-
-def check_lr_schedule(run_args, args: TrainingArguments) -> None:
-    """``--lr_schedule``, its milestones and factor, and no conflicting ``TrainingArguments`` schedule.
-
-    ``multistep`` replaces ``lr_scheduler_type``: a non-default type, scheduler kwargs or a warmup next to it
-    would be silently ignored, so they are refused by name.
-    """
-    schedule = getattr(run_args, "lr_schedule", "trainer")
-    if schedule not in ("trainer", "multistep"):
-        raise UsageError(f"--lr_schedule {schedule!r} is not valid; choose 'trainer' (TrainingArguments' "
-                         "--lr_scheduler_type) or 'multistep' (the official MultiStepLR)")
-    gamma = run_args.lr_gamma
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
-        raise UsageError(f"--lr_gamma {gamma!r} is not valid; it must be a number in (0, 1] (official: 0.1)")
-    milestones = run_args.lr_milestones
-    if milestones is not None:
-        if (not isinstance(milestones, (list, tuple)) or not milestones
-                or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in milestones)
-                or list(milestones) != sorted(set(milestones))):
-            raise UsageError(f"--lr_milestones {preview(milestones)} is not valid; give increasing epochs >= 1 (the first "
-                             "epoch at each lower rate, e.g. 26 51 72), or leave it unset for the official "
-                             "round(0.3E), round(0.6E), round(0.85E)")
-    if schedule != "multistep":
-        if milestones is not None:
-            raise UsageError(f"--lr_milestones {list(milestones)} needs --lr_schedule multistep (the current "
-                             f"--lr_schedule {schedule!r} would ignore it)")
-        return
-    scheduler_type = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
-    default_type = TrainingArguments.__dataclass_fields__["lr_scheduler_type"].default
-    default_type = str(getattr(default_type, "value", default_type))
-    conflicts = {"lr_scheduler_type": scheduler_type != default_type, "lr_scheduler_kwargs": bool(args.lr_scheduler_kwargs),
-                 "warmup_steps": bool(args.warmup_steps), "warmup_ratio": bool(getattr(args, "warmup_ratio", 0))}
-    for name, conflicting in conflicts.items():
-        if conflicting:
-            value = getattr(args, name)
-            raise UsageError(f"--{name} {getattr(value, 'value', value)!r} conflicts with --lr_schedule multistep, which sets "
-                             f"the whole schedule (MultiStepLR, no warmup); drop --{name} or use --lr_schedule "
-                             "trainer")
 
 
 def official_cdb_phase_starts(epochs: float) -> list[int]:
@@ -513,407 +323,3 @@ def check_lora_arguments(model_args) -> None:
             from error
 
 
-def _check_finite_everywhere(*argument_objects) -> None:
-    """No NaN or infinity in any numeric argument: they pass argparse and fail (or corrupt) much later."""
-    for arguments in argument_objects:
-        for item in dataclasses.fields(arguments):
-            value = getattr(arguments, item.name, None)
-            values = value if isinstance(value, (list, tuple)) else [value]
-            for number in values:
-                if isinstance(number, float) and not math.isfinite(number):
-                    raise UsageError(f"--{item.name} {number!r} is not valid: it must be a finite number")
-
-
-def _check_training_arguments(args: TrainingArguments) -> None:
-    """The TrainingArguments values the Trainer or the loop would reject (or misuse) only after work began."""
-    def at_least(name: str, low: float, *, strict: bool = False) -> None:
-        value = getattr(args, name)
-        if value is None:
-            return
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low or (strict and value == low):
-            sign = ">" if strict else ">="
-            raise UsageError(f"--{name} {value!r} is not valid; it must be a number {sign} {low:g}")
-
-    at_least("learning_rate", 0)
-    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-        at_least(name, 1)
-    for name in ("weight_decay", "max_grad_norm", "warmup_steps", "adam_epsilon", "dataloader_num_workers",
-                 "label_smoothing_factor"):
-        at_least(name, 0)
-    for name in ("adam_beta1", "adam_beta2"):
-        value = getattr(args, name)
-        if not 0 <= value < 1:
-            raise UsageError(f"--{name} {value!r} is not valid; it must be in [0, 1)")
-    if not args.label_smoothing_factor < 1:
-        raise UsageError(f"--label_smoothing_factor {args.label_smoothing_factor!r} is not valid; it must be in "
-                         "[0, 1)")
-    if args.max_steps is not None and args.max_steps > 0:
-        pass  # max_steps wins over num_train_epochs, as in the Trainer
-    elif not args.num_train_epochs > 0:
-        raise UsageError(f"--num_train_epochs {args.num_train_epochs!r} gives a run of no training step; give a "
-                         "number > 0 (or --max_steps N > 0)")
-    for strategy, steps in (("logging_strategy", "logging_steps"), ("eval_strategy", "eval_steps"),
-                            ("save_strategy", "save_steps")):
-        if str(getattr(getattr(args, strategy), "value", getattr(args, strategy))) == "steps":
-            value = getattr(args, steps)
-            if value is not None and not value > 0:
-                raise UsageError(f"--{steps} {value!r} is not valid with --{strategy} steps; it must be > 0")
-    if args.save_total_limit is not None and args.save_total_limit < 1:
-        raise UsageError(f"--save_total_limit {args.save_total_limit!r} is not valid; it must be >= 1 (or unset)")
-    if getattr(args, "batch_eval_metrics", False):
-        raise UsageError("--batch_eval_metrics true is not supported: cdb_hf computes its metrics over the whole "
-                         "evaluation set at once; drop the flag")
-    if args.dataloader_persistent_workers and args.dataloader_num_workers > 0:
-        raise UsageError("--dataloader_persistent_workers true is not supported: persistent workers keep the "
-                         "first epoch's augmentation seeds, so every epoch would crop and flip alike; drop the "
-                         f"flag (--dataloader_num_workers {args.dataloader_num_workers} alone starts fresh "
-                         "workers each epoch)")
-
-
-def _check_loop_arguments(args: TrainingArguments) -> None:
-    """The TrainingArguments values the accelerate loop cannot honour, refused by name."""
-    optim = str(getattr(args.optim, "value", args.optim))
-    if optim not in LOOP_OPTIMIZERS:
-        raise UsageError(f"optim={optim!r} is not supported by the accelerate loop; choose one of "
-                         f"{', '.join(LOOP_OPTIMIZERS)} (or use --trainer hf)")
-    if str(getattr(args.save_strategy, "value", args.save_strategy)) == "best" or args.load_best_model_at_end:
-        raise UsageError("save_strategy='best' and load_best_model_at_end are not supported by the accelerate "
-                         "loop; use save_strategy 'steps', 'epoch' or 'no' (or --trainer hf)")
-    unsupported = {"label_smoothing_factor": args.label_smoothing_factor != 0, "torch_compile": args.torch_compile,
-                   "auto_find_batch_size": args.auto_find_batch_size,
-                   "train_sampling_strategy": args.train_sampling_strategy not in ("random", "sequential")}
-    for name, is_set in unsupported.items():
-        if is_set:
-            raise UsageError(f"{name}={getattr(args, name)!r} is not supported by the accelerate loop (use --trainer "
-                             "hf, or drop the flag; train_sampling_strategy may be 'random' or 'sequential')")
-    trackers_for(args.report_to)
-    launcher_accumulation = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
-    if launcher_accumulation and int(launcher_accumulation) != args.gradient_accumulation_steps:
-        raise UsageError(f"the accelerate launcher sets gradient_accumulation_steps={launcher_accumulation} but the "
-                         f"run has --gradient_accumulation_steps {args.gradient_accumulation_steps}; set it once, "
-                         "with --gradient_accumulation_steps (the value both training paths read)")
-
-
-def trackers_for(report_to: list[str] | str | None) -> list[str]:
-    """``report_to`` as accelerate's ``log_with`` (the loop's trackers); unknown names raise UsageError."""
-    from accelerate.utils import LoggerType
-
-    supported = [str(t.value) for t in LoggerType if t != LoggerType.ALL]
-    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
-    names = [name for name in names if name != "none"]
-    if "all" in names:
-        return ["all"]
-    unknown = [name for name in names if name not in supported]
-    if unknown:
-        raise UsageError(f"report_to={unknown} is not supported by the accelerate loop; choose from "
-                         f"{', '.join(supported)}, 'all' or 'none'")
-    return names
-
-
-# ------------------------------------------------------------------------------------------------ output dir
-def _input_paths(plan: RunPlan) -> dict[str, Path]:
-    """The local paths the run reads, by flag: an output_dir must be none of them, in none, contain none."""
-    candidates = {
-        "train_dir": plan.data.train_dir, "validation_dir": plan.data.validation_dir,
-        "dataset_name": plan.data.dataset_name, "model_name_or_path": plan.model.model_name_or_path,
-        "config_name": plan.model.config_name, "image_processor_name": plan.model.image_processor_name,
-        "cache_dir": plan.model.cache_dir, "predict_dir": getattr(plan.data, "predict_dir", None),
-    }
-    paths = {}
-    for flag, value in candidates.items():
-        if isinstance(value, str) and value and not builtin.is_builtin(value):
-            path = Path(os.path.expanduser(value))
-            if path.exists():
-                paths[flag] = path.resolve()
-    return paths
-
-
-def _plan_output_dir(plan: RunPlan) -> None:
-    """Decide fresh / resume / replace for ``--output_dir``, refusing anything that could lose data."""
-    args, run_args = plan.training, plan.run
-    output_dir = Path(os.path.expanduser(args.output_dir))
-    resolved = output_dir.resolve()
-    _check_not_locked(args.output_dir, plan.notes)
-    if output_dir.is_symlink():  # every later rename, deletion and check acts on the folder itself, not the link
-        plan.notes.append(f"--output_dir {args.output_dir!r} is a symlink; the run writes into {str(resolved)!r}")
-        args.output_dir = str(resolved)
-        output_dir = resolved
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UsageError(f"--output_dir {args.output_dir!r} exists and is not a directory")
-    home = Path(os.path.expanduser("~")).resolve()
-    if resolved == Path(resolved.anchor) or resolved == home:
-        what = "your home directory" if resolved == home else "the filesystem root"
-        raise UsageError(f"--output_dir {args.output_dir!r} is {what}; give a folder of its own, e.g. outputs/my-run")
-    if (resolved / ".git").exists():
-        raise UsageError(f"--output_dir {args.output_dir!r} is the root of a git work tree; give a folder of its own, "
-                         "e.g. outputs/my-run")
-    for flag, path in _input_paths(plan).items():
-        if resolved == path or path.is_relative_to(resolved) or resolved.is_relative_to(path):
-            relation = ("is" if resolved == path else "contains" if path.is_relative_to(resolved)
-                        else "lies inside")
-            raise UsageError(f"--output_dir {args.output_dir!r} {relation} --{flag} {str(path)!r}: a run must not "
-                             "write into, or replace, what it reads; give another --output_dir")
-
-    overwrite = bool(getattr(run_args, "overwrite_output_dir", False))
-    resume = resolve_resume_checkpoint(args, plan.notes, plan.incomplete_checkpoints)
-    if resume is not None:
-        plan.resume_checkpoint = resume
-        plan.resume_record = _check_resume_checkpoint(resume, plan)
-        if Path(resume).resolve().is_relative_to(resolved):
-            if overwrite:
-                raise UsageError(f"--overwrite_output_dir would set aside the run that --resume_from_checkpoint "
-                                 f"{resume!r} continues; drop one of the two")
-            plan.output_mode = "resume"
-            return
-    if not output_dir.is_dir() or not any(output_dir.iterdir()):
-        plan.output_mode = "fresh"
-        aside = set_aside_runs(output_dir)
-        if aside:
-            plan.notes.append(f"an earlier run of {args.output_dir!r} was set aside by an interrupted replacement "
-                              f"and is kept in {str(aside[0])!r}")
-        return
-    marker = read_run_marker(output_dir)
-    if overwrite:
-        if marker is None:
-            raise UsageError(f"--overwrite_output_dir refuses {args.output_dir!r}: it holds files that are not a "
-                             f"cdb_hf run (no cdb_hf_run.json), which would be lost; choose another --output_dir")
-        foreign = foreign_entries(output_dir)
-        if foreign:
-            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-            raise UsageError(f"--overwrite_output_dir would delete what cdb_hf did not write in {args.output_dir!r}: "
-                             f"{shown}; move it out of the folder first, or choose another --output_dir")
-        plan.output_mode = "replace"
-        replaced = marker.get("replaces")
-        if isinstance(replaced, str) and "/" not in replaced and (output_dir.parent / replaced).is_dir():
-            plan.notes.append(f"the {marker.get('status', 'unfinished')} run in {args.output_dir!r} was itself "
-                              f"replacing an earlier run, kept in {str(output_dir.parent / replaced)!r}; both are "
-                              "deleted when this run completes (and kept if it does not)")
-        return
-    if plan.kind == "eval":
-        raise UsageError(f"output_dir {args.output_dir!r} is not empty; --do_train false writes into a new folder (or "
-                         "over an earlier evaluation with --overwrite_output_dir): choose another --output_dir")
-    if marker is not None and marker.get("status") in ("running", "failed", "interrupted") and find_checkpoints(output_dir):
-        raise UsageError(f"output_dir {args.output_dir!r} holds an unfinished run; pass --resume_from_checkpoint "
-                         "true to continue it, --overwrite_output_dir to replace it, or choose another --output_dir")
-    if marker is not None and marker.get("status") != "complete":
-        raise UsageError(f"output_dir {args.output_dir!r} holds a {marker.get('status', 'unfinished')} run with no "
-                         "checkpoint to continue from; pass --overwrite_output_dir to replace it, or choose another "
-                         "--output_dir")
-    raise UsageError(f"output_dir {args.output_dir!r} already holds a different run; pass --overwrite_output_dir "
-                     "to write over it, --resume_from_checkpoint true to continue it, or choose another "
-                     "--output_dir")
-
-
-def _check_not_locked(output_dir: str, notes: list[str]) -> None:
-    """Refuse an output folder whose run is alive (another process holds its lock); note a stale lock."""
-    from .run_lock import read_lock
-
-    holder = read_lock(output_dir)
-    if holder is None or holder.is_ours():
-        return
-    stale = holder.stale_reason()
-    if stale is None:
-        raise UsageError(f"--output_dir {output_dir!r} is in use by a live run ({holder.describe()}); wait for it to "
-                         "end or choose another --output_dir (nothing was changed)")
-    notes.append(f"the lock of --output_dir {output_dir!r} was left by a run that is gone ({holder.describe()}; "
-                 f"{stale}); it is taken over")
-
-
-# ------------------------------------------------------------------------------------------------ resume
-def resolve_resume_checkpoint(training_args: TrainingArguments, notes: list[str] | None = None,
-                              skipped_paths: list[str] | None = None) -> str | None:
-    """The checkpoint to resume from: ``--resume_from_checkpoint PATH``, or ``true`` for the newest *complete*
-    ``checkpoint-N`` in ``--output_dir`` (incomplete ones are skipped, named in ``notes`` and listed in
-    ``skipped_paths``); None when not resuming."""
-    value = training_args.resume_from_checkpoint
-    if value is None or (isinstance(value, bool) and not value) or str(value).strip().lower() in _FALSE_STRINGS:
-        return None
-    if value is True or str(value).strip().lower() in ("true", "yes", "1", "last", "latest"):
-        skipped = []
-        for checkpoint in find_checkpoints(training_args.output_dir):
-            record, why = read_checkpoint_record(checkpoint)
-            if record is not None:
-                for path, reason in skipped:
-                    message = f"skipped incomplete checkpoint {path}: {reason}"
-                    if notes is not None:  # said once, with the run's other notes, when it starts
-                        notes.append(message)
-                    else:
-                        logger.warning(message)
-                    if skipped_paths is not None:
-                        skipped_paths.append(path)
-                return str(checkpoint)
-            skipped.append((str(checkpoint), why))
-        detail = f"; skipped: {'; '.join(f'{p} ({w})' for p, w in skipped)}" if skipped else ""
-        raise UsageError(f"--resume_from_checkpoint {value}: no complete checkpoint-N folder in output_dir "
-                         f"{training_args.output_dir!r} to resume from{detail}")
-    if not os.path.isdir(value):
-        raise UsageError(f"--resume_from_checkpoint {value!r} is not a checkpoint folder")
-    if read_run_marker(value) is not None and checkpoint_step(value) is None:  # a run folder: its newest checkpoint
-        for checkpoint in find_checkpoints(value):
-            if read_checkpoint_record(checkpoint)[0] is not None:
-                if notes is not None:
-                    notes.append(f"--resume_from_checkpoint {value!r} is a run folder: resuming from its newest "
-                                 f"complete checkpoint, {checkpoint}")
-                return str(checkpoint)
-        raise UsageError(f"--resume_from_checkpoint {value!r} is a run folder with no complete checkpoint-N to "
-                         f"resume from; to fine-tune its final model further, pass --model_name_or_path {value!r}")
-    return str(value)
-
-
-def _check_resume_checkpoint(checkpoint: str, plan: RunPlan) -> dict[str, Any] | None:
-    """Refuse an incomplete checkpoint, one of the other training path, or one whose CDB settings differ."""
-    record, why = read_checkpoint_record(checkpoint)
-    trainer = plan.run.trainer
-    if record is None:
-        legacy_trainer = (Path(checkpoint) / "trainer_state.json").is_file() and trainer == "hf"
-        if not legacy_trainer:
-            raise UsageError(f"--resume_from_checkpoint {checkpoint!r} is not a complete cdb_hf checkpoint: {why}")
-        # A checkpoint of a plain transformers Trainer: resumable, but nothing records its CDB settings.
-        _check_trainer_state(checkpoint)
-        plan.notes.append(f"{checkpoint} was not written by cdb_hf: its CDB settings cannot be checked")
-        missing = [name for name in ("optimizer.pt", "scheduler.pt") if not (Path(checkpoint) / name).is_file()]
-        if missing:
-            plan.notes.append(f"{checkpoint} has no {' or '.join(missing)}: the resumed run starts "
-                              f"{'the optimizer (its momentum)' if 'optimizer.pt' in missing else ''}"
-                              f"{' and ' if len(missing) == 2 else ''}"
-                              f"{'the learning-rate schedule' if 'scheduler.pt' in missing else ''} afresh, so it "
-                              "does not continue the interrupted run exactly")
-        return None
-    if record["trainer"] != trainer:
-        other = {"hf": "the Trainer (--trainer hf)", "accelerate": "the accelerate loop (--trainer accelerate)"}
-        raise UsageError(f"--resume_from_checkpoint {checkpoint!r} was written by {other[record['trainer']]}; resume "
-                         f"it with --trainer {record['trainer']}")
-    if trainer == "hf":
-        _check_trainer_state(checkpoint)
-    _check_resume_lora(checkpoint, plan.model)
-    check_resume_matches(record, "cdb", plan.cdb_config.to_dict() if plan.cdb_config else None, plan.run,
-                         checkpoint)
-    return record
-
-
-def _check_resume_lora(checkpoint: str, model_args) -> None:
-    """A LoRA checkpoint resumes only as LoRA with the same rank and alpha, and a full one only without LoRA."""
-    folder = Path(checkpoint)
-    adapter_config = folder / "adapter_config.json"
-    if adapter_config.is_file():  # the Trainer's checkpoint of a peft model
-        saved = _read_json_object(adapter_config)
-    elif (folder / "model.safetensors").is_file():  # accelerate's save_state: peft's keys tell
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(folder / "model.safetensors"), framework="pt") as weights:
-                saved = {} if any(".lora_A." in key for key in weights.keys()) else None
-        except Exception:  # a damaged file is reported when it is loaded
-            return
-    else:
-        return
-    rank = getattr(model_args, "lora_r", 0)
-    if (saved is None) != (rank == 0):
-        what = "a LoRA adapter" if saved is not None else "a full fine-tuning (no LoRA)"
-        raise UsageError(f"--resume_from_checkpoint {checkpoint!r} holds {what}; resume it "
-                         f"{'with the same --lora_r' if saved is not None else 'without --lora_r'}")
-    alpha = model_args.lora_alpha if model_args.lora_alpha is not None else rank
-    for name, now in (("r", rank), ("lora_alpha", alpha)):
-        if saved and name in saved and saved[name] != now:
-            raise UsageError(f"--resume_from_checkpoint {checkpoint!r} was saved with LoRA {name}={saved[name]!r}, "
-                             f"this run has {now!r}; resume with the same --lora_{name.removeprefix('lora_')}")
-
-
-def _read_json_object(path: Path) -> dict[str, Any]:
-    from .run_dir import _read_json_dict
-
-    return _read_json_dict(path) or {}
-
-
-def _check_trainer_state(checkpoint: str) -> None:
-    from .run_dir import _read_json_dict
-
-    state = _read_json_dict(Path(checkpoint) / "trainer_state.json")
-    step = state.get("global_step") if state is not None else None
-    if state is None or isinstance(step, bool) or not isinstance(step, int) or step < 0 \
-            or not isinstance(state.get("log_history", []), list):
-        raise UsageError(f"--resume_from_checkpoint {checkpoint!r}: trainer_state.json is missing or malformed (it "
-                         "needs an integer global_step >= 0 and a log_history list)")
-
-
-def check_resume_matches(record: dict[str, Any] | None, key: str, current: dict[str, Any] | None, run_args,
-                         checkpoint: str) -> None:
-    """Refuse to resume with CDB settings (``record[key]``) other than the checkpoint's, naming the field.
-
-    ``--resume_allow_cdb_changes`` turns the refusal into a loud warning: the selections then differ from
-    the interrupted run's from the resumed step on.
-    """
-    if record is None:
-        return
-    saved = record.get(key)
-    if saved is None and current is None:
-        return
-    if (saved is None) != (current is None):
-        differences = [f"cdb: {'false' if saved is None else 'true'} in the checkpoint, "
-                       f"{'false' if current is None else 'true'} now"]
-    else:
-        names = sorted(set(saved) | set(current))
-        differences = [f"{name}: {saved.get(name)!r} in the checkpoint, {current.get(name)!r} now"
-                       for name in names if saved.get(name) != current.get(name)]
-    if not differences:
-        return
-    message = (f"--resume_from_checkpoint {checkpoint!r} was saved with other ChannelDropBack settings ("
-               f"{'; '.join(differences)}), so the resumed run would not continue the same run")
-    if getattr(run_args, "resume_allow_cdb_changes", False):
-        logger.warning(f"{message}; resuming anyway because of --resume_allow_cdb_changes")
-        return
-    raise UsageError(f"{message}; resume with the same settings, or pass --resume_allow_cdb_changes true")
-
-
-# ------------------------------------------------------------------------------------------------ model
-def check_cdb_against_model(model, cdb_config: ChannelDropBackConfig | None) -> None:
-    """Raise UsageError now if include/exclude/skip_first leave no layer of this model (None: baseline)."""
-    if cdb_config is not None:
-        with usage_errors():
-            layers = eligible_layers(model, cdb_config)
-        _check_cdb_does_something(cdb_config, layers)
-
-
-def _check_cdb_does_something(config: ChannelDropBackConfig, layers: dict[str, Any]) -> None:
-    """Settings under which CDB never drops a channel (or almost never) train like ``--cdb false``: say so once.
-
-    Not refused: a zero rate is a legitimate way to check that CDB changes nothing (``--cdb false`` is the
-    plain baseline)."""
-    rates = {"constant": [config.layer_rate], "step": [config.layer_rate_init, config.layer_rate / 2, config.layer_rate],
-             "linear": [config.layer_rate_init, config.layer_rate],
-             "piecewise": list(config.schedule_rates or [config.layer_rate])}[config.schedule]
-    sizes = [int(weight.shape[1 if config.axis == "cols" else 0]) for weight in layers.values()]
-    expected = max(config.channel_rate * n for n in sizes)  # channels dropped in the widest selected layer
-    if max(rates) == 0 or config.step_rate == 0:
-        what = "--cdb_step_rate 0" if config.step_rate == 0 else f"--cdb_layer_rate {config.layer_rate:g}"
-        reason = f"{what} (schedule {config.schedule!r}) never selects a layer"
-    elif config.channel_sampling == "exact" and all(min(round(config.channel_rate * n), n - 1) == 0 for n in sizes):
-        reason = (f"--cdb_channel_rate {config.channel_rate:g} with exact sampling drops round(rate x channels) = 0 "
-                  f"channels in every layer (at most {max(sizes)} channels)")
-    elif config.channel_sampling == "bernoulli" and expected < 0.01:
-        reason = (f"--cdb_channel_rate {config.channel_rate:g} drops {expected:.2g} channels per selected layer on "
-                  f"average (at most {max(sizes)} channels)")
-    else:
-        return
-    logger.warning(f"{reason}, so ChannelDropBack does (almost) nothing: cdb/applied stays near 0 and the run trains "
-                   "like --cdb false; the paper drops 0.3 to 0.5 of the channels of its selected layers")
-
-
-def loop_state_error(path: str, state: Any, max_steps: int | None = None) -> str | None:
-    """Why an accelerate-loop state (``cdb_hf_checkpoint.json``'s ``loop`` entry) is unusable, or None."""
-    if not isinstance(state, dict):
-        return "it is not an object"
-    steps = state.get("completed_steps")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        return f"completed_steps={steps!r} is not an integer >= 0"
-    if max_steps is not None and steps > max_steps:
-        return f"completed_steps={steps} is beyond this run's {max_steps} optimizer steps"
-    history = state.get("log_history")
-    if not isinstance(history, list):
-        return "log_history is not a list"
-    for entry in history:
-        if not isinstance(entry, dict) or not all(isinstance(k, str) for k in entry):
-            return "log_history holds an entry that is not an object"
-        if not all(isinstance(v, (str, type(None))) or is_finite_number(v) for v in entry.values()):
-            return "log_history holds a value that is neither a finite number nor a string"
-    return None

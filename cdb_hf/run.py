@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import pickle
 import shutil
 import sys
 import warnings
@@ -33,13 +32,15 @@ from accelerate import PartialState
 from transformers import set_seed
 
 from . import evaluation, sources, train_set, transforms
+from .checks import check_cdb_against_model
 from .core import ChannelDropBackConfig
+from .errors import UsageError, usage_errors
+from .evaluation import FinalEvaluation
 from .hub import push_outputs, save_merged_model, save_outputs, write_model_card
-from .inference import FinalEvaluation
 from .models import check_image_size, check_lora_targets, load_model_and_processor
 from .perf import apply_memory_format
+from .plan import RunPlan
 from .preemption import PREEMPTION, Preempted
-from .preflight import RunPlan, UsageError, check_cdb_against_model, usage_errors
 from .run_dir import RunDirectory, read_checkpoint_record
 
 __all__ = ["DivergenceGuard", "PredictSet", "RunParts", "Startup", "TrainingDiverged", "failed_run",
@@ -424,14 +425,3 @@ def last_checkpoint(output_dir: str) -> str | None:
         if read_checkpoint_record(checkpoint)[0] is not None:
             return str(checkpoint)
     return None
-
-
-def checkpoint_load_error(checkpoint, what: str, error: BaseException) -> UsageError:
-    """One line for a checkpoint that cannot be loaded, without torch's advice to unpickle it unsafely."""
-    if isinstance(error, pickle.UnpicklingError) or "weights_only" in str(error):
-        reason = "it holds objects that a safe load (torch.load with weights_only=True) refuses to unpickle"
-    else:
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        reason = f"{type(error).__name__}: {first_line[:200]}"
-    return UsageError(f"checkpoint {str(checkpoint)!r} cannot be resumed: {what} cannot be loaded ({reason}); it "
-                      "is damaged or was not written by this run's model")

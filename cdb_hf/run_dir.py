@@ -26,6 +26,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from .version import __version__
+
 __all__ = ["CHECKPOINT_RECORD", "RUN_MARKER", "TOOL_OUTPUTS", "RunDirectory", "foreign_entries", "set_aside_runs", "checkpoint_step", "find_checkpoints",
            "read_checkpoint_record", "read_run_marker", "write_checkpoint_record", "write_json_atomic", "write_results_json",
            "write_run_marker"]
@@ -84,8 +86,6 @@ def _refuse_constant(name: str) -> Any:
 def write_run_marker(output_dir: str | os.PathLike, *, status: str, kind: str = "run",
                      replaces: str | None = None, notes: list[str] | None = None) -> None:
     """Mark ``output_dir`` as a run of this tool (``status``: running, complete, failed, interrupted)."""
-    from . import __version__
-
     marker = Path(output_dir) / RUN_MARKER
     previous = _read_json_dict(marker) or {}
     write_json_atomic(marker, {

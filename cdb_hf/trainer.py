@@ -19,9 +19,10 @@ from transformers.trainer_utils import has_length
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, logging
 
 from .callback import ChannelDropBackCallback, cdb_trial_params, place_before_integrations
+from .checks import check_lr_schedule
+from .errors import UsageError
 from .optimization import build_lr_scheduler, decay_parameter_names
-from .preflight import UsageError, check_lr_schedule
-from .run import checkpoint_load_error
+from .resume import checkpoint_load_error
 
 __all__ = ["CDBTrainer", "ResumeSafeTrainer", "load_checkpoint_weights"]
 

@@ -20,10 +20,11 @@ from transformers.trainer_utils import EvalPrediction, rotate_checkpoints
 from transformers.utils import logging
 
 from .callback import ChannelDropBackCallback
-from .inference import FinalEvaluation
+from .evaluation import FinalEvaluation
 from .metrics import build_compute_metrics
+from .plan import RunPlan
 from .preemption import PREEMPTION
-from .preflight import RunPlan, check_resume_matches
+from .resume import check_resume_matches
 from .run import (
     DivergenceGuard,
     Startup,

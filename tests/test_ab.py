@@ -23,7 +23,8 @@ from cdb_hf.ab import (
     summarize,
 )
 from cdb_hf.ab_report import write_results
-from cdb_hf.preflight import UsageError, plan_run
+from cdb_hf.errors import UsageError
+from cdb_hf.preflight import plan_run
 
 BASELINE = [0.80, 0.82, 0.79, 0.85]
 CDB = [0.81, 0.84, 0.79, 0.86]

@@ -22,9 +22,11 @@ from safetensors.torch import load_file
 
 import cdb_hf.accelerate_loop as loop
 import cdb_hf.run
+from cdb_hf.checks import check_supported_setup
 from cdb_hf.cli import parse_args
 from cdb_hf.core import ChannelDropBack
-from cdb_hf.preflight import UsageError, check_supported_setup, plan_run
+from cdb_hf.errors import UsageError
+from cdb_hf.preflight import plan_run
 from cdb_hf.run_dir import CHECKPOINT_RECORD
 from cdb_hf.train_set import PerExampleSeeded
 

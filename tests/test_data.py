@@ -644,7 +644,8 @@ def test_train_transform_on_uint8_tensors_matches_a_pil_resize_closely():
 
 def test_a_negative_image_cache_size_is_refused_before_any_work(tmp_path, image_folder):
     from cdb_hf.cli import parse_args
-    from cdb_hf.preflight import UsageError, plan_run
+    from cdb_hf.errors import UsageError
+    from cdb_hf.preflight import plan_run
 
     argv = ["--model_name_or_path", "builtin:efficientnet_lite0", "--train_dir", str(image_folder / "train"),
             "--output_dir", str(tmp_path / "out"), "--do_train", "--use_cpu", "--report_to", "none",

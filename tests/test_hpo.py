@@ -14,7 +14,7 @@ from transformers.trainer_utils import HPSearchBackend
 
 from cdb_hf import ChannelDropBackCallback, ChannelDropBackConfig, add_channel_drop_back
 from cdb_hf.callback import trial_config
-from cdb_hf.preflight import UsageError
+from cdb_hf.errors import UsageError
 from cdb_hf.trainer import CDBTrainer
 
 optuna = pytest.importorskip("optuna")

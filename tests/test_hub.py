@@ -18,9 +18,11 @@ from transformers import (
 )
 
 import cdb_hf.hub
+import cdb_hf.hub_auth
 from cdb_hf.arguments import DataArguments, ModelArguments
 from cdb_hf.core import ChannelDropBackConfig
-from cdb_hf.hub import check_can_push, push_outputs, save_outputs, write_model_card
+from cdb_hf.hub import push_outputs, save_outputs, write_model_card
+from cdb_hf.hub_auth import check_can_push
 
 METRICS = {"train_loss": 0.9, "train_runtime": 1.5, "epoch": 1.0, "eval_loss": 0.7, "eval_accuracy": 0.625,
            "eval_top5_accuracy": 1.0, "eval_runtime": 0.2}
@@ -147,10 +149,10 @@ def test_push_is_refused_up_front_when_offline(monkeypatch):
     with pytest.raises(ValueError, match="--push_to_hub needs the Hugging Face Hub, but HF_HUB_OFFLINE is set"):
         check_can_push(args)
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(cdb_hf.hub, "get_token", lambda: None)
+    monkeypatch.setattr(cdb_hf.hub_auth, "get_token", lambda: None)
     with pytest.raises(ValueError, match="--push_to_hub needs a Hugging Face token"):
         check_can_push(args)
-    monkeypatch.setattr(cdb_hf.hub, "get_token", lambda: "hf_cached")
+    monkeypatch.setattr(cdb_hf.hub_auth, "get_token", lambda: "hf_cached")
     check_can_push(args)
 
 
@@ -162,7 +164,7 @@ def test_a_run_that_cannot_push_is_told_before_training(situation, trainer, tmp_
     from test_cli import finetune_argv, run_quietly
 
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", situation == "offline")
-    monkeypatch.setattr(cdb_hf.hub, "get_token", lambda: None)
+    monkeypatch.setattr(cdb_hf.hub_auth, "get_token", lambda: None)
     output_dir = tmp_path / "out"
 
     code, printed = run_quietly(finetune_argv(tiny_vit_dir, image_folder, output_dir, "--trainer", trainer,

@@ -12,8 +12,9 @@ import cdb_hf.trainer_path as trainer_path
 from cdb_hf.arguments import RunArguments
 from cdb_hf.cli import parse_args
 from cdb_hf.core import ChannelDropBack
+from cdb_hf.errors import UsageError
 from cdb_hf.optimization import build_optimizer, lr_milestone_steps
-from cdb_hf.preflight import UsageError, plan_run
+from cdb_hf.preflight import plan_run
 from cdb_hf.trainer import CDBTrainer
 
 

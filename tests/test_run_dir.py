@@ -13,7 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from cdb_hf.preflight import UsageError, check_resume_matches, loop_state_error
+from cdb_hf.errors import UsageError
+from cdb_hf.resume import check_resume_matches, loop_state_error
 from cdb_hf.run_dir import (
     CHECKPOINT_RECORD,
     RUN_MARKER,
@@ -235,14 +236,14 @@ def test_resume_refuses_other_settings_naming_each_difference(saved, now, expect
     message = str(refused.value)
     assert message.startswith("--resume_from_checkpoint 'ckpt-2' was saved with other ChannelDropBack settings (")
     assert expected in message and message.endswith("or pass --resume_allow_cdb_changes true")
-    with caplog.at_level("WARNING", logger="cdb_hf.preflight"):
+    with caplog.at_level("WARNING", logger="cdb_hf.resume"):
         check_resume_matches(record, "cdb_run", now, SimpleNamespace(resume_allow_cdb_changes=True), "ckpt-2")
     assert expected in caplog.text and "resuming anyway because of --resume_allow_cdb_changes" in caplog.text
 
 
 def test_resume_with_the_same_settings_or_no_record_goes_ahead_silently(caplog):
     strict = SimpleNamespace(resume_allow_cdb_changes=False)
-    with caplog.at_level("WARNING", logger="cdb_hf.preflight"):
+    with caplog.at_level("WARNING", logger="cdb_hf.resume"):
         check_resume_matches({"cdb_run": {"seed": 0, "b": [1]}}, "cdb_run", {"b": [1], "seed": 0}, strict, "c")
         check_resume_matches({"cdb_run": None}, "cdb_run", None, strict, "c")
         check_resume_matches(None, "cdb_run", {"seed": 0}, strict, "c")  # not a checkpoint of ours: nothing known
