@@ -370,8 +370,7 @@ def _check_loop_record(plan: RunPlan, max_steps: int, cdb_config) -> None:
     if problem is not None:
         raise UsageError(f"--resume_from_checkpoint {plan.resume_checkpoint!r}: its accelerate-loop state is not usable "
                          f"({problem}); resume from a checkpoint-N folder this loop wrote")
-    check_resume_matches(record, "cdb_run", cdb_config.to_dict() if cdb_config else None, plan.run,
-                         plan.resume_checkpoint)
+    check_resume_matches(record, cdb_config.to_dict() if cdb_config else None, plan.run, plan.resume_checkpoint)
 
 
 def _load_state_or_refuse(accelerator: Accelerator, checkpoint: str) -> None:
@@ -396,8 +395,7 @@ def save_checkpoint(accelerator: Accelerator, plan: RunPlan, progress: LoopProgr
         accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_checkpoint_record(folder, trainer="accelerate", step=progress.completed_steps,
-                                cdb=plan.cdb_config.to_dict() if plan.cdb_config else None,
-                                cdb_run=cdb_config.to_dict() if cdb_config else None,
+                                cdb=cdb_config.to_dict() if cdb_config else None,
                                 extra={"loop": progress.state_dict()})
         rotate_checkpoints(args.output_dir, save_total_limit=args.save_total_limit)
     accelerator.wait_for_everyone()

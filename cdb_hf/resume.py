@@ -26,7 +26,8 @@ from .run_dir import (
     read_run_marker,
 )
 
-__all__ = ["check_resume_matches", "checkpoint_load_error", "loop_state_error", "resolve_resume_checkpoint"]
+__all__ = ["RUN_SIZED_FIELDS", "check_resume_matches", "checkpoint_load_error", "loop_state_error",
+           "resolve_resume_checkpoint", "saved_cdb_settings"]
 
 logger = logging.get_logger(__name__)
 
@@ -97,8 +98,8 @@ def _check_resume_checkpoint(checkpoint: str, plan: Any) -> dict[str, Any] | Non
     if trainer == "hf":
         _check_trainer_state(checkpoint)
     _check_resume_lora(checkpoint, plan.model)
-    check_resume_matches(record, "cdb", plan.cdb_config.to_dict() if plan.cdb_config else None, plan.run,
-                         checkpoint)
+    check_resume_matches(record, plan.cdb_config.to_dict() if plan.cdb_config else None, plan.run, checkpoint,
+                         sized=False)
     return record
 
 
@@ -143,23 +144,35 @@ def _check_trainer_state(checkpoint: str) -> None:
                          "needs an integer global_step >= 0 and a log_history list)")
 
 
-def check_resume_matches(record: dict[str, Any] | None, key: str, current: dict[str, Any] | None, run_args,
-                         checkpoint: str) -> None:
-    """Refuse to resume with CDB settings (``record[key]``) other than the checkpoint's, naming the field.
+#: CDB settings that the run's length fills in (``ChannelDropBackConfig.for_run``): unknown before the data is
+#: loaded, so pre-flight leaves them to the check the faces make once the run is sized.
+RUN_SIZED_FIELDS = ("schedule_total_steps", "schedule_steps_per_epoch")
 
-    ``--resume_allow_cdb_changes`` turns the refusal into a loud warning: the selections then differ from
-    the interrupted run's from the resumed step on.
+
+def saved_cdb_settings(record: dict[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint's CDB settings, sized for its run (``cdb``; checkpoints of cdb_hf 0.1 kept the sized ones
+    under ``cdb_run``, beside the unsized ``cdb``)."""
+    return record["cdb_run"] if "cdb_run" in record else record.get("cdb")
+
+
+def check_resume_matches(record: dict[str, Any] | None, current: dict[str, Any] | None, run_args,
+                         checkpoint: str, *, sized: bool = True) -> None:
+    """Refuse to resume with CDB settings other than the checkpoint's record, naming the field.
+
+    Pre-flight compares before the run is sized (``sized=False``: :data:`RUN_SIZED_FIELDS` left out), the
+    faces compare the same record again once it is. ``--resume_allow_cdb_changes`` turns the refusal into a
+    loud warning: the selections then differ from the interrupted run's from the resumed step on.
     """
     if record is None:
         return
-    saved = record.get(key)
+    saved = saved_cdb_settings(record)
     if saved is None and current is None:
         return
     if (saved is None) != (current is None):
         differences = [f"cdb: {'false' if saved is None else 'true'} in the checkpoint, "
                        f"{'false' if current is None else 'true'} now"]
     else:
-        names = sorted(set(saved) | set(current))
+        names = sorted((set(saved) | set(current)) - (set() if sized else set(RUN_SIZED_FIELDS)))
         differences = [f"{name}: {saved.get(name)!r} in the checkpoint, {current.get(name)!r} now"
                        for name in names if saved.get(name) != current.get(name)]
     if not differences:

@@ -223,14 +223,14 @@ def checkpoint_step(path: str | os.PathLike) -> int | None:
 
 
 def write_checkpoint_record(checkpoint_dir: str | os.PathLike, *, trainer: str, step: int,
-                            cdb: dict[str, Any] | None, cdb_run: dict[str, Any] | None,
-                            extra: dict[str, Any] | None = None) -> None:
-    """Write the checkpoint's record last: the files it completes (with sizes) and the run's CDB settings."""
+                            cdb: dict[str, Any] | None, extra: dict[str, Any] | None = None) -> None:
+    """Write the checkpoint's record last: the files it completes (with sizes) and the run's CDB settings, sized
+    for the run (``ChannelDropBackConfig.for_run``): the one record a resume is compared with."""
     checkpoint_dir = Path(checkpoint_dir)
     files = {str(p.relative_to(checkpoint_dir)): p.stat().st_size for p in sorted(checkpoint_dir.rglob("*"))
              if p.is_file() and p.name != CHECKPOINT_RECORD and not p.name.startswith(".")}
     write_json_atomic(checkpoint_dir / CHECKPOINT_RECORD, {
-        "trainer": trainer, "step": int(step), "cdb": cdb, "cdb_run": cdb_run, "files": files,
+        "trainer": trainer, "step": int(step), "cdb": cdb, "files": files,
         **(extra or {}),
     })
 

@@ -211,7 +211,7 @@ class _RunWatch(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         if not self.startup.started:
             if self.plan.resume_checkpoint is not None:
-                check_resume_matches(self.plan.resume_record, "cdb_run", self._run_config(), self.plan.run,
+                check_resume_matches(self.plan.resume_record, self._run_config(), self.plan.run,
                                      self.plan.resume_checkpoint)
             self.startup.ready()
 
@@ -229,9 +229,7 @@ class _RunWatch(TrainerCallback):
     def write_record(self, args, state) -> None:
         """Complete ``checkpoint-<step>`` with its record (called by the Trainer's save, before rotation)."""
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        write_checkpoint_record(folder, trainer="hf", step=state.global_step,
-                                cdb=self.plan.cdb_config.to_dict() if self.plan.cdb_config else None,
-                                cdb_run=self._run_config())
+        write_checkpoint_record(folder, trainer="hf", step=state.global_step, cdb=self._run_config())
 
     def on_save(self, args, state, control, **kwargs):
         PartialState().wait_for_everyone()

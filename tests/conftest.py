@@ -146,3 +146,19 @@ def tiny_timm_dir(tmp_path_factory):
     config = json.loads((path / "config.json").read_text())
     assert config.get("model_args", {}).get("num_classes") == 3, "fixture no longer reproduces the timm trap"
     return path
+
+
+@pytest.fixture(scope="module")
+def saved_runs(tmp_path_factory, tiny_vit_dir, image_folder):
+    """Per path: a complete 6-step CDB run with checkpoints every 2 steps (the uninterrupted reference of the
+    resume and preemption tests), made once per test module."""
+    from test_cli import run_quietly
+    from test_safety import PATHS, argv_for
+
+    runs = {}
+    for trainer in PATHS:
+        output_dir = tmp_path_factory.mktemp(f"straight_{trainer}") / "out"
+        code, printed = run_quietly(argv_for(trainer, tiny_vit_dir, image_folder, output_dir, "--max_steps", "6"))
+        assert code == 0, printed
+        runs[trainer] = output_dir
+    return runs

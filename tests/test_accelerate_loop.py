@@ -104,7 +104,8 @@ def test_a_run_writes_the_shared_outputs_checkpoints_and_tracker_logs(tmp_path, 
     record = json.loads((checkpoint / CHECKPOINT_RECORD).read_text())
     loop_state = record["loop"]
     assert loop_state["completed_steps"] == 4 and [entry["step"] for entry in loop_state["log_history"]] == [2, 2, 4, 4]
-    assert record["cdb"]["schedule"] == "linear" and record["cdb_run"]["schedule_total_steps"] == 4
+    assert record["cdb"]["schedule"] == "linear" and record["cdb"]["schedule_total_steps"] == 4  # sized: one record
+    assert "cdb_run" not in record
 
     # Trainer-style log history (what the model card reads) with CDB's statistics in every training log.
     history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
@@ -171,7 +172,7 @@ def test_a_checkpoint_with_a_malformed_or_mismatched_loop_state_is_refused_befor
     _fake_loop_checkpoint(checkpoint, "not json")
     with pytest.raises(UsageError, match="no complete checkpoint-N folder.*cdb_hf_checkpoint.json is unreadable"):
         train(tiny_vit_dir, image_folder, tmp_path / "out", "--resume_from_checkpoint", "latest")
-    record = {"trainer": "accelerate", "step": 2, "cdb": None, "cdb_run": None, "files": {"model.safetensors": 7},
+    record = {"trainer": "accelerate", "step": 2, "cdb": None, "files": {"model.safetensors": 7},
               "loop": {"completed_steps": 2, "log_history": []}}
     _fake_loop_checkpoint(checkpoint, record)
     with pytest.raises(UsageError, match="cdb: false in the checkpoint, true now"):
@@ -208,7 +209,7 @@ def test_bad_input_is_refused_before_any_work(tmp_path, tiny_vit_dir, image_fold
 
 def test_a_trainer_checkpoint_is_refused_as_a_resume_point(tmp_path, tiny_vit_dir, image_folder, monkeypatch):
     trainer_checkpoint = tmp_path / "out" / "checkpoint-2"
-    _fake_loop_checkpoint(trainer_checkpoint, {"trainer": "hf", "step": 2, "cdb": None, "cdb_run": None,
+    _fake_loop_checkpoint(trainer_checkpoint, {"trainer": "hf", "step": 2, "cdb": None,
                                                "files": {"model.safetensors": 7}})
     monkeypatch.setattr(cdb_hf.run.sources, "load_image_datasets",
                         lambda *a, **k: pytest.fail("work started before the error"))

@@ -43,8 +43,13 @@ def ranks(tmp_path_factory, tiny_vit_dir, image_folder) -> list[dict]:
     spec = {"common_args": common, "loop_args": [], "trainer_args": [], "crash_after": CRASH_AFTER,
             "train_batch_size": 2, "eval_args": eval_only_args(image_folder)}
     (workdir / "spec.json").write_text(json.dumps(spec))
+    return launch_two_ranks(workdir, {CACHE_ENV: str(workdir / "image_check_cache")})  # a fresh verdict cache
+
+
+def launch_two_ranks(workdir: Path, extra_env: dict[str, str] | None = None) -> list[dict]:
+    """Run ``dist_worker.py`` on two gloo ranks over ``workdir/spec.json``; return each rank's record."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", CACHE_ENV: str(workdir / "image_check_cache")}  # a fresh verdict cache
+           "OMP_NUM_THREADS": "1", **(extra_env or {})}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_CONFIG),
                "--main_process_port", str(_free_port()), str(WORKER), str(workdir)]
     finished = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)

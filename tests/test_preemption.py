@@ -21,18 +21,6 @@ from cdb_hf.run_lock import lock_path
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def straight_runs(tmp_path_factory, tiny_vit_dir, image_folder):
-    """Per path: an uninterrupted 6-step CDB run (the reference for the resumed ones)."""
-    runs = {}
-    for trainer in PATHS:
-        output_dir = tmp_path_factory.mktemp(f"straight_{trainer}") / "out"
-        code, printed = run_quietly(argv_for(trainer, tiny_vit_dir, image_folder, output_dir, "--max_steps", "6"))
-        assert code == 0, printed
-        runs[trainer] = output_dir
-    return runs
-
-
 SIGNAL_POINTS = {
     # (path, where): (hooked callable, its call that gets the signal, the signal, the step the run stops after)
     ("hf", "mid-epoch"): ("cdb_hf.run:DivergenceGuard.observe", 3, "SIGTERM", 3),
@@ -44,7 +32,7 @@ SIGNAL_POINTS = {
 
 @pytest.mark.parametrize("trainer,where", list(SIGNAL_POINTS))
 def test_a_preempted_run_saves_stops_and_resumes_to_the_uninterrupted_weights(trainer, where, tmp_path,
-                                                                              straight_runs, tiny_vit_dir,
+                                                                              saved_runs, tiny_vit_dir,
                                                                               image_folder):
     target, nth, sig, step = SIGNAL_POINTS[trainer, where]
     output_dir = tmp_path / "out"
@@ -65,13 +53,13 @@ def test_a_preempted_run_saves_stops_and_resumes_to_the_uninterrupted_weights(tr
     code, printed = run_quietly(argv + ["--resume_from_checkpoint", "true"])
 
     assert code == 0, printed
-    assert_same_weights(straight_runs[trainer], output_dir)
+    assert_same_weights(saved_runs[trainer], output_dir)
     assert read_run_marker(output_dir)["status"] == "complete"
 
 
 @pytest.mark.parametrize("trainer", PATHS)
 def test_a_preempted_replacement_names_the_earlier_run_and_completes_when_continued(trainer, tmp_path,
-                                                                                    straight_runs, tiny_vit_dir,
+                                                                                    saved_runs, tiny_vit_dir,
                                                                                     image_folder):
     output_dir = make_previous_run(tmp_path / "out")
     previous = tree_hashes(output_dir)
@@ -91,7 +79,7 @@ def test_a_preempted_replacement_names_the_earlier_run_and_completes_when_contin
     code, printed = run_quietly(argv + ["--resume_from_checkpoint", "true"])
 
     assert code == 0, printed
-    assert_same_weights(straight_runs[trainer], output_dir)
+    assert_same_weights(saved_runs[trainer], output_dir)
     assert not aside[0].exists(), "the replacement completed: the run it replaced goes"
     assert json.loads((output_dir / RUN_MARKER).read_text())["replaces"] is None
 

@@ -171,7 +171,7 @@ def _checkpoint(tmp_path: Path, step: int = 4) -> Path:
     (folder / "model.safetensors").write_bytes(b"12345")
     (folder / "sub" / "optimizer.pt").write_bytes(b"123")
     (folder / ".hidden").write_bytes(b"not listed")
-    write_checkpoint_record(folder, trainer="hf", step=step, cdb={"seed": 0}, cdb_run={"seed": 0, "total": 8},
+    write_checkpoint_record(folder, trainer="hf", step=step, cdb={"seed": 0, "total": 8},
                             extra={"loop": {"completed_steps": step}})
     return folder
 
@@ -180,7 +180,7 @@ def test_a_complete_checkpoint_reads_back_its_record(tmp_path):
     folder = _checkpoint(tmp_path)
     record, why = read_checkpoint_record(folder)
     assert why is None
-    assert record == {"trainer": "hf", "step": 4, "cdb": {"seed": 0}, "cdb_run": {"seed": 0, "total": 8},
+    assert record == {"trainer": "hf", "step": 4, "cdb": {"seed": 0, "total": 8},
                       "files": {"model.safetensors": 5, "sub/optimizer.pt": 3}, "loop": {"completed_steps": 4}}
 
 
@@ -218,8 +218,8 @@ def test_a_checkpoint_folder_of_another_name_is_judged_by_its_record_alone(tmp_p
 
 
 # ------------------------------------------------------------------------------------------ resume checks
-def _record(**cdb_run) -> dict:
-    return {"cdb_run": cdb_run or None}
+def _record(**cdb) -> dict:
+    return {"cdb": cdb or None}
 
 
 @pytest.mark.parametrize("saved, now, expected", [
@@ -230,27 +230,45 @@ def _record(**cdb_run) -> dict:
     (None, {"seed": 0}, "cdb: false in the checkpoint, true now"),
 ])
 def test_resume_refuses_other_settings_naming_each_difference(saved, now, expected, caplog):
-    record = {"cdb_run": saved}
+    record = {"cdb": saved}
     with pytest.raises(UsageError) as refused:
-        check_resume_matches(record, "cdb_run", now, SimpleNamespace(resume_allow_cdb_changes=False), "ckpt-2")
+        check_resume_matches(record, now, SimpleNamespace(resume_allow_cdb_changes=False), "ckpt-2")
     message = str(refused.value)
     assert message.startswith("--resume_from_checkpoint 'ckpt-2' was saved with other ChannelDropBack settings (")
     assert expected in message and message.endswith("or pass --resume_allow_cdb_changes true")
     with caplog.at_level("WARNING", logger="cdb_hf.resume"):
-        check_resume_matches(record, "cdb_run", now, SimpleNamespace(resume_allow_cdb_changes=True), "ckpt-2")
+        check_resume_matches(record, now, SimpleNamespace(resume_allow_cdb_changes=True), "ckpt-2")
     assert expected in caplog.text and "resuming anyway because of --resume_allow_cdb_changes" in caplog.text
 
 
 def test_resume_with_the_same_settings_or_no_record_goes_ahead_silently(caplog):
     strict = SimpleNamespace(resume_allow_cdb_changes=False)
     with caplog.at_level("WARNING", logger="cdb_hf.resume"):
-        check_resume_matches({"cdb_run": {"seed": 0, "b": [1]}}, "cdb_run", {"b": [1], "seed": 0}, strict, "c")
-        check_resume_matches({"cdb_run": None}, "cdb_run", None, strict, "c")
-        check_resume_matches(None, "cdb_run", {"seed": 0}, strict, "c")  # not a checkpoint of ours: nothing known
-        check_resume_matches({"cdb": {"seed": 0}}, "cdb", {"seed": 0}, object(), "c")
+        check_resume_matches({"cdb": {"seed": 0, "b": [1]}}, {"b": [1], "seed": 0}, strict, "c")
+        check_resume_matches({"cdb": None}, None, strict, "c")
+        check_resume_matches(None, {"seed": 0}, strict, "c")  # not a checkpoint of ours: nothing known
+        check_resume_matches({"cdb": {"seed": 0}}, {"seed": 0}, object(), "c")
     assert caplog.text == ""
     with pytest.raises(UsageError, match="seed: 0 in the checkpoint, 1 now"):
-        check_resume_matches({"cdb": {"seed": 0}}, "cdb", {"seed": 1}, object(), "c")
+        check_resume_matches({"cdb": {"seed": 0}}, {"seed": 1}, object(), "c")
+
+
+def test_resume_compares_one_record_first_without_then_with_the_run_sized_fields():
+    """Pre-flight (sized=False) compares the record before the run's length is known: the fields the run fills
+    in are left to the faces' comparison of the same record once it is sized. A checkpoint of cdb_hf 0.1 kept
+    its sized settings under 'cdb_run', beside the unsized 'cdb': that one is what it is compared with."""
+    strict = SimpleNamespace(resume_allow_cdb_changes=False)
+    record = {"cdb": {"seed": 0, "schedule_total_steps": 6, "schedule_steps_per_epoch": 3}}
+    unsized = {"seed": 0, "schedule_total_steps": None, "schedule_steps_per_epoch": None}
+    check_resume_matches(record, unsized, strict, "c", sized=False)
+    with pytest.raises(UsageError, match="schedule_total_steps: 6 in the checkpoint, None now"):
+        check_resume_matches(record, unsized, strict, "c")
+    with pytest.raises(UsageError, match="seed: 0 in the checkpoint, 1 now"):
+        check_resume_matches(record, {**unsized, "seed": 1}, strict, "c", sized=False)
+    old = {"cdb": {"seed": 0, "schedule_total_steps": None}, "cdb_run": {"seed": 0, "schedule_total_steps": 6}}
+    check_resume_matches(old, {"seed": 0, "schedule_total_steps": 6}, strict, "c")
+    with pytest.raises(UsageError, match="schedule_total_steps: 6 in the checkpoint, 8 now"):
+        check_resume_matches(old, {"seed": 0, "schedule_total_steps": 8}, strict, "c")
 
 
 @pytest.mark.parametrize("state, max_steps, problem", [

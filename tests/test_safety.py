@@ -239,16 +239,6 @@ def test_a_non_finite_metric_is_written_as_null_never_as_bare_nan(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ resume guard
-@pytest.fixture(scope="module")
-def saved_runs(tmp_path_factory, tiny_vit_dir, image_folder):
-    """Per path: a complete 6-step CDB run with checkpoints every 2 steps (the uninterrupted reference)."""
-    runs = {}
-    for trainer in PATHS:
-        output_dir = tmp_path_factory.mktemp(f"straight_{trainer}") / "out"
-        code, printed = run_quietly(argv_for(trainer, tiny_vit_dir, image_folder, output_dir, "--max_steps", "6"))
-        assert code == 0, printed
-        runs[trainer] = output_dir
-    return runs
 
 
 CHANGED_SETTINGS = {

@@ -8,9 +8,6 @@ so that pytest-xdist can run it beside the single-process streaming tests.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,7 +24,7 @@ def parquet_dataset(tmp_path_factory) -> Path:
 def stream_ranks(tmp_path_factory, tiny_vit_dir, parquet_dataset) -> list[dict]:
     """dist_worker.py's scenarios (loop, loop crashed after step 5 and resumed, Trainer) on two gloo ranks,
     streaming the parquet fixture: 6 optimizer steps of 2 x 2 accumulated examples per rank."""
-    from test_distributed import CPU_CONFIG, REPO, WORKER, _free_port
+    from test_distributed import launch_two_ranks
 
     workdir = tmp_path_factory.mktemp("two_stream_ranks")
     common = ["--model_name_or_path", str(tiny_vit_dir), "--dataset_name", str(parquet_dataset), "--streaming",
@@ -39,19 +36,7 @@ def stream_ranks(tmp_path_factory, tiny_vit_dir, parquet_dataset) -> list[dict]:
               "--cdb_channel_rate", "0.4", "--cdb_mode", "exact", "--cdb_seed", "11"]
     spec = {"common_args": common, "loop_args": [], "trainer_args": [], "crash_after": 5, "train_batch_size": 2}
     (workdir / "spec.json").write_text(json.dumps(spec))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_CONFIG),
-               "--main_process_port", str(_free_port()), str(WORKER), str(workdir)]
-    finished = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
-    written = [workdir / f"rank{rank}.json" for rank in range(2)]
-    exit_abort = "terminate called without an active exception" in finished.stderr  # gloo's known exit abort
-    assert finished.returncode == 0 or (exit_abort and all(path.is_file() for path in written)), (
-        f"accelerate launch failed:\n{finished.stdout[-4000:]}\n{finished.stderr[-6000:]}")
-    records = [json.loads(path.read_text()) for path in written]
-    for record in records:
-        record["workdir"] = str(workdir)
-    return records
+    return launch_two_ranks(workdir)
 
 
 def test_two_streaming_ranks_select_alike_read_apart_and_resume_bitwise(stream_ranks):
