@@ -46,7 +46,7 @@ def train(plan: RunPlan) -> dict[str, float]:
         parts = prepare_run(plan)
         trainer_args = copy.copy(args)
         trainer_args.remove_unused_columns = False  # the transforms read the image column lazily
-        trainer_args.push_to_hub = False  # pushed once at the end, by finish_run
+        trainer_args.push_to_hub = False  # pushed once at the end, by session.finish
         # Pinned memory only speeds up copies to a CUDA device (torch warns about it on every CPU run).
         trainer_args.dataloader_pin_memory = args.dataloader_pin_memory and torch.cuda.is_available()
         streamed = isinstance(parts.train_dataset, StreamTrainImages)
