@@ -51,18 +51,7 @@ from .optimization import build_lr_scheduler, build_optimizer, optimizer_steps_p
 from .plan import RunPlan
 from .preemption import PREEMPTION
 from .resume import check_resume_matches, checkpoint_load_error, loop_state_error
-from .run import (
-    DivergenceGuard,
-    RunParts,
-    Startup,
-    failed_run,
-    finish_run,
-    last_checkpoint,
-    open_run_dir,
-    preempted,
-    prepare_run,
-    setup_logging,
-)
+from .run import DivergenceGuard, RunParts, RunSession, last_checkpoint, preempted, prepare_run
 from .run_dir import write_checkpoint_record
 from .streaming import StreamTrainImages
 from .train_set import data_seed
@@ -80,18 +69,15 @@ def train(plan: RunPlan) -> dict[str, float]:
     """
     args = plan.training
     accelerator = _accelerator(plan)
-    setup_logging(args)
-    opened = []
-    with failed_run(opened):
-        with Startup(hold_back=args.get_process_log_level() > 10) as startup:
-            logger.info(accelerator.state)
-            run = _prepare(plan, accelerator)  # data, model, optimizer, accelerator.prepare, ChannelDropBack
-            if plan.resume_checkpoint is not None:
-                _check_loop_record(plan, run.max_steps, run.cdb_config)
-            opened.append(open_run_dir(plan))
-            if plan.resume_checkpoint is not None:
-                _resume(run)
-            startup.ready()
+    with RunSession(plan) as session:
+        logger.info(accelerator.state)
+        run = _prepare(plan, accelerator)  # data, model, optimizer, accelerator.prepare, ChannelDropBack
+        if plan.resume_checkpoint is not None:
+            _check_loop_record(plan, run.max_steps, run.cdb_config)
+        session.open_run_dir()
+        if plan.resume_checkpoint is not None:
+            _resume(run)
+        session.ready()
         _start_logging(run)
 
         # Train: epoch after epoch, until max_steps optimizer steps are done.
@@ -126,8 +112,8 @@ def train(plan: RunPlan) -> dict[str, float]:
         if accelerator.is_main_process:
             state = {"global_step": run.progress.completed_steps, "max_steps": run.max_steps,
                      "epoch": metrics["epoch"], "log_history": run.progress.log_history}
-            finish_run(plan, opened[0], run.parts, accelerator.unwrap_model(run.model), run.cdb_config, metrics,
-                       trainer_state=state, log_history=run.progress.log_history, final=final)
+            session.finish(run.parts, accelerator.unwrap_model(run.model), run.cdb_config, metrics,
+                           trainer_state=state, log_history=run.progress.log_history, final=final)
         accelerator.wait_for_everyone()
     return metrics
 

@@ -30,14 +30,7 @@ from .evaluation import FinalEvaluation
 from .inference import evaluate, predict
 from .models import _call_hub, load_model_and_processor, resolve_model_path
 from .plan import RunPlan
-from .run import (
-    Startup,
-    failed_run,
-    load_predict_set,
-    open_run_dir,
-    setup_logging,
-    write_evaluation_files,
-)
+from .run import RunSession, load_predict_set, write_evaluation_files
 from .run_dir import write_results_json
 
 __all__ = ["EVAL_RUN_KIND", "evaluate_only", "match_labels", "model_labels"]
@@ -96,28 +89,25 @@ def evaluate_only(plan: RunPlan) -> dict[str, float]:
     """
     args = plan.training
     accelerator = Accelerator(cpu=args.use_cpu, mixed_precision="bf16" if args.bf16 else "fp16" if args.fp16 else None)
-    setup_logging(args)
     has_eval_data = bool(plan.data.dataset_name or plan.data.train_dir or plan.data.validation_dir)
-    opened = []
-    with failed_run(opened):
-        with Startup(hold_back=args.get_process_log_level() > logging.DEBUG) as startup:
-            with usage_errors():
-                labels = model_labels(plan.model)
-                model, image_processor = load_model_and_processor(plan.model, labels)
-                eval_loader = None
-                if has_eval_data:
-                    with accelerator.main_process_first():
-                        split = sources.load_eval_split(plan.data, seed=args.seed, cache_dir=plan.model.cache_dir,
-                                                            token=plan.model.token)
-                    remap = match_labels(split.features["label"].names, labels)
-                    eval_loader = DataLoader(transforms.apply_eval_transform(split, image_processor),
-                                             collate_fn=_RemappedLabels(remap),
-                                             batch_size=args.per_device_eval_batch_size,
-                                             num_workers=args.dataloader_num_workers)
-            predict_set = load_predict_set(plan, image_processor) if args.do_predict else None
-            model = accelerator.prepare(model)
-            opened.append(open_run_dir(plan, kind=EVAL_RUN_KIND))
-            startup.ready()
+    with RunSession(plan, kind=EVAL_RUN_KIND) as session:
+        with usage_errors():
+            labels = model_labels(plan.model)
+            model, image_processor = load_model_and_processor(plan.model, labels)
+            eval_loader = None
+            if has_eval_data:
+                with accelerator.main_process_first():
+                    split = sources.load_eval_split(plan.data, seed=args.seed, cache_dir=plan.model.cache_dir,
+                                                        token=plan.model.token)
+                remap = match_labels(split.features["label"].names, labels)
+                eval_loader = DataLoader(transforms.apply_eval_transform(split, image_processor),
+                                         collate_fn=_RemappedLabels(remap),
+                                         batch_size=args.per_device_eval_batch_size,
+                                         num_workers=args.dataloader_num_workers)
+        predict_set = load_predict_set(plan, image_processor) if args.do_predict else None
+        model = accelerator.prepare(model)
+        session.open_run_dir()
+        session.ready()
 
         metrics: dict[str, float] = {}
         final = FinalEvaluation()
@@ -132,6 +122,6 @@ def evaluate_only(plan: RunPlan) -> dict[str, float]:
             if metrics:
                 write_results_json(output_dir / "eval_results.json", metrics)
             write_evaluation_files(output_dir, labels, final, predict_set)
-            opened[0].complete()
+            session.complete()
         accelerator.wait_for_everyone()
     return metrics

@@ -1,18 +1,17 @@
-"""One setup and one ending for both training faces (the Trainer path and the accelerate loop).
+"""One setup and one ending for the faces (the Trainer path, the accelerate loop, evaluation only).
 
 A face reads::
 
-    setup_logging(plan.training)
-    with Startup() as startup:                  # buffers chatter; errors before training are bad input
+    with RunSession(plan) as session:           # logging; buffers chatter; errors before training are bad input
         parts = prepare_run(plan)               # data, labels, model, processor, transforms, checks
         ...build the Trainer / the Accelerator, optimizer, CDB...
-        run_dir = open_run_dir(plan)            # only now may output_dir change (transactionally)
+        session.open_run_dir()                  # only now may output_dir change (transactionally)
         ...load the resume checkpoint...
-        startup.ready()
-    ...train, with a DivergenceGuard read at logging, saving and the end...
-    finish_run(plan, parts, model, metrics, ...)  # outputs, card, push; then the run is complete
+        session.ready()
+        ...train, with a DivergenceGuard read at logging, saving and the end...
+        session.finish(parts, model, ...)       # outputs, card, push; then the run is complete
 
-and :func:`failed_run` wraps the whole so that a failure restores what ``--output_dir`` held.
+and a failure anywhere inside restores what ``--output_dir`` held (:func:`failed_run`).
 """
 
 from __future__ import annotations
@@ -43,7 +42,7 @@ from .plan import RunPlan
 from .preemption import PREEMPTION, Preempted
 from .run_dir import RunDirectory, read_checkpoint_record
 
-__all__ = ["DivergenceGuard", "PredictSet", "RunParts", "Startup", "TrainingDiverged", "failed_run",
+__all__ = ["DivergenceGuard", "PredictSet", "RunParts", "RunSession", "Startup", "TrainingDiverged", "failed_run",
            "finish_run", "load_predict_set", "open_run_dir", "prepare_run", "setup_logging",
            "write_evaluation_files"]
 
@@ -84,6 +83,63 @@ class PredictSet:
     collate_fn: Any = transforms.collate_pixels
     #: each image's true class name, when the predicted split has class labels (``predictions.csv``'s ``label``)
     true_labels: list[str] | None = None
+
+
+# ------------------------------------------------------------------------------------------------ session
+class RunSession:
+    """A face's shared frame: logging, held-back start-up logs, the run folder, failure and the ending.
+
+    One object instead of loose helpers and a holder list, so the order that keeps user data safe
+    (check everything, then open the folder, then train, then complete) lives in one place.
+    ``kind`` is the run marker's kind (``"run"``, or the evaluation-only kind).
+    """
+
+    def __init__(self, plan: RunPlan, kind: str = "run") -> None:
+        self.plan, self.kind = plan, kind
+        self.run_dir: RunDirectory | None = None
+        self._opened: list[RunDirectory] = []
+        self._startup: Startup | None = None
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> RunSession:
+        args = self.plan.training
+        setup_logging(args)
+        with self._stack as stack:  # failed_run outside Startup: it sees the UsageError that Startup makes
+            stack.enter_context(failed_run(self._opened))
+            self._startup = stack.enter_context(Startup(hold_back=args.get_process_log_level() > logging.DEBUG))
+            self._stack = stack.pop_all()
+        return self
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        return self._stack.__exit__(kind, error, traceback)
+
+    @property
+    def started(self) -> bool:
+        """Whether :meth:`ready` was called (errors are then failures, not bad input)."""
+        return self._startup.started
+
+    def ready(self) -> None:
+        """Training is about to begin: print the held-back start-up logs (see :class:`Startup`)."""
+        self._startup.ready()
+
+    def open_run_dir(self) -> RunDirectory:
+        """Make ``output_dir`` this run's (see :func:`open_run_dir`); from here a failure restores it."""
+        self.run_dir = open_run_dir(self.plan, self.kind)
+        self._opened.append(self.run_dir)
+        return self.run_dir
+
+    def preempted(self, step: int) -> Preempted:
+        """The exception to raise after ``checkpoint-<step>`` was written at a preemption signal."""
+        return preempted(self.plan, step)
+
+    def finish(self, parts: RunParts, model: torch.nn.Module, cdb_config: ChannelDropBackConfig | None,
+               metrics: dict[str, float], **records: Any) -> None:
+        """Write the outputs and complete the run (:func:`finish_run`; main process)."""
+        finish_run(self.plan, self.run_dir, parts, model, cdb_config, metrics, **records)
+
+    def complete(self) -> None:
+        """Mark the run complete, for a face that wrote its own outputs (evaluation only; main process)."""
+        self.run_dir.complete()
 
 
 # ------------------------------------------------------------------------------------------------ start-up

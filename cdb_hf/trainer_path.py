@@ -25,17 +25,7 @@ from .metrics import build_compute_metrics
 from .plan import RunPlan
 from .preemption import PREEMPTION
 from .resume import check_resume_matches
-from .run import (
-    DivergenceGuard,
-    Startup,
-    failed_run,
-    finish_run,
-    last_checkpoint,
-    open_run_dir,
-    preempted,
-    prepare_run,
-    setup_logging,
-)
+from .run import DivergenceGuard, RunSession, last_checkpoint, prepare_run
 from .run_dir import write_checkpoint_record
 from .streaming import StreamEvalImages, StreamTrainImages, read_stream_state, unshard, write_stream_state
 from .trainer import CDBTrainer
@@ -49,16 +39,14 @@ def train(plan: RunPlan) -> dict[str, float]:
     """Fine-tune with the transformers Trainer (+ ChannelDropBackCallback); return the final metrics.
 
     Bad input fails before ``output_dir`` changes; a failure after that restores what it held (see
-    :func:`cdb_hf.run.failed_run`).
+    :class:`cdb_hf.run.RunSession`).
     """
     args = plan.training
-    setup_logging(args)
-    opened = []
-    with failed_run(opened), Startup(hold_back=args.get_process_log_level() > logging.DEBUG) as startup:
+    with RunSession(plan) as session:
         parts = prepare_run(plan)
         trainer_args = copy.copy(args)
         trainer_args.remove_unused_columns = False  # the transforms read the image column lazily
-        trainer_args.push_to_hub = False  # pushed once at the end, by finish_run
+        trainer_args.push_to_hub = False  # pushed once at the end, by session.finish
         # Pinned memory only speeds up copies to a CUDA device (torch warns about it on every CPU run).
         trainer_args.dataloader_pin_memory = args.dataloader_pin_memory and torch.cuda.is_available()
         streamed = isinstance(parts.train_dataset, StreamTrainImages)
@@ -71,7 +59,7 @@ def train(plan: RunPlan) -> dict[str, float]:
                 parts.train_dataset.resume_at(**read_stream_state(plan.resume_checkpoint, PartialState().process_index))
         guard = DivergenceGuard(parts.model)
         cdb_callback = ChannelDropBackCallback(plan.cdb_config) if plan.cdb_config is not None else None
-        run_watch = _RunWatch(plan, startup, guard, cdb_callback)
+        run_watch = _RunWatch(plan, session, guard, cdb_callback)
         trainer = _RunTrainer(
             guard,
             run_watch,
@@ -86,11 +74,11 @@ def train(plan: RunPlan) -> dict[str, float]:
             callbacks=[_EpochSetter(parts.train_dataset), run_watch]
             + ([cdb_callback] if cdb_callback is not None else []),
         )
-        opened.append(open_run_dir(plan))
+        session.open_run_dir()
         with PREEMPTION.training_steps():
             result = trainer.train(resume_from_checkpoint=plan.resume_checkpoint)
         if run_watch.preempted_step is not None:  # stopped at a signal, checkpoint written: continue later
-            raise preempted(plan, run_watch.preempted_step)
+            raise session.preempted(run_watch.preempted_step)
         metrics: dict[str, float] = dict(result.metrics)
         trainer.log_metrics("train", result.metrics)
         # Trainer.predict is Trainer.evaluate that also returns the logits (for the per-class results); logging
@@ -106,8 +94,8 @@ def train(plan: RunPlan) -> dict[str, float]:
             final.predict_logits = _logits(trainer.predict(parts.predict.dataset, metric_key_prefix="predict").predictions)
 
         if trainer.is_world_process_zero():
-            finish_run(plan, opened[0], parts, trainer.model, plan.cdb_config, metrics,
-                       trainer_state=trainer.state, log_history=trainer.state.log_history, final=final)
+            session.finish(parts, trainer.model, plan.cdb_config, metrics,
+                           trainer_state=trainer.state, log_history=trainer.state.log_history, final=final)
         trainer.accelerator.wait_for_everyone()
     return metrics
 
@@ -189,16 +177,16 @@ class _RunTrainer(CDBTrainer):
 class _RunWatch(TrainerCallback):
     """The run's bookkeeping around the Trainer's own: start-up, divergence, checkpoint records.
 
-    * at the first step, the held-back start-up logs are printed (:meth:`Startup.ready`), after the
+    * at the first step, the held-back start-up logs are printed (:meth:`RunSession.ready`), after the
       run-sized CDB configuration was checked against the resume checkpoint's;
     * wherever the Trainer is about to read values back anyway (a log, an evaluation, a save, the
       end), the divergence guard is checked, before anything is saved;
     * each checkpoint is completed by ``cdb_hf_checkpoint.json`` (:meth:`write_record`, from the save).
     """
 
-    def __init__(self, plan: RunPlan, startup: Startup, guard: DivergenceGuard,
+    def __init__(self, plan: RunPlan, session: RunSession, guard: DivergenceGuard,
                  cdb_callback: ChannelDropBackCallback | None) -> None:
-        self.plan, self.startup, self.guard, self.cdb_callback = plan, startup, guard, cdb_callback
+        self.plan, self.session, self.guard, self.cdb_callback = plan, session, guard, cdb_callback
         self.preempted_step: int | None = None
 
     def _run_config(self) -> dict[str, Any] | None:
@@ -209,11 +197,11 @@ class _RunWatch(TrainerCallback):
         state.compute_steps(args, state.max_steps)
 
     def on_step_begin(self, args, state, control, **kwargs):
-        if not self.startup.started:
+        if not self.session.started:
             if self.plan.resume_checkpoint is not None:
                 check_resume_matches(self.plan.resume_record, self._run_config(), self.plan.run,
                                      self.plan.resume_checkpoint)
-            self.startup.ready()
+            self.session.ready()
 
     def on_step_end(self, args, state, control, **kwargs):
         if PREEMPTION.due(args.world_size):  # finish this step: save it, then stop
