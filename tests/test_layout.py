@@ -88,9 +88,13 @@ def test_the_package_and_its_two_entry_names_load_no_data_or_image_library():
     transformers' own ``TrainerCallback`` loads torchvision where peft is installed (trainer_utils imports peft,
     which imports modeling_utils and its image utilities): the callback may load only what that loads. One
     interpreter, in that order (each import costs seconds)."""
-    package, core, transformers_own, callback = _loaded(_start(
-        "import cdb_hf", "from cdb_hf import ChannelDropBack, ChannelDropBackConfig",
-        "from transformers.trainer_callback import TrainerCallback", "from cdb_hf import ChannelDropBackCallback"))
+    with_peft = _start("import cdb_hf", "from cdb_hf import ChannelDropBack, ChannelDropBackConfig",
+                       "from transformers.trainer_callback import TrainerCallback",
+                       "from cdb_hf import ChannelDropBackCallback")
+    # Where peft is not installed (blocked here), the two names load none of the three libraries at all.
+    without_peft = _start("sys.modules['peft'] = None", "from cdb_hf import ChannelDropBack, ChannelDropBackCallback")
+    package, core, transformers_own, callback = _loaded(with_peft)
     assert package == set() and core == set(), (package, core)
     assert not {"datasets", "pyarrow"} & callback, callback
     assert callback == transformers_own, f"cdb_hf's callback loads {sorted(callback - transformers_own)} itself"
+    assert _loaded(without_peft) == [set(), set()]
