@@ -123,11 +123,18 @@ def _load_source(data_args, cache_dir: str | None, token: str | bool | None) -> 
     path = Path(os.path.expanduser(name))
     if path.exists():
         return _load_local_dataset(path, data_args.dataset_config_name, cache_dir)
+    return _as_dataset_dict(load_hub_dataset(name, data_args.dataset_config_name, cache_dir=cache_dir, token=token))
+
+
+def load_hub_dataset(name: str, config_name: str | None, *, cache_dir: str | None, token: str | bool | None,
+                     streaming: bool = False):
+    """``datasets.load_dataset`` of a Hub id (map-style or streamed), a name that was meant as a missing local
+    path and an unreachable or unknown Hub id each reported in one line."""
     if _looks_like_local_path(name):
         raise FileNotFoundError(f"--dataset_name {name!r}: no such file or directory (and it is not a Hub id of "
                                 "the form 'name' or 'owner/name').")
     try:
-        loaded = datasets.load_dataset(name, data_args.dataset_config_name, cache_dir=cache_dir, token=token)
+        return datasets.load_dataset(name, config_name, cache_dir=cache_dir, token=token, streaming=streaming)
     except (OSError, ConnectionError) as error:  # DatasetNotFoundError and OfflineModeIsEnabled included
         raise ValueError(builtin.describe_hub_failure("dataset", name, error, datasets.config.HF_HUB_OFFLINE)) from error
     except Exception as error:
@@ -135,7 +142,6 @@ def _load_source(data_args, cache_dir: str | None, token: str | bool | None) -> 
             raise ValueError(builtin.describe_hub_failure("dataset", name, error, datasets.config.HF_HUB_OFFLINE)) \
                 from error
         raise
-    return _as_dataset_dict(loaded)
 
 
 def _looks_like_local_path(name: str) -> bool:

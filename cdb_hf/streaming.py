@@ -149,24 +149,12 @@ def _open_source(data_args, seed: int, cache_dir: str | None, token) -> dict[str
                 "validation": _folder_stream(data_args.validation_dir, "validation_dir", None)}
     name = data_args.dataset_name
     if builtin.is_builtin(name):
-        return {split_name: split.to_iterable_dataset(num_shards=min(len(split), 64))
-                for split_name, split in builtin.load_builtin_dataset(name).items()}
+        return {split_name: _sharded_stream(split) for split_name, split in builtin.load_builtin_dataset(name).items()}
     path = Path(os.path.expanduser(name))
     if path.exists():
         return _local_streams(path, data_args.dataset_config_name, cache_dir)
-    if sources._looks_like_local_path(name):
-        raise FileNotFoundError(f"--dataset_name {name!r}: no such file or directory (and it is not a Hub id of "
-                                "the form 'name' or 'owner/name').")
-    try:
-        loaded = datasets.load_dataset(name, data_args.dataset_config_name, cache_dir=cache_dir, token=token,
-                                       streaming=True)
-    except (OSError, ConnectionError) as error:
-        raise ValueError(builtin.describe_hub_failure("dataset", name, error, datasets.config.HF_HUB_OFFLINE)) from error
-    except Exception as error:
-        if type(error).__module__.startswith(("huggingface_hub", "requests", "httpx")):
-            raise ValueError(builtin.describe_hub_failure("dataset", name, error,
-                                                          datasets.config.HF_HUB_OFFLINE)) from error
-        raise
+    loaded = sources.load_hub_dataset(name, data_args.dataset_config_name, cache_dir=cache_dir, token=token,
+                                      streaming=True)
     return _as_streams(loaded, name)
 
 
@@ -174,8 +162,7 @@ def _local_streams(path: Path, config_name: str | None, cache_dir: str | None) -
     if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
         loaded = datasets.load_from_disk(str(path))
         loaded = loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
-        return {name: split.to_iterable_dataset(num_shards=max(1, min(len(split), 64)))
-                for name, split in loaded.items()}
+        return {name: _sharded_stream(split) for name, split in loaded.items()}
     if path.is_file():
         builder = sources._DATA_FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
@@ -212,7 +199,12 @@ def _folder_stream(folder: str, flag: str, seed: int | None) -> datasets.Iterabl
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
     table = datasets.Dataset.from_dict({"image": [file for file, _ in files], "label": [label for _, label in files]},
                                        features=features)
-    return table.to_iterable_dataset(num_shards=max(1, min(len(table), 64)))
+    return _sharded_stream(table)
+
+
+def _sharded_stream(split: datasets.Dataset) -> datasets.IterableDataset:
+    """A map-style split as a stream of up to 64 shards, so that ranks (and shuffles) have shards to split."""
+    return split.to_iterable_dataset(num_shards=max(1, min(len(split), 64)))
 
 
 def _resolved(split: datasets.IterableDataset) -> datasets.IterableDataset:
