@@ -35,6 +35,7 @@ from datasets.distributed import split_dataset_by_node
 from PIL import Image as PILImage
 
 from . import builtin, sources
+from .run_dir import write_json_atomic
 
 __all__ = ["STREAM_STATE_FILE", "StreamEvalImages", "StreamSplits", "StreamTrainImages", "check_streaming_arguments",
            "open_streams", "read_stream_state", "unshard", "write_stream_state"]
@@ -391,9 +392,7 @@ def write_stream_state(checkpoint: str | os.PathLike, dataset: StreamTrainImages
     position, skipped = dataset.position_after(yielded)
     path = Path(checkpoint) / STREAM_STATE_FILE.format(rank=rank)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps({"yielded": int(yielded), "raw_position": position, "skipped_positions": skipped}))
-    os.replace(temporary, path)
+    write_json_atomic(path, {"yielded": int(yielded), "raw_position": position, "skipped_positions": skipped})
 
 
 def read_stream_state(checkpoint: str | os.PathLike, rank: int) -> dict[str, Any]:
