@@ -19,6 +19,7 @@ resumption, stay exact.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -30,11 +31,14 @@ from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import torch
 from datasets.distributed import split_dataset_by_node
+from datasets.table import InMemoryTable
 from PIL import Image as PILImage
 
 from . import builtin, sources
+from .errors import UsageError
 from .run_dir import write_json_atomic
 
 __all__ = ["STREAM_STATE_FILE", "StreamEvalImages", "StreamSplits", "StreamTrainImages", "check_streaming_arguments",
@@ -187,20 +191,49 @@ def _as_streams(loaded, source: str) -> dict[str, datasets.IterableDataset]:
 
 
 def _folder_stream(folder: str, flag: str, seed: int | None) -> datasets.IterableDataset:
-    """An image folder as a stream of (path, label): listing the files reads no image (but takes time and memory
-    in proportion to their number). With ``seed``, the files are put in a seeded order first: the stream's shards
-    are contiguous runs of the list, and a list sorted by class would give shards of few classes, which no shuffle
-    buffer smaller than a class could mix."""
-    classes = sources._class_folders(folder, flag)
-    names = sorted(classes)
-    files = [(str(file), index) for index, name in enumerate(names) for file in classes[name]]
+    """An image folder as a stream of (path, label): listing the files reads no image. With ``seed``, the files are
+    put in a seeded order first: the stream's shards are contiguous runs of the list, and a list sorted by class
+    would give shards of few classes, which no shuffle buffer smaller than a class could mix.
+
+    The listing is the only start-up cost that grows with the number of files, so it is kept to what the order
+    needs: file names as strings (``os.scandir``), one sort per class folder, and one Arrow table built in one go
+    (no per-file ``Path`` or feature encoding). The order is the one a sort of ``Path`` objects gives, whatever
+    order the filesystem lists them in."""
+    names, paths, counts = _list_class_folders(folder, flag)
+    image = pa.StructArray.from_arrays([pa.nulls(len(paths), pa.binary()), pa.array(paths, pa.string())],
+                                       names=["bytes", "path"])  # datasets.Image's storage: an undecoded path
+    label = pa.array(np.repeat(np.arange(len(names), dtype=np.int64), counts))
+    table = pa.table({"image": image, "label": label})
     if seed is not None:
-        order = np.random.default_rng(seed).permutation(len(files))
-        files = [files[i] for i in order]
+        table = table.take(np.random.default_rng(seed).permutation(len(paths)))
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
-    table = datasets.Dataset.from_dict({"image": [file for file, _ in files], "label": [label for _, label in files]},
-                                       features=features)
-    return _sharded_stream(table)
+    return _sharded_stream(datasets.Dataset(InMemoryTable(table), info=datasets.DatasetInfo(features=features)))
+
+
+def _list_class_folders(folder: str, flag: str) -> tuple[list[str], list[str], list[int]]:
+    """(class names, image paths class by class, images per class) of an image folder, as the map-style
+    ``sources._class_folders`` finds them (hidden entries skipped, nested images in their top-level class, each
+    class in ``Path`` order), without making a ``Path`` per file."""
+    root = str(sources._check_is_dir(folder, flag))
+    extensions = tuple({extension.lower() for extension in sources._image_extensions()})
+    with os.scandir(root) as entries:
+        classes = sorted(entry.name for entry in entries if not entry.name.startswith(".") and entry.is_dir())
+    names, paths, counts = [], [], []
+    for name in classes:
+        files, nested = [], False
+        for top, dirs, found in os.walk(os.path.join(root, name)):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            nested = nested or bool(dirs)
+            files.extend(f"{top}{os.sep}{file}" for file in found
+                         if not file.startswith(".") and file.lower().endswith(extensions))
+        if files:
+            files.sort(key=(lambda path: path.split(os.sep)) if nested else None)  # Path order: part by part
+            names.append(name)
+            paths.extend(files)
+            counts.append(len(files))
+    if not names:
+        sources._class_folders(folder, flag)  # raises its error naming the folder and what it holds
+    return names, paths, counts
 
 
 def _sharded_stream(split: datasets.Dataset) -> datasets.IterableDataset:
@@ -262,13 +295,26 @@ class _Reader:
         except Exception as error:
             reason = f"{type(error).__name__}: {error}"
             if self.mode != "skip":
-                raise ValueError(f"{name} in {self.source!r} is not a readable image ({reason}); remove or replace "
+                raise UsageError(f"{name} in {self.source!r} is not a readable image ({reason}); remove or replace "
                                  "it, or pass --corrupt_images skip to go on without it") from error
             if name not in self.names:  # a stream read round again meets the same file again: named, counted once
                 self.names.add(name)
                 self.skipped[self.split_name] = len(self.names)
                 logger.warning(f"--corrupt_images skip: leaving out {name} of {self.source!r} ({reason})")
             return None
+
+
+def _shuffled(stream: datasets.IterableDataset, seed: int, buffer_size: int) -> datasets.IterableDataset:
+    """The seeded shuffle of a stream, reading one shard at a time (in a seeded shard order) into the buffer.
+
+    ``datasets`` >= 5 fills the buffer from up to 10 shards at once by default (``max_buffer_input_shards``), and
+    each open parquet shard is read through pyarrow's threaded fragment scanner, which reads the whole file ahead
+    (pyarrow 26: ``batch_readahead=0`` notwithstanding): memory then grows with min(shards, 10) x the shard size,
+    so with the number of shards, i.e. with the dataset (measured: +600 MiB for 16 shards of 37 MB). One shard at a
+    time, as ``datasets`` < 5 always read, holds one shard and the buffer whatever the dataset's size."""
+    if "max_buffer_input_shards" in inspect.signature(stream.shuffle).parameters:
+        return stream.shuffle(seed=seed, buffer_size=buffer_size, max_buffer_input_shards=1)
+    return stream.shuffle(seed=seed, buffer_size=buffer_size)
 
 
 class StreamTrainImages(torch.utils.data.IterableDataset):
@@ -284,7 +330,7 @@ class StreamTrainImages(torch.utils.data.IterableDataset):
     def __init__(self, stream: datasets.IterableDataset, transform, seed: int, *, buffer_size: int, rank: int,
                  world_size: int, corrupt_images: str, source: str, skipped: dict[str, int] | None = None) -> None:
         super().__init__()
-        self.stream = split_dataset_by_node(stream.shuffle(seed=seed, buffer_size=buffer_size), rank, world_size)
+        self.stream = split_dataset_by_node(_shuffled(stream, seed, buffer_size), rank, world_size)
         self.transform, self.seed, self.rank = transform, seed, rank
         self.reader = _Reader(corrupt_images, source, "train", skipped)
         #: raw positions this rank left out as corrupt, in order (for position_after)
@@ -367,7 +413,7 @@ class StreamEvalImages(torch.utils.data.IterableDataset):
 
 def _checked_label(label: Any, num_labels: int, reader: _Reader, position: int) -> int:
     if label is None or not 0 <= int(label) < num_labels:
-        raise ValueError(f"{reader.split_name} example {position} of {reader.source!r} has label {label!r}, outside "
+        raise UsageError(f"{reader.split_name} example {position} of {reader.source!r} has label {label!r}, outside "
                          f"0..{num_labels - 1} (the classes); unlabeled examples can be neither trained nor evaluated on")
     return int(label)
 
