@@ -178,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", choices=["folder", "parquet"], default="folder",
                         help="folder: --train_dir/--validation_dir; parquet: the same images as parquet shards of "
                              "12,500 rows in row groups of 1,000 (--dataset_name).")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="Runs per setting; the row gives their medians (and every run's seconds to first step).")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "scale_cpu.json")
     args = parser.parse_args(argv)
 
@@ -212,10 +214,16 @@ def main(argv: list[str] | None = None) -> int:
                     times = Path(scratch) / "steps.txt"
                     if path == "map" and not args.cold:
                         run_once(argv_for(1, f"{scratch}/warm"), env, times)
-                    steps, rss = run_once(argv_for(1 + args.steady_steps, f"{scratch}/run"), env, times)
-                row = {"images": size, "path": path, "face": face, "source": args.source, "seconds_to_first_step": round(steps[0], 2),
-                       "steady_images_per_second": round(args.steady_steps * args.batch / (steps[-1] - steps[0]), 1),
-                       "peak_rss_mib": round(rss, 1)}
+                    runs = [run_once(argv_for(1 + args.steady_steps, f"{scratch}/run{i}"), env, times)
+                            for i in range(args.repeats)]
+                firsts = [steps[0] for steps, _ in runs]
+                row = {"images": size, "path": path, "face": face, "source": args.source,
+                       "seconds_to_first_step": round(float(np.median(firsts)), 2),
+                       "steady_images_per_second": round(float(np.median(
+                           [args.steady_steps * args.batch / (steps[-1] - steps[0]) for steps, _ in runs])), 1),
+                       "peak_rss_mib": round(float(np.median([rss for _, rss in runs])), 1)}
+                if args.repeats > 1:
+                    row["seconds_to_first_step_runs"] = [round(first, 2) for first in firsts]
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
