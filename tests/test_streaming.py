@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -269,3 +270,111 @@ def test_webdataset_tar_shards_stream_with_class_names(tmp_path, tiny_vit_dir):
     assert np.isfinite(results["eval_loss"]) and 0.0 <= results["eval_accuracy"] <= 1.0
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert sorted(config["id2label"].values()) == sorted(IMAGE_FOLDER_CLASSES)
+
+
+# ------------------------------------------------------------------------------------------- image folders
+FOLDER_CLASSES, FILES_PER_CLASS = ("ant", "bee", "cat", "dog"), 40
+
+
+@pytest.fixture(scope="module")
+def listed_folder(tmp_path_factory) -> Path:
+    """``<class>/...`` of empty ``.png`` files (nothing may read them), some in nested folders, plus what a
+    listing must leave out: hidden files and folders, other extensions, an empty class folder."""
+    root = tmp_path_factory.mktemp("listed_folder")
+    for name in FOLDER_CLASSES:
+        for index in range(FILES_PER_CLASS):
+            sub = ("deep/" if index % 5 == 0 else "deep-er/" if index % 7 == 0 else "") + f"{name}_{index:02d}.png"
+            (root / name / sub).parent.mkdir(parents=True, exist_ok=True)
+            (root / name / sub).touch()
+        for skipped in (".hidden.png", "notes.txt", ".cache/x.png"):
+            (root / name / skipped).parent.mkdir(parents=True, exist_ok=True)
+            (root / name / skipped).touch()
+    (root / "empty").mkdir()
+    (root / ".hidden_class").mkdir()
+    (root / ".hidden_class" / "x.png").touch()
+    return root
+
+
+def folder_stream_paths(folder: Path, seed: int, rank: int = 0, world_size: int = 1, buffer_size: int = 4):
+    streams = streaming.open_streams(DataArguments(train_dir=str(folder), validation_dir=str(folder),
+                                                   streaming=True), seed=seed)
+    dataset = streaming.StreamTrainImages(streams.train, lambda image: image, seed, buffer_size=buffer_size,
+                                          rank=rank, world_size=world_size, corrupt_images="error", source="x")
+    return streams.labels, [(example["image"]["path"], example["label"]) for example in dataset.stream]
+
+
+def test_an_image_folder_streams_in_a_seeded_order_of_mixed_classes_whatever_the_listing_order(listed_folder,
+                                                                                               monkeypatch):
+    """Start-up lists the folder and reads no file (they are empty: a read or decode would fail); the order is
+    a function of the seed, not of the order the filesystem lists files in; classes are mixed from the start
+    although the buffer (4) is far smaller than a class (40)."""
+    import PIL.Image
+
+    monkeypatch.setattr(PIL.Image, "open", lambda *a, **k: pytest.fail("an image was opened during start-up"))
+    labels, seen = folder_stream_paths(listed_folder, seed=3)
+    assert labels == list(FOLDER_CLASSES)  # the empty and the hidden class folders are no classes
+    # Per class in Path order (part by part: deep/ < deep-er/ < files), then one seeded permutation of the list.
+    expected = [(str(path), label) for label, name in enumerate(FOLDER_CLASSES)
+                for path in sorted(p for p in (listed_folder / name).rglob("*.png")
+                                   if not any(part.startswith(".") for part in p.relative_to(listed_folder).parts))]
+    assert len(expected) == len(FOLDER_CLASSES) * FILES_PER_CLASS
+    listed = [expected[i] for i in np.random.default_rng(3).permutation(len(expected))]
+    assert sorted(seen) == sorted(expected)
+    assert {label for _, label in seen[:20]} == set(range(len(FOLDER_CLASSES)))  # mixed within half a class
+    # The stream is read shard by shard from the seeded list: its first shard holds the list's first examples.
+    assert set(seen[:2]) <= set(listed[:6])
+
+    real_walk, real_scandir = os.walk, os.scandir
+
+    def walk_backwards(top, *args, **kwargs):
+        for folder, dirs, files in real_walk(top, *args, **kwargs):
+            dirs.reverse()
+            files.reverse()
+            yield folder, dirs, files
+
+    class ScandirBackwards:  # what os.scandir returns (os.walk uses it too), its entries the other way round
+        def __init__(self, path):
+            self.entries = iter(list(real_scandir(path))[::-1])
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            return next(self.entries)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(os, "walk", walk_backwards)
+    monkeypatch.setattr(os, "scandir", ScandirBackwards)
+    assert folder_stream_paths(listed_folder, seed=3) == (labels, seen)
+    monkeypatch.undo()
+    assert folder_stream_paths(listed_folder, seed=4)[1] != seen
+
+
+@pytest.mark.parametrize("world_size", [2, 3])  # 64 shards: whole shards per rank; every 3rd example
+def test_each_rank_reads_its_own_part_of_an_image_folder_stream(listed_folder, world_size):
+    parts = [folder_stream_paths(listed_folder, seed=0, rank=rank, world_size=world_size)[1]
+             for rank in range(world_size)]
+    everything = [example for part in parts for example in part]
+    assert len(everything) == len(set(everything)) == len(FOLDER_CLASSES) * FILES_PER_CLASS
+    assert all(abs(len(part) - len(parts[0])) <= 3 for part in parts)
+
+
+def test_the_training_shuffle_reads_one_shard_at_a_time(tmp_path):
+    """datasets >= 5 fills the shuffle buffer from up to 10 shards at once, and pyarrow reads each open parquet
+    shard whole (memory grew with the number of shards: docs/streaming.md); cdb_hf reads one at a time, so the
+    first examples all come from one shard (3 shards of 8 rows, a buffer of 2)."""
+    source = write_parquet_dataset(tmp_path / "parquet", train_shards=3)
+    streams = streaming.open_streams(DataArguments(dataset_name=str(source), streaming=True), seed=0)
+    dataset = streaming.StreamTrainImages(streams.train, lambda image: image, 0, buffer_size=2, rank=0,
+                                          world_size=1, corrupt_images="error", source="x")
+    shards = [int(example["image"]["path"][len("train_"):-len(".png")]) // 8 for example in dataset.stream]
+    assert sorted(shards) == [0] * 8 + [1] * 8 + [2] * 8
+    assert len(set(shards[:6])) == 1, shards
