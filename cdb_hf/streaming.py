@@ -4,7 +4,8 @@ Any source ``datasets`` can stream (a Hub id, local parquet/arrow/csv/json files
 tar shards, a ``save_to_disk`` folder, the built-in sets) becomes a ``datasets.IterableDataset``; start-up
 reads no image (image folders are listed, the only part that grows with the dataset). Per split:
 
-* training: a seeded shuffle (``--shuffle_buffer_size``), the rank's own part of it (``split_dataset_by_node``),
+* training: a seeded shuffle (shards in a seeded order, read one at a time through a buffer of
+  ``--shuffle_buffer_size`` examples), the rank's own part of it (``split_dataset_by_node``),
   repeated endlessly with a new shuffle per pass (``set_epoch``); the run's length is ``--max_steps``. Each
   image is decoded when it is read, and its augmentation is a pure function of (seed, rank, stream position);
 * evaluation: read in order by every process (accelerate gives each process its part of every batch);
