@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import shutil
@@ -381,3 +382,18 @@ def test_the_training_shuffle_reads_one_shard_at_a_time(tmp_path):
     shards = [int(example["image"]["path"][len("train_"):-len(".png")]) // 8 for example in dataset.stream]
     assert sorted(shards) == [0] * 8 + [1] * 8 + [2] * 8
     assert len(set(shards[:6])) == 1, shards
+
+
+def test_an_unlabeled_example_met_in_a_stream_is_bad_input_naming_it():
+    """A label outside the classes stops the run as bad input (one line, exit 2) wherever the stream meets it."""
+    from cdb_hf.errors import UsageError
+
+    names = sorted(IMAGE_FOLDER_CLASSES)
+    image = {"bytes": png_bytes(make_image(IMAGE_FOLDER_CLASSES[names[0]], "RGB", np.random.default_rng(0))),
+             "path": None}
+    split = datasets.Dataset.from_dict({"image": [image] * 3, "label": [0, 1, -1]}, features=datasets.Features(
+        {"image": datasets.Image(decode=False), "label": datasets.ClassLabel(names=names)}))
+    dataset = streaming.StreamTrainImages(split.to_iterable_dataset(), lambda image: image, 0, buffer_size=1, rank=0,
+                                          world_size=1, corrupt_images="error", source="src")
+    with pytest.raises(UsageError, match=r"train example \d of 'src' has label -1, outside 0..2"):
+        list(itertools.islice(iter(dataset), 3))
