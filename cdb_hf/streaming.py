@@ -50,6 +50,10 @@ logger = logging.getLogger(__name__)
 
 #: Per-rank stream position in a checkpoint folder (``{rank}`` is the process index).
 STREAM_STATE_FILE = "cdb_hf_stream_rank{rank}.json"
+# The order in which a training stream reads its shards; a position means something only in the order that wrote
+# it. 1: the shuffle filled its buffer from several shards at once (datasets 5's default, until 2026-12); 2: one
+# shard at a time (``_shuffled``).
+STREAM_ORDER = 2
 
 
 # ------------------------------------------------------------------------------------------- refusals
@@ -447,7 +451,8 @@ def write_stream_state(checkpoint: str | os.PathLike, dataset: StreamTrainImages
     position, skipped = dataset.position_after(yielded)
     path = Path(checkpoint) / STREAM_STATE_FILE.format(rank=rank)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, {"yielded": int(yielded), "raw_position": position, "skipped_positions": skipped})
+    write_json_atomic(path, {"yielded": int(yielded), "raw_position": position, "skipped_positions": skipped,
+                             "order": STREAM_ORDER})
 
 
 def read_stream_state(checkpoint: str | os.PathLike, rank: int) -> dict[str, Any]:
@@ -455,9 +460,16 @@ def read_stream_state(checkpoint: str | os.PathLike, rank: int) -> dict[str, Any
     path = Path(checkpoint) / STREAM_STATE_FILE.format(rank=rank)
     try:
         state = json.loads(path.read_text())
-        return {"raw_position": int(state["raw_position"]),
-                "skipped_positions": [int(p) for p in state.get("skipped_positions", [])]}
+        resumed = {"raw_position": int(state["raw_position"]),
+                   "skipped_positions": [int(p) for p in state.get("skipped_positions", [])]}
+        order = int(state.get("order", 1))
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ValueError(f"--resume_from_checkpoint {str(checkpoint)!r} holds no usable stream position for "
                          f"process {rank} ({path.name}: {type(error).__name__}); it was not written by a --streaming "
                          "run with this number of processes. Resume without --streaming, or start afresh") from error
+    if order != STREAM_ORDER:
+        logger.warning(f"{path.name} in {str(checkpoint)!r} was written by a cdb_hf that read the stream's shards in "
+                       f"another order (order {order}; this one: {STREAM_ORDER}): the run goes on from the same "
+                       f"position ({resumed['raw_position']} examples read) in today's order, so it will not end with "
+                       "the weights the interrupted run would have reached.")
+    return resumed

@@ -146,6 +146,24 @@ def test_a_resumed_stream_continues_exactly_after_the_corrupt_images_it_skipped(
         assert all(np.array_equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(following, examples[used:]))
 
 
+def test_a_stream_position_written_in_another_shard_order_resumes_with_a_warning(tmp_path, corrupt_parquet, caplog):
+    """A position means something only in the order that wrote it: an older checkpoint's is said to differ."""
+    streams = streaming.open_streams(DataArguments(dataset_name=str(corrupt_parquet), streaming=True), seed=0)
+    dataset = streaming.StreamTrainImages(streams.train, np.asarray, 0, buffer_size=4, rank=0, world_size=1,
+                                          corrupt_images="skip", source="x")
+    streaming.write_stream_state(tmp_path, dataset, 7, rank=0)
+    with caplog.at_level("WARNING", logger="cdb_hf.streaming"):
+        assert streaming.read_stream_state(tmp_path, 0)["raw_position"] == 7
+    assert "another order" not in caplog.text
+    path = tmp_path / streaming.STREAM_STATE_FILE.format(rank=0)
+    state = json.loads(path.read_text())
+    del state["order"]  # what the first streaming release wrote
+    path.write_text(json.dumps(state))
+    with caplog.at_level("WARNING", logger="cdb_hf.streaming"):
+        assert streaming.read_stream_state(tmp_path, 0)["raw_position"] == 7
+    assert "another order (order 1" in caplog.text and "will not end with" in caplog.text
+
+
 @pytest.mark.parametrize("trainer", ["hf", "accelerate"])
 def test_a_corrupt_image_in_a_stream_stops_the_run_naming_it(tmp_path, tiny_vit_dir, corrupt_parquet, trainer):
     """Met after training began (a checkpoint was written): still bad input, one line and exit 2, not a traceback."""
