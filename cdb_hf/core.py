@@ -35,7 +35,9 @@ import contextlib
 import fnmatch
 import logging
 import math
+import os
 import sys
+import sysconfig
 import types
 import warnings
 import weakref
@@ -522,7 +524,7 @@ class ChannelDropBack:
                              "same model (after wrapping, the parameters must be the same objects)")
         if missing:
             warnings.warn(f"{len(missing)} eligible layer(s) are not in the optimizer and are left out of CDB: "
-                          f"{_preview(missing)}; use include/exclude to silence this", stacklevel=3)
+                          f"{_preview(missing)}; use include/exclude to silence this", stacklevel=_caller_stacklevel())
             missing_names = set(missing)
             keep = [i for i, name in enumerate(self._names) if name not in missing_names]
             self._names = [self._names[i] for i in keep]
@@ -655,12 +657,12 @@ class ChannelDropBack:
             warnings.warn(f"ChannelDropBack selected layer(s) without a gradient: {_preview(new)}; they are not "
                           "counted in cdb/layers or cdb/applied (unused by the forward pass, or frozen after CDB "
                           "was built?). Leave them out with exclude=[...]; this warning is shown once per layer",
-                          stacklevel=3)
+                          stacklevel=_caller_stacklevel())
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, stacklevel=4)
+            warnings.warn(message, stacklevel=_caller_stacklevel())
 
     def _snapshot(self, chain: list[torch.optim.Optimizer]) -> None:
         """Save the dropped rows of each selected weight (key None) and of its per-element state in every
@@ -819,7 +821,7 @@ class ChannelDropBack:
         if state_dict.get("seed", self.config.seed) != self.config.seed:
             warnings.warn(f"loading CDB state saved with seed {state_dict['seed']} into a run with seed "
                           f"{self.config.seed}: the selection sequence will differ from the saved run",
-                          stacklevel=2)
+                          stacklevel=_caller_stacklevel())
         self.step = int(state_dict["step"])  # also into the attached optimizer's param groups
 
     def __repr__(self) -> str:
@@ -1123,6 +1125,23 @@ _WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_modu
 def _bare_name(name: str) -> str:
     """A parameter name as the bare model spells it."""
     return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
+
+
+def _caller_stacklevel() -> int:
+    """``warnings.warn``'s stacklevel that names the caller's line: the first frame outside this module and the
+    installed libraries.
+
+    Between a loop's ``optimizer.step()`` and the warning lie torch's step wrapper, its hooks and ``no_grad``
+    wrappers, as many as the path (hooks, explicit calls, a framed wrapper) takes: a fixed stacklevel would point
+    into torch on some of them. Call it from the function that calls ``warnings.warn``.
+    """
+    paths = sysconfig.get_paths()
+    libraries = tuple({os.path.join(paths[key], "") for key in ("stdlib", "platstdlib", "purelib", "platlib")})
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (frame.f_code.co_filename == __file__
+                                 or frame.f_code.co_filename.startswith(libraries)):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _preview(names: list[str], limit: int = 4) -> str:

@@ -1175,3 +1175,66 @@ def test_the_warning_lists_up_to_four_names_in_full():
     with pytest.warns(UserWarning) as caught:
         cdb.before_step()
     assert "without a gradient: ['1.weight', '2.weight', '3.weight', '4.weight'] (4 in all);" in str(caught[0].message)
+
+
+def _warned_at(action) -> list[tuple[str, str]]:
+    """``(file name, message start)`` of each warning ``action()`` raises."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        action()
+    return [(w.filename, str(w.message)[:40]) for w in caught]
+
+
+def test_every_warning_names_the_callers_line_whichever_path_raised_it():
+    """Between a loop's ``optimizer.step()`` and a warning lie torch's step wrapper, hooks and ``no_grad`` wrappers
+    (how many depends on the path): each warning must still point at the line in the user's file."""
+
+    class Wrapper(torch.optim.Optimizer):  # a wrapper with no update of its own: CDB frames its step
+        def __init__(self, base):
+            self.base_optimizer, self.param_groups, self.state, self.defaults = base, base.param_groups, {}, {}
+
+        def step(self, closure=None):
+            return self.base_optimizer.step(closure) if self.stepping else None
+
+    def half_used():  # bernoulli at rate 1 selects every layer, and the last one gets no gradient
+        model = mlp()
+        cdb = ChannelDropBack(model, ChannelDropBackConfig(layer_selection="bernoulli", layer_rate=1.0))
+        return model, cdb
+
+    def backward_without_the_last_layer(model):
+        model.zero_grad(set_to_none=True)
+        model[:3](torch.randn(4, 6)).pow(2).mean().backward()
+
+    seen = {}
+    model, cdb = half_used()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    cdb.attach(optimizer)
+    backward_without_the_last_layer(model)
+    seen["hooks, no gradient"] = _warned_at(optimizer.step)
+
+    model, cdb = half_used()
+    backward_without_the_last_layer(model)
+    seen["before_step, no gradient"] = _warned_at(cdb.before_step)
+    cdb.after_step()
+
+    model, cdb = half_used()
+    wrapper = Wrapper(torch.optim.SGD(model.parameters(), lr=0.1))
+    wrapper.stepping = True
+    cdb.attach(wrapper)
+    backward_without_the_last_layer(model)
+    seen["wrapper, no gradient"] = _warned_at(wrapper.step)
+    wrapper.stepping = False
+    seen["wrapper that did not step"] = _warned_at(wrapper.step)
+
+    model = mlp()
+    cdb = ChannelDropBack(model)
+    seen["attach, layers outside the optimizer"] = _warned_at(
+        lambda: cdb.attach(torch.optim.SGD(model[2:].parameters(), lr=0.1)))
+    seen["load_state_dict, another seed"] = _warned_at(lambda: cdb.load_state_dict({"step": 1, "seed": 9}))
+    other = torch.optim.SGD(model.parameters(), lr=0.1)
+    mlp_loss(model).backward()
+    seen["an optimizer CDB does not see"] = _warned_at(other.step)
+
+    for path, warned in seen.items():
+        assert len(warned) == 1, (path, warned)
+        assert warned[0][0] == __file__, (path, warned)
