@@ -21,6 +21,7 @@ from cdb_hf.run_dir import (
     RunDirectory,
     checkpoint_step,
     find_checkpoints,
+    foreign_entries,
     is_finite_number,
     read_checkpoint_record,
     read_run_marker,
@@ -154,6 +155,52 @@ def test_completing_a_resumed_replacement_deletes_the_whole_chain_and_nothing_el
     assert read_run_marker(out)["replaces"] is None
 
 
+def test_an_interrupted_replacement_stays_in_place_and_names_the_run_it_replaces(tmp_path):
+    """A preemption stop keeps the new run where it is (to be resumed) and the earlier run set aside."""
+    out = tmp_path / "out"
+    before = tree(previous_run(out))
+    run = RunDirectory(out, "replace", kind="eval")
+    run.open()
+    (out / "checkpoint-3").mkdir()
+    (out / "checkpoint-3" / "model.safetensors").write_bytes(b"new")
+    aside = run.interrupt()
+    assert aside is not None and set_aside_runs(out) == [aside] and tree(aside) == before
+    assert run.backup is None, "the earlier run is no longer this process's to restore"
+    marker = read_run_marker(out)
+    assert (marker["status"], marker["kind"], marker["replaces"]) == ("interrupted", "eval", aside.name)
+    assert (out / "checkpoint-3" / "model.safetensors").read_bytes() == b"new"
+
+    fresh = RunDirectory(tmp_path / "new", "fresh")
+    fresh.open()
+    assert fresh.interrupt() is None and read_run_marker(tmp_path / "new")["status"] == "interrupted"
+    aside.rename(tmp_path / "elsewhere")
+    assert RunDirectory(out, "resume").interrupt() is None, "the set-aside run is gone: nothing to name"
+    write_run_marker(out, status="running", replaces="elsewhere")
+    assert RunDirectory(out, "resume").interrupt() is None, "only a set-aside sibling of this run is named"
+
+
+def test_foreign_entries_are_judged_by_the_recorded_list_or_else_by_the_tool_outputs(tmp_path):
+    out = tmp_path / "out"
+    run = RunDirectory(out, "fresh")
+    run.open()
+    (out / "model.safetensors").write_bytes(b"w")
+    (out / "runs").mkdir()
+    run.complete()
+    assert read_run_marker(out)["files"] == ["model.safetensors", "runs"]
+    assert foreign_entries(out) == []
+    (out / "notes.txt").write_text("mine")
+    (out / "analysis").mkdir()
+    (out / "predictions.csv").write_text("not written by that run")
+    assert foreign_entries(out) == ["analysis/", "notes.txt", "predictions.csv"], "the recorded list decides"
+
+    for files in (None, "model.safetensors", [1]):  # no list (an older or unfinished run), or a malformed one
+        marker = read_run_marker(out)
+        write_json_atomic(out / RUN_MARKER, {**marker, "files": files})
+        for name in ("model-00001-of-00002.safetensors", "seed1000", "checkpoint-12", ".x.json.tmp-1a2b"):
+            (out / name).mkdir(exist_ok=True)
+        assert foreign_entries(out) == ["analysis/", "notes.txt"], files
+
+
 # ------------------------------------------------------------------------------------------ checkpoints
 def test_checkpoint_names_and_order(tmp_path):
     assert [checkpoint_step(n) for n in ("checkpoint-12", "checkpoint-0", "checkpoint-x", "ckpt-3",
@@ -251,6 +298,8 @@ def test_resume_with_the_same_settings_or_no_record_goes_ahead_silently(caplog):
     assert caplog.text == ""
     with pytest.raises(UsageError, match="seed: 0 in the checkpoint, 1 now"):
         check_resume_matches({"cdb": {"seed": 0}}, {"seed": 1}, object(), "c")
+    with pytest.raises(UsageError, match=r"\(rate: 0.1 in the checkpoint, 0.2 now; seed: 0 in the checkpoint, 1 now\)"):
+        check_resume_matches({"cdb": {"seed": 0, "rate": 0.1}}, {"seed": 1, "rate": 0.2}, strict, "c")
 
 
 def test_resume_compares_one_record_first_without_then_with_the_run_sized_fields():
