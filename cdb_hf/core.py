@@ -1093,9 +1093,10 @@ class _StepFrame:
             cdb.after_step()
             return result
 
-        # A bound method, as torch's LR schedulers expect when they wrap optimizer.step after us; and the mark
-        # of one that wrapped it before us, so that it does not warn that step() was overridden.
-        step.__wrapped__ = self._original
+        # A bound method, as torch's LR schedulers expect when they wrap optimizer.step after us, with the
+        # signature of the step it frames (``__wrapped__``: the function, since the method binds the owner); and
+        # the mark of a scheduler that wrapped it before us, so that it does not warn that step() was overridden.
+        step.__wrapped__ = getattr(self._original, "__func__", self._original)
         if getattr(self._original, "_wrapped_by_lr_sched", False):
             step._wrapped_by_lr_sched = True
         self._step = types.MethodType(step, optimizer)

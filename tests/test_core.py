@@ -1238,3 +1238,151 @@ def test_every_warning_names_the_callers_line_whichever_path_raised_it():
     for path, warned in seen.items():
         assert len(warned) == 1, (path, warned)
         assert warned[0][0] == __file__, (path, warned)
+
+
+# ---------------------------------------------------------------------------- a wrapper's framed step
+class UpdatingWrapper(torch.optim.Optimizer):
+    """A wrapper with updates of its own (the shape of SAM or Lookahead): it evaluates the closure, changes the
+    gradients before its inner optimizer's update and, with ``sync``, the weights after it."""
+
+    def __init__(self, base, sync: bool = False):
+        self.base_optimizer, self.param_groups, self.state, self.defaults = base, base.param_groups, {}, {}
+        self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
+        self.sync = sync
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for param in group["params"]:
+                param.grad.add_(1.0)
+        self.base_optimizer.step()
+        if self.sync:
+            for group in self.param_groups:
+                for param in group["params"]:
+                    param.mul_(0.5)
+        return loss
+
+
+def test_a_wrapper_step_is_framed_whole_and_masked_right_before_the_inner_update():
+    config = ChannelDropBackConfig(layer_selection="bernoulli", layer_rate=1.0, channel_rate=0.5, seed=1)
+    for mode, sync in (("grad", False), ("exact", True)):
+        model = mlp()
+        wrapper = UpdatingWrapper(torch.optim.SGD(model.parameters(), lr=0.1), sync=sync)
+        cdb = ChannelDropBack(model, replace_(config, mode=mode))
+        cdb.attach(wrapper)
+        for step, keyword in enumerate((False, True)):
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            wrapper.zero_grad()
+            mlp_loss(model, seed=step).backward()
+            closure = lambda: torch.tensor(7.0)  # noqa: E731
+            loss = wrapper.step(closure=closure) if keyword else wrapper.step(closure)
+            assert loss == 7.0, "the closure reaches the wrapper"
+            assert cdb.step == step + 1
+            params = dict(model.named_parameters())
+            for name, keep in cdb.last_selection.items():
+                assert not keep.all(), name
+                assert torch.equal(params[name].detach()[~keep], before[name][~keep]), (mode, name)
+                assert not torch.equal(params[name].detach()[keep], before[name][keep]), (mode, name)
+
+
+def test_a_wrapper_step_that_raises_leaves_cdb_ready_for_the_next_step():
+    model = mlp()
+    wrapper = UpdatingWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
+    cdb = ChannelDropBack(model, ChannelDropBackConfig(mode="exact", channel_rate=0.5))
+    cdb.attach(wrapper)
+
+    def broken():
+        raise RuntimeError("a failing closure")
+
+    mlp_loss(model).backward()
+    with pytest.raises(RuntimeError, match="a failing closure"):
+        wrapper.step(broken)
+    assert cdb.step == 0
+    wrapper.step()
+    assert cdb.step == 1 and cdb.last_selection
+
+
+def test_a_removed_frame_gets_out_of_the_way_of_whoever_wrapped_the_step_after_it():
+    import inspect
+
+    model = mlp()
+    wrapper = UpdatingWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
+    cdb = ChannelDropBack(model)
+    handle = cdb.attach(wrapper)
+    assert list(inspect.signature(wrapper.step).parameters) == ["closure"], "the framed step keeps its signature"
+    handle.remove()
+    assert "step" not in vars(wrapper), "nobody wrapped it after CDB: the class's step is back"
+
+    handle = cdb.attach(wrapper)
+    framed = wrapper.step
+    wrapper.step = lambda *args, **kwargs: framed(*args, **kwargs)  # wrapped after CDB (as an LR scheduler does)
+    outer = wrapper.step
+    handle.remove()
+    assert vars(wrapper)["step"] is outer, "a later wrapper is left in place"
+    mlp_loss(model).backward()
+    for call in (lambda c: wrapper.step(c), lambda c: wrapper.step(closure=c)):
+        assert call(lambda: torch.tensor(7.0)) == 7.0, "the closure still reaches the wrapper"
+    assert cdb.step == 0, "removed: the steps ran without CDB"
+
+
+@pytest.mark.parametrize("scheduler_first", [True, False])
+def test_torch_lr_schedulers_built_before_or_after_the_frames_stay_silent(scheduler_first):
+    """Two cores (two layer groups with their own settings) frame one wrapper's step; torch's LR scheduler wraps
+    it too, before or after: no 'optimizer.step() has been overridden' or 'called before' warning."""
+    model = mlp()
+    wrapper = UpdatingWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
+
+    def schedule():
+        return torch.optim.lr_scheduler.StepLR(wrapper, step_size=1, gamma=0.5)
+
+    scheduler = schedule() if scheduler_first else None
+    first = ChannelDropBack(model, ChannelDropBackConfig(include=["0.*"]))
+    second = ChannelDropBack(model, ChannelDropBackConfig(include=["2.*", "4.*"], seed=1))
+    first.attach(wrapper)
+    second.attach(wrapper)
+    scheduler = scheduler or schedule()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for step in range(2):
+            wrapper.zero_grad()
+            mlp_loss(model, seed=step).backward()
+            wrapper.step()
+            scheduler.step()
+    assert first.step == second.step == 2 and wrapper.param_groups[0]["lr"] == 0.1 / 4
+
+
+def test_exact_mode_leaves_state_that_is_not_per_element_to_the_optimizer():
+    """Optimizer state that is not one entry per weight element (a count, a per-row statistic) is the optimizer's
+    own: exact mode neither saves nor restores it."""
+
+    class RowStatistics(torch.optim.SGD):
+        @torch.no_grad()
+        def step(self, closure=None):
+            loss = super().step(closure)
+            for group in self.param_groups:
+                for param in group["params"]:
+                    if param.dim() == 2:
+                        state = self.state[param]
+                        state["calls"] = state.get("calls", 0) + 1
+                        state["row_norm"] = param.grad.norm(dim=1)
+            return loss
+
+    model = mlp()
+    optimizer = RowStatistics(model.parameters(), lr=0.1)
+    cdb = ChannelDropBack(model, ChannelDropBackConfig(layer_selection="bernoulli", layer_rate=1.0,
+                                                       channel_rate=0.5, mode="exact"))
+    cdb.attach(optimizer)
+    params = dict(model.named_parameters())
+    for step in range(3):
+        optimizer.zero_grad()
+        mlp_loss(model, seed=step).backward()
+        optimizer.step()
+        for name, keep in cdb.last_selection.items():
+            state = optimizer.state[params[name]]
+            assert state["calls"] == step + 1
+            assert torch.equal(state["row_norm"], params[name].grad.norm(dim=1)), "what the optimizer computed"
+            assert torch.equal(state["row_norm"][~keep], torch.zeros(int((~keep).sum()))), "from the masked rows"
