@@ -524,7 +524,7 @@ class ChannelDropBack:
                              "same model (after wrapping, the parameters must be the same objects)")
         if missing:
             warnings.warn(f"{len(missing)} eligible layer(s) are not in the optimizer and are left out of CDB: "
-                          f"{_preview(missing)}; use include/exclude to silence this", stacklevel=_caller_stacklevel())
+                          f"{_preview(missing)}; use include/exclude to silence this", stacklevel=_caller_stacklevel(sys._getframe()))
             missing_names = set(missing)
             keep = [i for i, name in enumerate(self._names) if name not in missing_names]
             self._names = [self._names[i] for i in keep]
@@ -657,12 +657,12 @@ class ChannelDropBack:
             warnings.warn(f"ChannelDropBack selected layer(s) without a gradient: {_preview(new)}; they are not "
                           "counted in cdb/layers or cdb/applied (unused by the forward pass, or frozen after CDB "
                           "was built?). Leave them out with exclude=[...]; this warning is shown once per layer",
-                          stacklevel=_caller_stacklevel())
+                          stacklevel=_caller_stacklevel(sys._getframe()))
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, stacklevel=_caller_stacklevel())
+            warnings.warn(message, stacklevel=_caller_stacklevel(sys._getframe()))
 
     def _snapshot(self, chain: list[torch.optim.Optimizer]) -> None:
         """Save the dropped rows of each selected weight (key None) and of its per-element state in every
@@ -821,7 +821,7 @@ class ChannelDropBack:
         if state_dict.get("seed", self.config.seed) != self.config.seed:
             warnings.warn(f"loading CDB state saved with seed {state_dict['seed']} into a run with seed "
                           f"{self.config.seed}: the selection sequence will differ from the saved run",
-                          stacklevel=_caller_stacklevel())
+                          stacklevel=_caller_stacklevel(sys._getframe()))
         self.step = int(state_dict["step"])  # also into the attached optimizer's param groups
 
     def __repr__(self) -> str:
@@ -1128,17 +1128,17 @@ def _bare_name(name: str) -> str:
     return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
 
 
-def _caller_stacklevel() -> int:
+def _caller_stacklevel(frame: types.FrameType | None) -> int:
     """``warnings.warn``'s stacklevel that names the caller's line: the first frame outside this module and the
-    installed libraries.
+    installed libraries, counted from ``frame``, the frame that calls ``warnings.warn`` (``sys._getframe()``).
 
     Between a loop's ``optimizer.step()`` and the warning lie torch's step wrapper, its hooks and ``no_grad``
     wrappers, as many as the path (hooks, explicit calls, a framed wrapper) takes: a fixed stacklevel would point
-    into torch on some of them. Call it from the function that calls ``warnings.warn``.
+    into torch on some of them.
     """
     paths = sysconfig.get_paths()
     libraries = tuple({os.path.join(paths[key], "") for key in ("stdlib", "platstdlib", "purelib", "platlib")})
-    frame, level = sys._getframe(1), 1
+    level = 1
     while frame is not None and (frame.f_code.co_filename == __file__
                                  or frame.f_code.co_filename.startswith(libraries)):
         frame, level = frame.f_back, level + 1
