@@ -401,11 +401,7 @@ class _Selected:
     dropped: torch.Tensor | None  # ``count`` int64 indices on the parameter's device (None when 0)
     scale: float
     shard: tuple[int, int] | None  # (start, length) of this rank's slices when ``dim`` is sharded
-    count: int | None = None  # how many slices are dropped: known on the host (a shape, never a device read)
-
-    def __post_init__(self) -> None:
-        if self.count is None:
-            self.count = 0 if self.dropped is None else self.dropped.numel()
+    count: int  # how many slices are dropped: known on the host (a shape, never a device read)
 
 
 class _HookHandle:

@@ -240,13 +240,13 @@ def test_local_masks_on_every_shard_equal_the_unsharded_selection(size, ranks_):
     full = torch.randn(size, 3, generator=torch.Generator().manual_seed(0))
     dropped = torch.tensor([size - 1, 0])
     expected = full.clone()
-    plain = _DroppedRows(_Selected("w", nn.Parameter(full), 0, size, dropped, 1.0, None))
+    plain = _DroppedRows(_Selected("w", nn.Parameter(full), 0, size, dropped, 1.0, None, len(dropped)))
     plain.zero_(expected)
     zeroed, restored = [], []
     for rank in range(ranks_):
         start, length = _chunk_range(size, ranks_, rank)
         shard = full[start:start + length].clone()
-        rows = _DroppedRows(_Selected("w", nn.Parameter(full), 0, size, dropped, 1.0, (start, length)))
+        rows = _DroppedRows(_Selected("w", nn.Parameter(full), 0, size, dropped, 1.0, (start, length), len(dropped)))
         saved = rows.save(shard)
         rows.zero_(shard)
         zeroed.append(shard.clone())
