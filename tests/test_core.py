@@ -1177,12 +1177,17 @@ def test_the_warning_lists_up_to_four_names_in_full():
     assert "without a gradient: ['1.weight', '2.weight', '3.weight', '4.weight'] (4 in all);" in str(caught[0].message)
 
 
-def _warned_at(action) -> list[tuple[str, str]]:
-    """``(file name, message start)`` of each warning ``action()`` raises."""
+def _warned_at(action) -> list[tuple[str, bool, str]]:
+    """``(file name, whether the line is the caller's, message)`` of each warning ``action()`` raises. The caller's
+    line: a lambda's own line, else the line below that calls a method of CDB or of an optimizer."""
+    import inspect
+
+    code = action.__code__ if inspect.isfunction(action) else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        line = code.co_firstlineno if code is not None else inspect.currentframe().f_lineno + 1
         action()
-    return [(w.filename, str(w.message)[:40]) for w in caught]
+    return [(w.filename, w.lineno == line, str(w.message)) for w in caught]
 
 
 def test_every_warning_names_the_callers_line_whichever_path_raised_it():
@@ -1234,10 +1239,42 @@ def test_every_warning_names_the_callers_line_whichever_path_raised_it():
     other = torch.optim.SGD(model.parameters(), lr=0.1)
     mlp_loss(model).backward()
     seen["an optimizer CDB does not see"] = _warned_at(other.step)
+    assert _warned_at(other.step) == [] and cdb.unseen_steps == 2, "said once, counted every time"
 
+    starts = {"hooks, no gradient": "ChannelDropBack selected layer", "before_step, no gradient":
+              "ChannelDropBack selected layer", "wrapper, no gradient": "ChannelDropBack selected layer",
+              "wrapper that did not step": "Wrapper.step() returned without running",
+              "attach, layers outside the optimizer": "1 eligible layer(s) are not in",
+              "load_state_dict, another seed": "loading CDB state saved with s", "an optimizer CDB does not see":
+              "SGD.step() updated ChannelDrop"}
     for path, warned in seen.items():
-        assert len(warned) == 1, (path, warned)
-        assert warned[0][0] == __file__, (path, warned)
+        assert [(file, line) for file, line, _ in warned] == [(__file__, True)], (path, warned)
+        assert warned[0][2].startswith(starts[path]), (path, warned)
+
+
+def test_a_file_beside_a_library_folder_is_not_a_library(tmp_path, monkeypatch):
+    """The caller's line is the first frame outside the installed libraries' folders: a folder whose name merely
+    starts like one of them (``lib`` and ``lib-user`` here) is the user's."""
+    import importlib.util
+    import sysconfig
+
+    paths = sysconfig.get_paths()
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib-user").mkdir()
+    (tmp_path / "lib-user" / "caller.py").write_text("def step(optimizer):\n    optimizer.step()\n")
+    spec = importlib.util.spec_from_file_location("caller", tmp_path / "lib-user" / "caller.py")
+    caller = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(caller)
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {**paths, "purelib": str(tmp_path / "lib"),
+                                                         "platlib": paths["purelib"]})
+    model = mlp()
+    cdb = ChannelDropBack(model)
+    cdb.attach(torch.optim.SGD(model.parameters(), lr=0.1))
+    other = torch.optim.SGD(model.parameters(), lr=0.1)
+    mlp_loss(model).backward()
+    with pytest.warns(UserWarning, match="CDB's hooks did not run") as caught:
+        caller.step(other)
+    assert caught[0].filename == str(tmp_path / "lib-user" / "caller.py") and caught[0].lineno == 2
 
 
 # ---------------------------------------------------------------------------- a wrapper's framed step

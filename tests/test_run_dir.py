@@ -121,6 +121,7 @@ def test_a_failed_replacement_restores_the_previous_run_and_keeps_only_checkpoin
     (tmp_path / "out" / "checkpoint-4").mkdir()
     (tmp_path / "out" / "checkpoint-4" / "model.safetensors").write_bytes(b"new")
     kept = run.fail()
+    assert run.backup is None, "the previous run is back: nothing is set aside any more"
     assert tree(tmp_path / "out") == before
     assert kept is not None and kept.parent == tmp_path and kept.name.startswith(".out.failed-")
     assert (kept / "checkpoint-4" / "model.safetensors").read_bytes() == b"new"
@@ -129,11 +130,13 @@ def test_a_failed_replacement_restores_the_previous_run_and_keeps_only_checkpoin
 
 
 def test_a_failed_fresh_run_is_marked_failed_and_kept(tmp_path):
-    run = RunDirectory(tmp_path / "out", "fresh")
+    run = RunDirectory(tmp_path / "out", "fresh", kind="eval")
     run.open()
     (tmp_path / "out" / "checkpoint-2").mkdir()
     assert run.fail() is None
-    assert read_run_marker(tmp_path / "out")["status"] == "failed" and (tmp_path / "out" / "checkpoint-2").is_dir()
+    marker = read_run_marker(tmp_path / "out")
+    assert (marker["status"], marker["kind"]) == ("failed", "eval") and (tmp_path / "out" / "checkpoint-2").is_dir()
+
 
 
 def test_completing_a_resumed_replacement_deletes_the_whole_chain_and_nothing_else(tmp_path):
