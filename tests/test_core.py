@@ -1382,6 +1382,10 @@ def test_torch_lr_schedulers_built_before_or_after_the_frames_stay_silent(schedu
     first.attach(wrapper)
     second.attach(wrapper)
     scheduler = scheduler or schedule()
+    if scheduler_first:
+        import inspect
+
+        assert list(inspect.signature(wrapper.step).parameters) == ["closure"], "the step's signature shows through"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for step in range(2):

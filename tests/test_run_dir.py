@@ -221,6 +221,7 @@ def _checkpoint(tmp_path: Path, step: int = 4) -> Path:
     (folder / "model.safetensors").write_bytes(b"12345")
     (folder / "sub" / "optimizer.pt").write_bytes(b"123")
     (folder / ".hidden").write_bytes(b"not listed")
+    (folder / "empty.txt").write_bytes(b"")  # a file of 0 bytes is complete too
     write_checkpoint_record(folder, trainer="hf", step=step, cdb={"seed": 0, "total": 8},
                             extra={"loop": {"completed_steps": step}})
     return folder
@@ -231,7 +232,9 @@ def test_a_complete_checkpoint_reads_back_its_record(tmp_path):
     record, why = read_checkpoint_record(folder)
     assert why is None
     assert record == {"trainer": "hf", "step": 4, "cdb": {"seed": 0, "total": 8},
-                      "files": {"model.safetensors": 5, "sub/optimizer.pt": 3}, "loop": {"completed_steps": 4}}
+                      "files": {"empty.txt": 0, "model.safetensors": 5, "sub/optimizer.pt": 3},
+                      "loop": {"completed_steps": 4}}
+    assert read_checkpoint_record(_checkpoint(tmp_path, step=0))[1] is None, "a checkpoint of step 0 is one"
 
 
 @pytest.mark.parametrize("damage, why", [
