@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import warnings
+from collections import OrderedDict
 
 import pytest
 import timm
@@ -1427,3 +1428,31 @@ def test_exact_mode_leaves_state_that_is_not_per_element_to_the_optimizer():
             assert state["calls"] == step + 1
             assert torch.equal(state["row_norm"], params[name].grad.norm(dim=1)), "what the optimizer computed"
             assert torch.equal(state["row_norm"][~keep], torch.zeros(int((~keep).sum()))), "from the masked rows"
+
+
+def test_an_optimizer_that_skipped_optimizer_init_is_framed_and_masked_from_the_first_step():
+    """torch runs no step hooks for such a class until its first zero_grad (timm's Lookahead's trap): CDB frames
+    its step itself, a chain of one optimizer, and masks there."""
+
+    class Plain(torch.optim.Optimizer):
+        def __init__(self, params, lr):
+            self.param_groups, self.state, self.defaults = [{"params": list(params), "lr": lr}], {}, {}
+            self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = OrderedDict(), OrderedDict()
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for param in group["params"]:
+                    param.add_(param.grad, alpha=-group["lr"])
+
+    model = mlp()
+    optimizer = Plain(model.parameters(), lr=0.1)
+    cdb = ChannelDropBack(model, ChannelDropBackConfig(layer_selection="bernoulli", layer_rate=1.0, channel_rate=0.5))
+    cdb.attach(optimizer)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    mlp_loss(model).backward()
+    optimizer.step()
+    assert cdb.step == 1 and cdb.last_selection
+    params = dict(model.named_parameters())
+    for name, keep in cdb.last_selection.items():
+        assert torch.equal(params[name].detach()[~keep], before[name][~keep]), name

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,6 +32,7 @@ from cdb_hf.run_dir import (
     write_results_json,
     write_run_marker,
 )
+from cdb_hf.version import __version__
 
 
 def tree(folder: Path) -> dict[str, bytes]:
@@ -74,8 +76,32 @@ def test_the_marker_keeps_its_start_and_what_it_replaces(tmp_path):
     assert second["started"] == first["started"]
     (tmp_path / RUN_MARKER).write_text("[1, 2]")
     assert read_run_marker(tmp_path) is None, "not an object: not a marker"
-    (tmp_path / RUN_MARKER).write_text('{"status": NaN}')
+    (tmp_path / RUN_MARKER).write_text('{"tool": "cdb_hf", "status": NaN}')
     assert read_run_marker(tmp_path) is None, "not strict JSON: not a marker"
+    (tmp_path / RUN_MARKER).write_text('{"tool": "other", "status": "complete"}')
+    assert read_run_marker(tmp_path) is None, "another tool's marker"
+
+
+def test_the_marker_records_tool_version_kind_start_and_notes(tmp_path):
+    write_run_marker(tmp_path, status="running")
+    marker = read_run_marker(tmp_path)
+    started = marker.pop("started")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", started), started
+    assert marker == {"tool": "cdb_hf", "version": __version__, "kind": "run", "status": "running",
+                      "replaces": None, "notes": []}
+    write_json_atomic(tmp_path / RUN_MARKER, {**read_run_marker(tmp_path), "started": "2020-01-01T00:00:00"})
+    write_run_marker(tmp_path, status="running", notes=["--output_dir was empty"])
+    write_run_marker(tmp_path, status="complete")
+    marker = read_run_marker(tmp_path)
+    assert marker["started"] == "2020-01-01T00:00:00", "the start of the run, kept by every later write"
+    assert marker["notes"] == ["--output_dir was empty"], "notes are kept until replaced"
+    write_run_marker(tmp_path, status="complete", notes=[])
+    assert read_run_marker(tmp_path)["notes"] == []
+
+
+def test_json_files_are_indented_with_sorted_keys(tmp_path):
+    write_json_atomic(tmp_path / "a.json", {"b": 1, "a": [1.5]})
+    assert (tmp_path / "a.json").read_text() == '{\n  "a": [\n    1.5\n  ],\n  "b": 1\n}\n'
 
 
 # ------------------------------------------------------------------------------------------ RunDirectory
@@ -85,13 +111,33 @@ def test_a_bad_mode_is_refused():
 
 
 def test_a_fresh_run_is_marked_running_then_complete(tmp_path):
-    run = RunDirectory(tmp_path / "out", "fresh")
-    run.open()
-    assert read_run_marker(tmp_path / "out")["status"] == "running"
-    assert read_run_marker(tmp_path / "out")["replaces"] is None
+    out = tmp_path / "new" / "parents" / "out"
+    run = RunDirectory(out, "fresh")
+    run.open(notes=["a note"])
+    marker = read_run_marker(out)
+    assert (marker["status"], marker["kind"], marker["replaces"], marker["notes"]) == ("running", "run", None,
+                                                                                     ["a note"])
+    (out / "model.safetensors").write_bytes(b"w")
     run.complete()
-    assert read_run_marker(tmp_path / "out")["status"] == "complete"
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    marker = read_run_marker(out)
+    assert (marker["status"], marker["kind"], marker["files"]) == ("complete", "run", ["model.safetensors"])
+    assert run.backup is None and [p.name for p in out.parent.iterdir()] == ["out"]
+
+    evaluation = RunDirectory(tmp_path / "eval", "fresh", kind="eval")
+    evaluation.open()
+    assert read_run_marker(tmp_path / "eval")["kind"] == "eval"
+    evaluation.complete()
+    assert read_run_marker(tmp_path / "eval")["kind"] == "eval"
+
+
+def test_a_resumed_run_opens_in_place(tmp_path):
+    before = tree(previous_run(tmp_path / "out"))
+    RunDirectory(tmp_path / "out", "resume").open(notes=["resumed"])
+    assert [p.name for p in tmp_path.iterdir()] == ["out"], "nothing set aside"
+    after = tree(tmp_path / "out")
+    assert {name: data for name, data in after.items() if name != RUN_MARKER} == \
+        {name: data for name, data in before.items() if name != RUN_MARKER}
+    assert read_run_marker(tmp_path / "out")["notes"] == ["resumed"]
 
 
 def test_a_replacement_sets_the_previous_run_aside_and_deletes_it_only_when_complete(tmp_path):
@@ -99,7 +145,8 @@ def test_a_replacement_sets_the_previous_run_aside_and_deletes_it_only_when_comp
     run = RunDirectory(tmp_path / "out", "replace")
     run.open()
     (aside,) = set_aside_runs(tmp_path / "out")
-    assert aside.name.startswith(".out.previous-") and tree(aside) == before
+    assert re.fullmatch(r"\.out\.previous-\d{8}-\d{6}-[0-9a-f]{6}", aside.name), "sorts by time: newest first"
+    assert tree(aside) == before
     assert read_run_marker(tmp_path / "out")["replaces"] == aside.name
     assert [p.name for p in (tmp_path / "out").iterdir()] == [RUN_MARKER], "the new run starts empty"
     run.complete()
@@ -156,6 +203,22 @@ def test_completing_a_resumed_replacement_deletes_the_whole_chain_and_nothing_el
     assert not old.exists() and not older.exists()
     assert (unrelated / "notes.txt").read_text() == "mine"
     assert read_run_marker(out)["replaces"] is None
+
+    write_run_marker(out, status="running", replaces=unrelated.name)  # names a folder that is not a run of ours
+    RunDirectory(out, "resume").complete()
+    marker = read_run_marker(out)
+    assert (unrelated / "notes.txt").read_text() == "mine"
+    assert marker["replaces"] is None and marker["files"] == [], "the run is completed all the same"
+
+
+def test_completing_never_follows_a_recorded_name_out_of_the_parent_folder(tmp_path):
+    victim = previous_run(tmp_path / "victim")
+    (tmp_path / ".out.previous-1").mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    write_run_marker(out, status="running", replaces=".out.previous-1/../victim")
+    RunDirectory(out, "resume").complete()
+    assert read_run_marker(victim)["status"] == "complete" and (victim / "model.safetensors").is_file()
 
 
 def test_an_interrupted_replacement_stays_in_place_and_names_the_run_it_replaces(tmp_path):
@@ -262,6 +325,12 @@ def test_an_incomplete_or_damaged_checkpoint_is_named_with_the_reason(damage, wh
 def _edit(folder: Path, **changes) -> None:
     record = json.loads((folder / CHECKPOINT_RECORD).read_text())
     (folder / CHECKPOINT_RECORD).write_text(json.dumps({**record, **changes}))
+
+
+def test_an_accelerate_checkpoint_reads_back_too(tmp_path):
+    folder = _checkpoint(tmp_path)
+    _edit(folder, trainer="accelerate")
+    assert read_checkpoint_record(folder)[0]["trainer"] == "accelerate"
 
 
 def test_a_checkpoint_folder_of_another_name_is_judged_by_its_record_alone(tmp_path):
