@@ -1456,3 +1456,95 @@ def test_an_optimizer_that_skipped_optimizer_init_is_framed_and_masked_from_the_
     params = dict(model.named_parameters())
     for name, keep in cdb.last_selection.items():
         assert torch.equal(params[name].detach()[~keep], before[name][~keep]), name
+
+
+def test_a_step_cdb_did_not_see_is_named_in_full_and_explicit_calls_are_seen():
+    def step_of(optimizer, model):
+        optimizer.zero_grad()
+        mlp_loss(model).backward()
+        optimizer.step()
+
+    model = mlp()
+    cdb = ChannelDropBack(model)
+    other = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(UserWarning) as caught:
+        step_of(other, model)
+    assert str(caught[0].message) == (
+        "SGD.step() updated ChannelDropBack's layers but CDB's hooks did not run (CDB is attached to no optimizer): "
+        "CDB did nothing in that step. attach() CDB to the optimizer your loop steps (again if the loop replaced it), "
+        "or call before_step()/after_step() around optimizer.step(); shown once, cdb.unseen_steps counts them")
+
+    model = mlp()
+    cdb = ChannelDropBack(model)
+    cdb.attach(UpdatingWrapper(torch.optim.SGD(model.parameters(), lr=0.1)))
+    with pytest.warns(UserWarning, match=r"\(CDB is attached to UpdatingWrapper\)"):
+        step_of(torch.optim.SGD(model.parameters(), lr=0.1), model)
+
+    model = mlp()
+    cdb = ChannelDropBack(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):  # the explicit pair, without attach: each step is CDB's
+            mlp_loss(model).backward()
+            cdb.before_step(optimizer)
+            optimizer.step()
+            cdb.after_step(optimizer)
+    assert cdb.unseen_steps == 0 and cdb.step == 2
+
+
+def test_a_plain_optimizer_keeps_its_own_step_and_cdb_uses_its_hooks():
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ChannelDropBack(model).attach(optimizer)
+    assert "step" not in vars(optimizer), "torch's step hooks suffice: no framed step on the instance"
+
+
+def test_a_restored_optimizer_that_disagrees_with_cdb_or_lost_its_step_is_said_in_full():
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    cdb = ChannelDropBack(model)
+    cdb.attach(optimizer)
+    for _ in range(3):
+        mlp_loss(model).backward()
+        optimizer.step()
+    saved = copy.deepcopy(optimizer.state_dict())
+    cdb.load_state_dict({"step": 5, "seed": 0})  # CDB restored from elsewhere, the optimizer from step 3
+    optimizer.load_state_dict(saved)
+    assert cdb.step == 3, "the value restored with the optimizer is what the next step uses"
+    mlp_loss(model).backward()
+    with pytest.warns(UserWarning) as caught:
+        optimizer.step()
+    assert [str(w.message) for w in caught] == [
+        "the restored optimizer carries ChannelDropBack step 3 but CDB's own step is 5 (set or loaded separately): "
+        "continuing from the optimizer's, 3; set cdb.step after restoring the optimizer if that is wrong"]
+    assert cdb.step == 4
+
+    optimizer.load_state_dict(torch.optim.SGD(mlp().parameters(), lr=0.1).state_dict())  # saved without CDB
+    mlp_loss(model).backward()
+    with pytest.warns(UserWarning) as caught:
+        optimizer.step()
+    assert [str(w.message) for w in caught] == [
+        "the optimizer's param groups no longer carry ChannelDropBack's step ('cdb_step'): it was restored from a "
+        "state saved without CDB; CDB continues at its own step 4. If this run resumes a CDB run, set cdb.step to "
+        "the completed optimizer steps, or the earlier selections repeat"]
+    assert cdb.step == 5
+
+
+def test_a_step_adopted_from_the_optimizer_is_cdb_s_own_from_then_on():
+    """attach() to an optimizer restored from step 3 adopts 3; a later restore of another step then disagrees with
+    it, and says so."""
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for group in optimizer.param_groups:
+        group["cdb_step"] = 3
+    cdb = ChannelDropBack(model)
+    cdb.attach(optimizer)
+    assert cdb.step == 3
+    state = copy.deepcopy(optimizer.state_dict())
+    state["param_groups"][0]["cdb_step"] = 1
+    optimizer.load_state_dict(state)
+    mlp_loss(model).backward()
+    with pytest.warns(UserWarning, match="carries ChannelDropBack step 1 but CDB's own step is 3"):
+        optimizer.step()
+    assert cdb.step == 2
