@@ -1309,11 +1309,14 @@ def test_a_wrapper_step_is_framed_whole_and_masked_right_before_the_inner_update
     config = ChannelDropBackConfig(layer_selection="bernoulli", layer_rate=1.0, channel_rate=0.5, seed=1)
     for mode, sync in (("grad", False), ("exact", True)):
         model = mlp()
-        wrapper = UpdatingWrapper(torch.optim.SGD(model.parameters(), lr=0.1), sync=sync)
+        inner = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9 if mode == "exact" else 0.0)
+        wrapper = UpdatingWrapper(inner, sync=sync)
         cdb = ChannelDropBack(model, replace_(config, mode=mode))
         cdb.attach(wrapper)
         for step, keyword in enumerate((False, True)):
             before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            momentum = {n: inner.state[p]["momentum_buffer"].clone() for n, p in model.named_parameters()
+                        if "momentum_buffer" in inner.state.get(p, {})}
             wrapper.zero_grad()
             mlp_loss(model, seed=step).backward()
             closure = lambda: torch.tensor(7.0)  # noqa: E731
@@ -1325,6 +1328,10 @@ def test_a_wrapper_step_is_framed_whole_and_masked_right_before_the_inner_update
                 assert not keep.all(), name
                 assert torch.equal(params[name].detach()[~keep], before[name][~keep]), (mode, name)
                 assert not torch.equal(params[name].detach()[keep], before[name][keep]), (mode, name)
+                if name in momentum:  # exact mode, second step: the inner optimizer's state is restored too
+                    buffer = inner.state[params[name]]["momentum_buffer"]
+                    assert torch.equal(buffer[~keep], momentum[name][~keep]), name
+        assert mode == "grad" or momentum, "the second step had a state to restore"
 
 
 def test_a_wrapper_step_that_raises_leaves_cdb_ready_for_the_next_step():
@@ -1548,3 +1555,73 @@ def test_a_step_adopted_from_the_optimizer_is_cdb_s_own_from_then_on():
     with pytest.warns(UserWarning, match="carries ChannelDropBack step 1 but CDB's own step is 3"):
         optimizer.step()
     assert cdb.step == 2
+
+
+def test_optimizer_chains_are_followed_and_what_cdb_cannot_see_is_refused_by_name():
+    model = mlp()
+    cdb = ChannelDropBack(model)
+
+    class Exposes:
+        def __init__(self, inner):
+            self.base_optimizer = inner
+
+    with pytest.raises(TypeError) as refused:
+        cdb.attach(Exposes("an optimizer's name"))
+    assert str(refused.value) == ("Exposes.base_optimizer is a str, not a torch.optim.Optimizer: ChannelDropBack "
+                                  "cannot see or mask the update it makes; attach CDB to a torch optimizer (or a "
+                                  "wrapper of one)")
+    with pytest.raises(TypeError) as refused:
+        cdb.attach(object())
+    assert str(refused.value) == ("expected a torch.optim.Optimizer, or a wrapper exposing one as "
+                                  "base_optimizer/_base_optimizer/optimizer; got object")
+
+    class Hidden(torch.optim.Optimizer):
+        def __init__(self, inner):
+            self.param_groups, self.state, self.defaults, self.inner = inner.param_groups, {}, {}, inner
+
+    hidden_message = ("Hidden wraps an optimizer under .inner, where ChannelDropBack does not look for one (it "
+                      "follows base_optimizer/_base_optimizer/optimizer): it could not mask that optimizer's update "
+                      "or restore its state; attach CDB to that inner optimizer instead if the wrapper adds no update "
+                      "of its own")
+    with pytest.raises(TypeError) as refused:
+        cdb.attach(Hidden(torch.optim.SGD(model.parameters(), lr=0.1)))
+    assert str(refused.value) == hidden_message
+
+    first, second = Hidden(torch.optim.SGD(model.parameters(), lr=0.1)), Hidden(torch.optim.SGD(model.parameters()))
+    del first.inner, second.inner
+    first.optimizer, second.optimizer = second, first  # a cycle: followed once round, then refused by name
+    with pytest.raises(TypeError, match=r"^Hidden wraps an optimizer under \.optimizer, where"):
+        cdb.attach(first)
+    assert cdb._optimizer is None
+
+
+def test_accelerate_s_forwarding_wrapper_is_looked_through_and_others_are_framed():
+    """accelerate's AcceleratedOptimizer only forwards (known by its module): CDB attaches to the optimizer inside
+    and leaves the wrapper alone; any other wrapper (even one without a state of its own) gets a framed step."""
+
+    def wrapper_class(module: str):
+        def init(self, optimizer):
+            self.optimizer = optimizer
+
+        def step(self, closure=None):
+            return self.optimizer.step(closure)
+
+        return type("AcceleratedOptimizer", (), {"__module__": module, "__init__": init, "step": step})
+
+    config = ChannelDropBackConfig(layer_selection="bernoulli", layer_rate=1.0, channel_rate=0.5, mode="exact")
+    for module, framed in (("accelerate.optimizer", False), ("my_project.optim", True)):
+        model = mlp()
+        inner = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        wrapper = wrapper_class(module)(inner)
+        cdb = ChannelDropBack(model, config)
+        cdb.attach(wrapper)
+        assert ("step" in vars(wrapper)) is framed and "step" not in vars(inner), module
+        for _ in range(2):
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            inner.zero_grad()
+            mlp_loss(model).backward()
+            wrapper.step()
+            params = dict(model.named_parameters())
+            for name, keep in cdb.last_selection.items():
+                assert torch.equal(params[name].detach()[~keep], before[name][~keep]), (module, name)
+        assert cdb.step == 2, module
