@@ -339,3 +339,13 @@ def test_one_sharded_step_on_rank_1_equals_those_rows_of_the_unsharded_step(fake
     assert torch.equal(local.to_local(), full[3:])
     for key in ("exp_avg", "exp_avg_sq"):
         assert torch.equal(local_state[key].to_local(), full_state[key][3:]), key
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the device of the mask matters only off the CPU")
+def test_the_local_mask_is_built_on_the_device_of_the_dropped_indices():
+    dropped = torch.tensor([0, 4], device="cuda")
+    rows = _DroppedRows(_Selected("w", nn.Parameter(torch.zeros(5, 3, device="cuda")), 0, 5, dropped, 1.0, (3, 2), 2))
+    shard = torch.ones(2, 3, device="cuda")  # rows 3-4 of 5: row 4 is dropped
+    rows.zero_(shard)
+    assert rows.local_mask.device == dropped.device
+    assert shard[0].eq(1).all() and shard[1].eq(0).all()
