@@ -1546,7 +1546,9 @@ def test_a_step_adopted_from_the_optimizer_is_cdb_s_own_from_then_on():
     for group in optimizer.param_groups:
         group["cdb_step"] = 3
     cdb = ChannelDropBack(model)
-    cdb.attach(optimizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fresh core has no step of its own to disagree with
+        cdb.attach(optimizer)
     assert cdb.step == 3
     state = copy.deepcopy(optimizer.state_dict())
     state["param_groups"][0]["cdb_step"] = 1
@@ -1625,3 +1627,98 @@ def test_accelerate_s_forwarding_wrapper_is_looked_through_and_others_are_framed
             for name, keep in cdb.last_selection.items():
                 assert torch.equal(params[name].detach()[~keep], before[name][~keep]), (module, name)
         assert cdb.step == 2, module
+
+
+# ---------------------------------------------------------------------------- config, eligibility and LoRA in full
+class FakeLora(nn.Module):
+    """The structure by which CDB knows a PEFT LoRA layer (no peft import): base_layer, lora_A, lora_B."""
+
+    def __init__(self, adapters: int = 1, out_features: int = 6):
+        super().__init__()
+        self.base_layer = nn.Linear(4, out_features).requires_grad_(False)
+        self.lora_A = nn.ModuleDict({f"a{i}": nn.Linear(4, 2, bias=False) for i in range(adapters)})
+        self.lora_B = nn.ModuleDict({f"a{i}": nn.Linear(2, out_features, bias=False) for i in range(adapters)})
+
+
+def test_the_lora_summary_is_logged_in_full(caplog):
+    cases = [(nn.Sequential(FakeLora(), nn.Linear(6, 3)), "rows", "1 adapted layers (rows of lora_B), 1 plain layer"),
+             (nn.Sequential(FakeLora(), nn.Linear(6, 3)), "cols", "1 adapted layers (columns of lora_A), 1 plain layer"),
+             (nn.Sequential(FakeLora(), nn.Linear(6, 3), nn.Linear(3, 2)), "rows",
+              "1 adapted layers (rows of lora_B), 2 plain layers")]
+    for model, axis, summary in cases:
+        caplog.clear()
+        with caplog.at_level("INFO", logger="cdb_hf.core"):
+            ChannelDropBack(model, ChannelDropBackConfig(axis=axis))
+        assert [r.getMessage() for r in caplog.records] == [f"ChannelDropBack: PEFT LoRA model: {summary}"], axis
+
+
+def test_lora_adapters_are_judged_one_by_one_and_partial_look_alikes_are_plain_modules():
+    model = nn.Sequential(FakeLora(adapters=2))
+    model[0].lora_B["a0"].weight.requires_grad_(False)  # one adapter frozen: the other stays eligible
+    assert list(eligible_layers(model)) == ["0.lora_B.a1.weight"]
+
+    class OnlyBase(nn.Module):  # a wrapper with a base_layer but no adapters
+        def __init__(self):
+            super().__init__()
+            self.base_layer = nn.Linear(4, 6)
+
+    class OnlyB(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lora_B = nn.ModuleDict({"a": nn.Linear(2, 6, bias=False)})
+
+    assert list(eligible_layers(nn.Sequential(OnlyBase(), OnlyB()))) == ["0.base_layer.weight", "1.lora_B.a.weight"]
+
+
+def test_config_refusals_are_worded_in_full():
+    def refusal(**kwargs) -> str:
+        with pytest.raises(ValueError) as refused:
+            ChannelDropBackConfig(**kwargs)
+        return str(refused.value)
+
+    assert refusal(layer_rate=2) == "layer_rate=2 is out of range; it must be a number in [0, 1]"
+    assert refusal(channel_rate=1.0) == "channel_rate=1.0 is out of range; it must be a number in [0, 1)"
+    assert refusal(include=[""]) == ("include=[''] is not valid; it must be a non-empty list of glob patterns, "
+                                     "or None")
+    assert refusal(exclude=[1]).startswith("exclude=[1] is not valid")
+    assert refusal(skip_first=True) == "skip_first=True is not valid; it must be an integer >= 0"
+    assert refusal(schedule="linear", schedule_total_steps=True) == \
+        "schedule_total_steps=True is not valid; it must be a positive integer or None"
+    assert refusal(schedule="piecewise", schedule_milestones=[2]) == (
+        "schedule='piecewise' needs schedule_milestones and schedule_rates (e.g. milestones [28, 53] and rates "
+        "[0.03, 0.15, 0.3]); got schedule_milestones=[2], schedule_rates=None")
+    assert ChannelDropBackConfig(include="head*").include == ["head*"], "a lone pattern is a list of one"
+
+
+def test_rate_at_refuses_a_schedule_it_cannot_size_and_ramps_from_the_initial_rate():
+    def refusal(**kwargs) -> str:
+        with pytest.raises(ValueError) as refused:
+            ChannelDropBackConfig(**kwargs).rate_at(3)
+        return str(refused.value)
+
+    epochs = "schedule_unit='epochs' needs schedule_steps_per_epoch (optimizer steps per epoch)"
+    assert refusal(schedule="piecewise", schedule_milestones=[1], schedule_rates=[0.1, 0.2],
+                   schedule_unit="epochs") == epochs
+    assert refusal(schedule="linear", schedule_total_steps=10, schedule_unit="epochs") == epochs
+    assert refusal(schedule="linear") == ("schedule='linear' needs schedule_total_steps (the number of optimizer "
+                                          "steps of the run); the Trainer callback and the accelerate loop fill it in")
+    ramp = ChannelDropBackConfig(schedule="linear", layer_rate_init=0.2, layer_rate=0.6, schedule_total_steps=10)
+    assert [round(ramp.rate_at(step), 6) for step in (0, 5, 10, 20)] == [0.2, 0.4, 0.6, 0.6]
+
+
+def test_eligibility_sees_through_wrappers_and_names_the_bare_model():
+    assert list(eligible_layers(mlp())) == ["0.weight", "2.weight", "4.weight"], "the default config"
+    assert list(eligible_layers(nn.DataParallel(mlp()))) == ["0.weight", "2.weight", "4.weight"]
+    assert list(eligible_layers(torch.compile(mlp()))) == ["0.weight", "2.weight", "4.weight"]
+    with pytest.raises(ValueError, match=r"^ReLU has no eligible layer: ChannelDropBack needs Linear or Conv"):
+        eligible_layers(torch.compile(nn.ReLU()))
+    wrapped = nn.Module()
+    wrapped.add_module("_fsdp_wrapped_module", nn.Sequential(nn.Linear(2, 3)))
+    assert list(eligible_layers(wrapped)) == ["0.weight"], "FSDP1's segment is not part of the name"
+
+    class Holder(nn.Module):  # an attribute called _orig_mod does not make a compiled model
+        def __init__(self):
+            super().__init__()
+            self._orig_mod, self.head = nn.Linear(2, 3), nn.Linear(3, 2)
+
+    assert list(eligible_layers(Holder())) == ["weight", "head.weight"]

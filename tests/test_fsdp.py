@@ -299,11 +299,18 @@ def test_local_shard_maps_rank_1_to_its_rows_and_refuses_other_layouts(fake_rank
     square = DeviceMesh("cpu", torch.arange(WORLD_SIZE).view(WORLD_SIZE, 1))
     with pytest.raises(ValueError, match=r"placements \(Shard\(dim=0\), Replicate\(\)\) on a 2-D device mesh"):
         _local_shard("h", sharded(4, [Shard(0), Replicate()], square), 0)
-    odd = nn.Parameter(DTensor.from_local(torch.randn(3, 3), fake_rank_1, [Shard(0)], run_check=False,
-                                          shape=torch.Size([5, 3]), stride=(3, 1)))
-    with pytest.raises(ValueError, match=r"parameter 'odd': the local shard has 3 of 5 rows where DTensor's "
-                                         r"Shard\(0\) rule gives 2; ChannelDropBack cannot map"):
+    odd = nn.Parameter(DTensor.from_local(torch.randn(3, 4), fake_rank_1, [Shard(0)], run_check=False,
+                                          shape=torch.Size([5, 4]), stride=(4, 1)))
+    with pytest.raises(ValueError, match=r"^parameter 'odd': the local shard has 3 of 5 rows where DTensor's "
+                                         r"Shard\(0\) rule gives 2; ChannelDropBack cannot map its selection onto "
+                                         r"this layout$"):
         _local_shard("odd", odd, 0)
+    outside = DeviceMesh("cpu", torch.tensor([0]))  # a mesh without this rank: it holds no rows
+    assert _local_shard("w", sharded(5, [Shard(0)], outside), 0) == (5, 0)
+    layer = nn.Linear(3, 5)
+    layer.weight = sharded(5, [Shard(1)])
+    with pytest.raises(ValueError, match=r"^parameter 'weight' is a DTensor with placements"):
+        ChannelDropBack(layer)
 
 
 @pytest.mark.parametrize("mode", ["grad", "exact"])
