@@ -44,8 +44,9 @@ bench: install
 	$(OFFLINE) $(PASSIVE) $(BIN)/python bench/image_check.py
 
 # Mutation testing (not part of `make test` or CI): mutmut 3 mutates the core, the run folder's lifecycle and
-# the resume/overwrite checks, runs only the tests (of test_core.py, test_run_dir.py and test_fsdp.py) that
-# reach each mutant, and writes the score to bench/results/mutation_score.json. Niced: it takes the cores.
+# the resume/overwrite checks, runs only the tests (of test_core.py, test_run_dir.py and test_fsdp.py, whose
+# two-rank tests it leaves out: see setup.cfg) that reach each mutant, and writes the score to
+# bench/results/mutation_score.json. Niced: it takes the cores.
 # (The pre-flight planners of the output folder and the resume checkpoint are tested end to end in
 # test_safety.py, too slow to run per mutant; add them here once fast tests reach them.)
 MUTANTS ?= cdb_hf.core.* cdb_hf.run_dir.* cdb_hf.resume.x_check_resume_matches__* \

@@ -35,7 +35,9 @@ import contextlib
 import fnmatch
 import logging
 import math
+import os
 import sys
+import sysconfig
 import types
 import warnings
 import weakref
@@ -399,11 +401,7 @@ class _Selected:
     dropped: torch.Tensor | None  # ``count`` int64 indices on the parameter's device (None when 0)
     scale: float
     shard: tuple[int, int] | None  # (start, length) of this rank's slices when ``dim`` is sharded
-    count: int | None = None  # how many slices are dropped: known on the host (a shape, never a device read)
-
-    def __post_init__(self) -> None:
-        if self.count is None:
-            self.count = 0 if self.dropped is None else self.dropped.numel()
+    count: int  # how many slices are dropped: known on the host (a shape, never a device read)
 
 
 class _HookHandle:
@@ -522,7 +520,7 @@ class ChannelDropBack:
                              "same model (after wrapping, the parameters must be the same objects)")
         if missing:
             warnings.warn(f"{len(missing)} eligible layer(s) are not in the optimizer and are left out of CDB: "
-                          f"{_preview(missing)}; use include/exclude to silence this", stacklevel=3)
+                          f"{_preview(missing)}; use include/exclude to silence this", stacklevel=_caller_stacklevel(sys._getframe()))
             missing_names = set(missing)
             keep = [i for i, name in enumerate(self._names) if name not in missing_names]
             self._names = [self._names[i] for i in keep]
@@ -655,12 +653,12 @@ class ChannelDropBack:
             warnings.warn(f"ChannelDropBack selected layer(s) without a gradient: {_preview(new)}; they are not "
                           "counted in cdb/layers or cdb/applied (unused by the forward pass, or frozen after CDB "
                           "was built?). Leave them out with exclude=[...]; this warning is shown once per layer",
-                          stacklevel=3)
+                          stacklevel=_caller_stacklevel(sys._getframe()))
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, stacklevel=4)
+            warnings.warn(message, stacklevel=_caller_stacklevel(sys._getframe()))
 
     def _snapshot(self, chain: list[torch.optim.Optimizer]) -> None:
         """Save the dropped rows of each selected weight (key None) and of its per-element state in every
@@ -819,7 +817,7 @@ class ChannelDropBack:
         if state_dict.get("seed", self.config.seed) != self.config.seed:
             warnings.warn(f"loading CDB state saved with seed {state_dict['seed']} into a run with seed "
                           f"{self.config.seed}: the selection sequence will differ from the saved run",
-                          stacklevel=2)
+                          stacklevel=_caller_stacklevel(sys._getframe()))
         self.step = int(state_dict["step"])  # also into the attached optimizer's param groups
 
     def __repr__(self) -> str:
@@ -1091,9 +1089,10 @@ class _StepFrame:
             cdb.after_step()
             return result
 
-        # A bound method, as torch's LR schedulers expect when they wrap optimizer.step after us; and the mark
-        # of one that wrapped it before us, so that it does not warn that step() was overridden.
-        step.__wrapped__ = self._original
+        # A bound method, as torch's LR schedulers expect when they wrap optimizer.step after us, with the
+        # signature of the step it frames (``__wrapped__``: the function, since the method binds the owner); and
+        # the mark of a scheduler that wrapped it before us, so that it does not warn that step() was overridden.
+        step.__wrapped__ = getattr(self._original, "__func__", self._original)
         if getattr(self._original, "_wrapped_by_lr_sched", False):
             step._wrapped_by_lr_sched = True
         self._step = types.MethodType(step, optimizer)
@@ -1123,6 +1122,23 @@ _WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_modu
 def _bare_name(name: str) -> str:
     """A parameter name as the bare model spells it."""
     return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
+
+
+def _caller_stacklevel(frame: types.FrameType | None) -> int:
+    """``warnings.warn``'s stacklevel that names the caller's line: the first frame outside this module and the
+    installed libraries, counted from ``frame``, the frame that calls ``warnings.warn`` (``sys._getframe()``).
+
+    Between a loop's ``optimizer.step()`` and the warning lie torch's step wrapper, its hooks and ``no_grad``
+    wrappers, as many as the path (hooks, explicit calls, a framed wrapper) takes: a fixed stacklevel would point
+    into torch on some of them.
+    """
+    paths = sysconfig.get_paths()
+    libraries = tuple({os.path.join(paths[key], "") for key in ("stdlib", "platstdlib", "purelib", "platlib")})
+    level = 1
+    while frame is not None and (frame.f_code.co_filename == __file__
+                                 or frame.f_code.co_filename.startswith(libraries)):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _preview(names: list[str], limit: int = 4) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import warnings
+from collections import OrderedDict
 
 import pytest
 import timm
@@ -1175,3 +1176,549 @@ def test_the_warning_lists_up_to_four_names_in_full():
     with pytest.warns(UserWarning) as caught:
         cdb.before_step()
     assert "without a gradient: ['1.weight', '2.weight', '3.weight', '4.weight'] (4 in all);" in str(caught[0].message)
+
+
+def _warned_at(action) -> list[tuple[str, bool, str]]:
+    """``(file name, whether the line is the caller's, message)`` of each warning ``action()`` raises. The caller's
+    line: a lambda's own line, else the line below that calls a method of CDB or of an optimizer."""
+    import inspect
+
+    code = action.__code__ if inspect.isfunction(action) else None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = code.co_firstlineno if code is not None else inspect.currentframe().f_lineno + 1
+        action()
+    return [(w.filename, w.lineno == line, str(w.message)) for w in caught]
+
+
+def test_every_warning_names_the_callers_line_whichever_path_raised_it():
+    """Between a loop's ``optimizer.step()`` and a warning lie torch's step wrapper, hooks and ``no_grad`` wrappers
+    (how many depends on the path): each warning must still point at the line in the user's file."""
+
+    class Wrapper(torch.optim.Optimizer):  # a wrapper with no update of its own: CDB frames its step
+        def __init__(self, base):
+            self.base_optimizer, self.param_groups, self.state, self.defaults = base, base.param_groups, {}, {}
+
+        def step(self, closure=None):
+            return self.base_optimizer.step(closure) if self.stepping else None
+
+    def half_used():  # bernoulli at rate 1 selects every layer, and the last one gets no gradient
+        model = mlp()
+        cdb = ChannelDropBack(model, ChannelDropBackConfig(layer_selection="bernoulli", layer_rate=1.0))
+        return model, cdb
+
+    def backward_without_the_last_layer(model):
+        model.zero_grad(set_to_none=True)
+        model[:3](torch.randn(4, 6)).pow(2).mean().backward()
+
+    seen = {}
+    model, cdb = half_used()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    cdb.attach(optimizer)
+    backward_without_the_last_layer(model)
+    seen["hooks, no gradient"] = _warned_at(optimizer.step)
+
+    model, cdb = half_used()
+    backward_without_the_last_layer(model)
+    seen["before_step, no gradient"] = _warned_at(cdb.before_step)
+    cdb.after_step()
+
+    model, cdb = half_used()
+    wrapper = Wrapper(torch.optim.SGD(model.parameters(), lr=0.1))
+    wrapper.stepping = True
+    cdb.attach(wrapper)
+    backward_without_the_last_layer(model)
+    seen["wrapper, no gradient"] = _warned_at(wrapper.step)
+    wrapper.stepping = False
+    seen["wrapper that did not step"] = _warned_at(wrapper.step)
+
+    model = mlp()
+    cdb = ChannelDropBack(model)
+    seen["attach, layers outside the optimizer"] = _warned_at(
+        lambda: cdb.attach(torch.optim.SGD(model[2:].parameters(), lr=0.1)))
+    seen["load_state_dict, another seed"] = _warned_at(lambda: cdb.load_state_dict({"step": 1, "seed": 9}))
+    other = torch.optim.SGD(model.parameters(), lr=0.1)
+    mlp_loss(model).backward()
+    seen["an optimizer CDB does not see"] = _warned_at(other.step)
+    assert _warned_at(other.step) == [] and cdb.unseen_steps == 2, "said once, counted every time"
+
+    starts = {"hooks, no gradient": "ChannelDropBack selected layer", "before_step, no gradient":
+              "ChannelDropBack selected layer", "wrapper, no gradient": "ChannelDropBack selected layer",
+              "wrapper that did not step": "Wrapper.step() returned without running",
+              "attach, layers outside the optimizer": "1 eligible layer(s) are not in",
+              "load_state_dict, another seed": "loading CDB state saved with s", "an optimizer CDB does not see":
+              "SGD.step() updated ChannelDrop"}
+    for path, warned in seen.items():
+        assert [(file, line) for file, line, _ in warned] == [(__file__, True)], (path, warned)
+        assert warned[0][2].startswith(starts[path]), (path, warned)
+
+
+def test_a_file_beside_a_library_folder_is_not_a_library(tmp_path, monkeypatch):
+    """The caller's line is the first frame outside the installed libraries' folders: a folder whose name merely
+    starts like one of them (``lib`` and ``lib-user`` here) is the user's."""
+    import importlib.util
+    import sysconfig
+
+    paths = sysconfig.get_paths()
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib-user").mkdir()
+    (tmp_path / "lib-user" / "caller.py").write_text("def step(optimizer):\n    optimizer.step()\n")
+    spec = importlib.util.spec_from_file_location("caller", tmp_path / "lib-user" / "caller.py")
+    caller = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(caller)
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {**paths, "purelib": str(tmp_path / "lib"),
+                                                         "platlib": paths["purelib"]})
+    model = mlp()
+    cdb = ChannelDropBack(model)
+    cdb.attach(torch.optim.SGD(model.parameters(), lr=0.1))
+    other = torch.optim.SGD(model.parameters(), lr=0.1)
+    mlp_loss(model).backward()
+    with pytest.warns(UserWarning, match="CDB's hooks did not run") as caught:
+        caller.step(other)
+    assert caught[0].filename == str(tmp_path / "lib-user" / "caller.py") and caught[0].lineno == 2
+
+
+# ---------------------------------------------------------------------------- a wrapper's framed step
+class UpdatingWrapper(torch.optim.Optimizer):
+    """A wrapper with updates of its own (the shape of SAM or Lookahead): it evaluates the closure, changes the
+    gradients before its inner optimizer's update and, with ``sync``, the weights after it."""
+
+    def __init__(self, base, sync: bool = False):
+        self.base_optimizer, self.param_groups, self.state, self.defaults = base, base.param_groups, {}, {}
+        self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
+        self.sync = sync
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for param in group["params"]:
+                param.grad.add_(1.0)
+        self.base_optimizer.step()
+        if self.sync:
+            for group in self.param_groups:
+                for param in group["params"]:
+                    param.mul_(0.5)
+        return loss
+
+
+def test_a_wrapper_step_is_framed_whole_and_masked_right_before_the_inner_update():
+    config = ChannelDropBackConfig(layer_selection="bernoulli", layer_rate=1.0, channel_rate=0.5, seed=1)
+    for mode, sync in (("grad", False), ("exact", True)):
+        model = mlp()
+        inner = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9 if mode == "exact" else 0.0)
+        wrapper = UpdatingWrapper(inner, sync=sync)
+        cdb = ChannelDropBack(model, replace_(config, mode=mode))
+        cdb.attach(wrapper)
+        for step, keyword in enumerate((False, True)):
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            momentum = {n: inner.state[p]["momentum_buffer"].clone() for n, p in model.named_parameters()
+                        if "momentum_buffer" in inner.state.get(p, {})}
+            wrapper.zero_grad()
+            mlp_loss(model, seed=step).backward()
+            closure = lambda: torch.tensor(7.0)  # noqa: E731
+            loss = wrapper.step(closure=closure) if keyword else wrapper.step(closure)
+            assert loss == 7.0, "the closure reaches the wrapper"
+            assert cdb.step == step + 1
+            params = dict(model.named_parameters())
+            for name, keep in cdb.last_selection.items():
+                assert not keep.all(), name
+                assert torch.equal(params[name].detach()[~keep], before[name][~keep]), (mode, name)
+                assert not torch.equal(params[name].detach()[keep], before[name][keep]), (mode, name)
+                if name in momentum:  # exact mode, second step: the inner optimizer's state is restored too
+                    buffer = inner.state[params[name]]["momentum_buffer"]
+                    assert torch.equal(buffer[~keep], momentum[name][~keep]), name
+        assert mode == "grad" or momentum, "the second step had a state to restore"
+
+
+def test_a_wrapper_step_that_raises_leaves_cdb_ready_for_the_next_step():
+    model = mlp()
+    wrapper = UpdatingWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
+    cdb = ChannelDropBack(model, ChannelDropBackConfig(mode="exact", channel_rate=0.5))
+    cdb.attach(wrapper)
+
+    def broken():
+        raise RuntimeError("a failing closure")
+
+    mlp_loss(model).backward()
+    with pytest.raises(RuntimeError, match="a failing closure"):
+        wrapper.step(broken)
+    assert cdb.step == 0
+    wrapper.step()
+    assert cdb.step == 1 and cdb.last_selection
+
+
+def test_a_removed_frame_gets_out_of_the_way_of_whoever_wrapped_the_step_after_it():
+    import inspect
+
+    model = mlp()
+    wrapper = UpdatingWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
+    cdb = ChannelDropBack(model)
+    handle = cdb.attach(wrapper)
+    assert list(inspect.signature(wrapper.step).parameters) == ["closure"], "the framed step keeps its signature"
+    handle.remove()
+    assert "step" not in vars(wrapper), "nobody wrapped it after CDB: the class's step is back"
+
+    handle = cdb.attach(wrapper)
+    framed = wrapper.step
+    wrapper.step = lambda *args, **kwargs: framed(*args, **kwargs)  # wrapped after CDB (as an LR scheduler does)
+    outer = wrapper.step
+    handle.remove()
+    assert vars(wrapper)["step"] is outer, "a later wrapper is left in place"
+    mlp_loss(model).backward()
+    for call in (lambda c: wrapper.step(c), lambda c: wrapper.step(closure=c)):
+        assert call(lambda: torch.tensor(7.0)) == 7.0, "the closure still reaches the wrapper"
+    assert cdb.step == 0, "removed: the steps ran without CDB"
+
+
+@pytest.mark.parametrize("scheduler_first", [True, False])
+def test_torch_lr_schedulers_built_before_or_after_the_frames_stay_silent(scheduler_first):
+    """Two cores (two layer groups with their own settings) frame one wrapper's step; torch's LR scheduler wraps
+    it too, before or after: no 'optimizer.step() has been overridden' or 'called before' warning."""
+    model = mlp()
+    wrapper = UpdatingWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
+
+    def schedule():
+        return torch.optim.lr_scheduler.StepLR(wrapper, step_size=1, gamma=0.5)
+
+    scheduler = schedule() if scheduler_first else None
+    first = ChannelDropBack(model, ChannelDropBackConfig(include=["0.*"]))
+    second = ChannelDropBack(model, ChannelDropBackConfig(include=["2.*", "4.*"], seed=1))
+    first.attach(wrapper)
+    second.attach(wrapper)
+    scheduler = scheduler or schedule()
+    if scheduler_first:
+        import inspect
+
+        assert list(inspect.signature(wrapper.step).parameters) == ["closure"], "the step's signature shows through"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for step in range(2):
+            wrapper.zero_grad()
+            mlp_loss(model, seed=step).backward()
+            wrapper.step()
+            scheduler.step()
+    assert first.step == second.step == 2 and wrapper.param_groups[0]["lr"] == 0.1 / 4
+
+
+def test_exact_mode_leaves_state_that_is_not_per_element_to_the_optimizer():
+    """Optimizer state that is not one entry per weight element (a count, a per-row statistic) is the optimizer's
+    own: exact mode neither saves nor restores it."""
+
+    class RowStatistics(torch.optim.SGD):
+        @torch.no_grad()
+        def step(self, closure=None):
+            loss = super().step(closure)
+            for group in self.param_groups:
+                for param in group["params"]:
+                    if param.dim() == 2:
+                        state = self.state[param]
+                        state["calls"] = state.get("calls", 0) + 1
+                        state["row_norm"] = param.grad.norm(dim=1)
+            return loss
+
+    model = mlp()
+    optimizer = RowStatistics(model.parameters(), lr=0.1)
+    cdb = ChannelDropBack(model, ChannelDropBackConfig(layer_selection="bernoulli", layer_rate=1.0,
+                                                       channel_rate=0.5, mode="exact"))
+    cdb.attach(optimizer)
+    params = dict(model.named_parameters())
+    for step in range(3):
+        optimizer.zero_grad()
+        mlp_loss(model, seed=step).backward()
+        optimizer.step()
+        for name, keep in cdb.last_selection.items():
+            state = optimizer.state[params[name]]
+            assert state["calls"] == step + 1
+            assert torch.equal(state["row_norm"], params[name].grad.norm(dim=1)), "what the optimizer computed"
+            assert torch.equal(state["row_norm"][~keep], torch.zeros(int((~keep).sum()))), "from the masked rows"
+
+
+def test_an_optimizer_that_skipped_optimizer_init_is_framed_and_masked_from_the_first_step():
+    """torch runs no step hooks for such a class until its first zero_grad (timm's Lookahead's trap): CDB frames
+    its step itself, a chain of one optimizer, and masks there."""
+
+    class Plain(torch.optim.Optimizer):
+        def __init__(self, params, lr):
+            self.param_groups, self.state, self.defaults = [{"params": list(params), "lr": lr}], {}, {}
+            self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = OrderedDict(), OrderedDict()
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for param in group["params"]:
+                    param.add_(param.grad, alpha=-group["lr"])
+
+    model = mlp()
+    optimizer = Plain(model.parameters(), lr=0.1)
+    cdb = ChannelDropBack(model, ChannelDropBackConfig(layer_selection="bernoulli", layer_rate=1.0, channel_rate=0.5))
+    cdb.attach(optimizer)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    mlp_loss(model).backward()
+    optimizer.step()
+    assert cdb.step == 1 and cdb.last_selection
+    params = dict(model.named_parameters())
+    for name, keep in cdb.last_selection.items():
+        assert torch.equal(params[name].detach()[~keep], before[name][~keep]), name
+
+
+def test_a_step_cdb_did_not_see_is_named_in_full_and_explicit_calls_are_seen():
+    def step_of(optimizer, model):
+        optimizer.zero_grad()
+        mlp_loss(model).backward()
+        optimizer.step()
+
+    model = mlp()
+    cdb = ChannelDropBack(model)
+    other = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(UserWarning) as caught:
+        step_of(other, model)
+    assert str(caught[0].message) == (
+        "SGD.step() updated ChannelDropBack's layers but CDB's hooks did not run (CDB is attached to no optimizer): "
+        "CDB did nothing in that step. attach() CDB to the optimizer your loop steps (again if the loop replaced it), "
+        "or call before_step()/after_step() around optimizer.step(); shown once, cdb.unseen_steps counts them")
+
+    model = mlp()
+    cdb = ChannelDropBack(model)
+    cdb.attach(UpdatingWrapper(torch.optim.SGD(model.parameters(), lr=0.1)))
+    with pytest.warns(UserWarning, match=r"\(CDB is attached to UpdatingWrapper\)"):
+        step_of(torch.optim.SGD(model.parameters(), lr=0.1), model)
+
+    model = mlp()
+    cdb = ChannelDropBack(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):  # the explicit pair, without attach: each step is CDB's
+            mlp_loss(model).backward()
+            cdb.before_step(optimizer)
+            optimizer.step()
+            cdb.after_step(optimizer)
+    assert cdb.unseen_steps == 0 and cdb.step == 2
+
+
+def test_a_plain_optimizer_keeps_its_own_step_and_cdb_uses_its_hooks():
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ChannelDropBack(model).attach(optimizer)
+    assert "step" not in vars(optimizer), "torch's step hooks suffice: no framed step on the instance"
+
+
+def test_a_restored_optimizer_that_disagrees_with_cdb_or_lost_its_step_is_said_in_full():
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    cdb = ChannelDropBack(model)
+    cdb.attach(optimizer)
+    for _ in range(3):
+        mlp_loss(model).backward()
+        optimizer.step()
+    saved = copy.deepcopy(optimizer.state_dict())
+    cdb.load_state_dict({"step": 5, "seed": 0})  # CDB restored from elsewhere, the optimizer from step 3
+    optimizer.load_state_dict(saved)
+    assert cdb.step == 3, "the value restored with the optimizer is what the next step uses"
+    mlp_loss(model).backward()
+    with pytest.warns(UserWarning) as caught:
+        optimizer.step()
+    assert [str(w.message) for w in caught] == [
+        "the restored optimizer carries ChannelDropBack step 3 but CDB's own step is 5 (set or loaded separately): "
+        "continuing from the optimizer's, 3; set cdb.step after restoring the optimizer if that is wrong"]
+    assert cdb.step == 4
+
+    optimizer.load_state_dict(torch.optim.SGD(mlp().parameters(), lr=0.1).state_dict())  # saved without CDB
+    mlp_loss(model).backward()
+    with pytest.warns(UserWarning) as caught:
+        optimizer.step()
+    assert [str(w.message) for w in caught] == [
+        "the optimizer's param groups no longer carry ChannelDropBack's step ('cdb_step'): it was restored from a "
+        "state saved without CDB; CDB continues at its own step 4. If this run resumes a CDB run, set cdb.step to "
+        "the completed optimizer steps, or the earlier selections repeat"]
+    assert cdb.step == 5
+
+
+def test_a_step_adopted_from_the_optimizer_is_cdb_s_own_from_then_on():
+    """attach() to an optimizer restored from step 3 adopts 3; a later restore of another step then disagrees with
+    it, and says so."""
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for group in optimizer.param_groups:
+        group["cdb_step"] = 3
+    cdb = ChannelDropBack(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fresh core has no step of its own to disagree with
+        cdb.attach(optimizer)
+    assert cdb.step == 3
+    state = copy.deepcopy(optimizer.state_dict())
+    state["param_groups"][0]["cdb_step"] = 1
+    optimizer.load_state_dict(state)
+    mlp_loss(model).backward()
+    with pytest.warns(UserWarning, match="carries ChannelDropBack step 1 but CDB's own step is 3"):
+        optimizer.step()
+    assert cdb.step == 2
+
+
+def test_optimizer_chains_are_followed_and_what_cdb_cannot_see_is_refused_by_name():
+    model = mlp()
+    cdb = ChannelDropBack(model)
+
+    class Exposes:
+        def __init__(self, inner):
+            self.base_optimizer = inner
+
+    with pytest.raises(TypeError) as refused:
+        cdb.attach(Exposes("an optimizer's name"))
+    assert str(refused.value) == ("Exposes.base_optimizer is a str, not a torch.optim.Optimizer: ChannelDropBack "
+                                  "cannot see or mask the update it makes; attach CDB to a torch optimizer (or a "
+                                  "wrapper of one)")
+    with pytest.raises(TypeError) as refused:
+        cdb.attach(object())
+    assert str(refused.value) == ("expected a torch.optim.Optimizer, or a wrapper exposing one as "
+                                  "base_optimizer/_base_optimizer/optimizer; got object")
+
+    class Hidden(torch.optim.Optimizer):
+        def __init__(self, inner):
+            self.param_groups, self.state, self.defaults, self.inner = inner.param_groups, {}, {}, inner
+
+    hidden_message = ("Hidden wraps an optimizer under .inner, where ChannelDropBack does not look for one (it "
+                      "follows base_optimizer/_base_optimizer/optimizer): it could not mask that optimizer's update "
+                      "or restore its state; attach CDB to that inner optimizer instead if the wrapper adds no update "
+                      "of its own")
+    with pytest.raises(TypeError) as refused:
+        cdb.attach(Hidden(torch.optim.SGD(model.parameters(), lr=0.1)))
+    assert str(refused.value) == hidden_message
+
+    first, second = Hidden(torch.optim.SGD(model.parameters(), lr=0.1)), Hidden(torch.optim.SGD(model.parameters()))
+    del first.inner, second.inner
+    first.optimizer, second.optimizer = second, first  # a cycle: followed once round, then refused by name
+    with pytest.raises(TypeError, match=r"^Hidden wraps an optimizer under \.optimizer, where"):
+        cdb.attach(first)
+    assert cdb._optimizer is None
+
+
+def test_accelerate_s_forwarding_wrapper_is_looked_through_and_others_are_framed():
+    """accelerate's AcceleratedOptimizer only forwards (known by its module): CDB attaches to the optimizer inside
+    and leaves the wrapper alone; any other wrapper (even one without a state of its own) gets a framed step."""
+
+    def wrapper_class(module: str):
+        def init(self, optimizer):
+            self.optimizer = optimizer
+
+        def step(self, closure=None):
+            return self.optimizer.step(closure)
+
+        return type("AcceleratedOptimizer", (), {"__module__": module, "__init__": init, "step": step})
+
+    config = ChannelDropBackConfig(layer_selection="bernoulli", layer_rate=1.0, channel_rate=0.5, mode="exact")
+    for module, framed in (("accelerate.optimizer", False), ("my_project.optim", True)):
+        model = mlp()
+        inner = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        wrapper = wrapper_class(module)(inner)
+        cdb = ChannelDropBack(model, config)
+        cdb.attach(wrapper)
+        assert ("step" in vars(wrapper)) is framed and "step" not in vars(inner), module
+        for _ in range(2):
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            inner.zero_grad()
+            mlp_loss(model).backward()
+            wrapper.step()
+            params = dict(model.named_parameters())
+            for name, keep in cdb.last_selection.items():
+                assert torch.equal(params[name].detach()[~keep], before[name][~keep]), (module, name)
+        assert cdb.step == 2, module
+
+
+# ---------------------------------------------------------------------------- config, eligibility and LoRA in full
+class FakeLora(nn.Module):
+    """The structure by which CDB knows a PEFT LoRA layer (no peft import): base_layer, lora_A, lora_B."""
+
+    def __init__(self, adapters: int = 1, out_features: int = 6):
+        super().__init__()
+        self.base_layer = nn.Linear(4, out_features).requires_grad_(False)
+        self.lora_A = nn.ModuleDict({f"a{i}": nn.Linear(4, 2, bias=False) for i in range(adapters)})
+        self.lora_B = nn.ModuleDict({f"a{i}": nn.Linear(2, out_features, bias=False) for i in range(adapters)})
+
+
+def test_the_lora_summary_is_logged_in_full(caplog):
+    cases = [(nn.Sequential(FakeLora(), nn.Linear(6, 3)), "rows", "1 adapted layers (rows of lora_B), 1 plain layer"),
+             (nn.Sequential(FakeLora(), nn.Linear(6, 3)), "cols", "1 adapted layers (columns of lora_A), 1 plain layer"),
+             (nn.Sequential(FakeLora(), nn.Linear(6, 3), nn.Linear(3, 2)), "rows",
+              "1 adapted layers (rows of lora_B), 2 plain layers")]
+    for model, axis, summary in cases:
+        caplog.clear()
+        with caplog.at_level("INFO", logger="cdb_hf.core"):
+            ChannelDropBack(model, ChannelDropBackConfig(axis=axis))
+        assert [r.getMessage() for r in caplog.records] == [f"ChannelDropBack: PEFT LoRA model: {summary}"], axis
+
+
+def test_lora_adapters_are_judged_one_by_one_and_partial_look_alikes_are_plain_modules():
+    model = nn.Sequential(FakeLora(adapters=2))
+    model[0].lora_B["a0"].weight.requires_grad_(False)  # one adapter frozen: the other stays eligible
+    assert list(eligible_layers(model)) == ["0.lora_B.a1.weight"]
+
+    class OnlyBase(nn.Module):  # a wrapper with a base_layer but no adapters
+        def __init__(self):
+            super().__init__()
+            self.base_layer = nn.Linear(4, 6)
+
+    class OnlyB(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lora_B = nn.ModuleDict({"a": nn.Linear(2, 6, bias=False)})
+
+    assert list(eligible_layers(nn.Sequential(OnlyBase(), OnlyB()))) == ["0.base_layer.weight", "1.lora_B.a.weight"]
+
+
+def test_config_refusals_are_worded_in_full():
+    def refusal(**kwargs) -> str:
+        with pytest.raises(ValueError) as refused:
+            ChannelDropBackConfig(**kwargs)
+        return str(refused.value)
+
+    assert refusal(layer_rate=2) == "layer_rate=2 is out of range; it must be a number in [0, 1]"
+    assert refusal(channel_rate=1.0) == "channel_rate=1.0 is out of range; it must be a number in [0, 1)"
+    assert refusal(include=[""]) == ("include=[''] is not valid; it must be a non-empty list of glob patterns, "
+                                     "or None")
+    assert refusal(exclude=[1]).startswith("exclude=[1] is not valid")
+    assert refusal(skip_first=True) == "skip_first=True is not valid; it must be an integer >= 0"
+    assert refusal(schedule="linear", schedule_total_steps=True) == \
+        "schedule_total_steps=True is not valid; it must be a positive integer or None"
+    assert refusal(schedule="piecewise", schedule_milestones=[2]) == (
+        "schedule='piecewise' needs schedule_milestones and schedule_rates (e.g. milestones [28, 53] and rates "
+        "[0.03, 0.15, 0.3]); got schedule_milestones=[2], schedule_rates=None")
+    assert ChannelDropBackConfig(include="head*").include == ["head*"], "a lone pattern is a list of one"
+
+
+def test_rate_at_refuses_a_schedule_it_cannot_size_and_ramps_from_the_initial_rate():
+    def refusal(**kwargs) -> str:
+        with pytest.raises(ValueError) as refused:
+            ChannelDropBackConfig(**kwargs).rate_at(3)
+        return str(refused.value)
+
+    epochs = "schedule_unit='epochs' needs schedule_steps_per_epoch (optimizer steps per epoch)"
+    assert refusal(schedule="piecewise", schedule_milestones=[1], schedule_rates=[0.1, 0.2],
+                   schedule_unit="epochs") == epochs
+    assert refusal(schedule="linear", schedule_total_steps=10, schedule_unit="epochs") == epochs
+    assert refusal(schedule="linear") == ("schedule='linear' needs schedule_total_steps (the number of optimizer "
+                                          "steps of the run); the Trainer callback and the accelerate loop fill it in")
+    ramp = ChannelDropBackConfig(schedule="linear", layer_rate_init=0.2, layer_rate=0.6, schedule_total_steps=10)
+    assert [round(ramp.rate_at(step), 6) for step in (0, 5, 10, 20)] == [0.2, 0.4, 0.6, 0.6]
+
+
+def test_eligibility_sees_through_wrappers_and_names_the_bare_model():
+    assert list(eligible_layers(mlp())) == ["0.weight", "2.weight", "4.weight"], "the default config"
+    assert list(eligible_layers(nn.DataParallel(mlp()))) == ["0.weight", "2.weight", "4.weight"]
+    assert list(eligible_layers(torch.compile(mlp()))) == ["0.weight", "2.weight", "4.weight"]
+    with pytest.raises(ValueError, match=r"^ReLU has no eligible layer: ChannelDropBack needs Linear or Conv"):
+        eligible_layers(torch.compile(nn.ReLU()))
+    wrapped = nn.Module()
+    wrapped.add_module("_fsdp_wrapped_module", nn.Sequential(nn.Linear(2, 3)))
+    assert list(eligible_layers(wrapped)) == ["0.weight"], "FSDP1's segment is not part of the name"
+
+    class Holder(nn.Module):  # an attribute called _orig_mod does not make a compiled model
+        def __init__(self):
+            super().__init__()
+            self._orig_mod, self.head = nn.Linear(2, 3), nn.Linear(3, 2)
+
+    assert list(eligible_layers(Holder())) == ["weight", "head.weight"]

@@ -168,3 +168,16 @@ def test_the_readme_verdict_matches_the_benchmark_results():
         stats = summary[key]
         interval = f"[{100 * stats['ci_low']:+.2f}, {100 * stats['ci_high']:+.2f}]".replace("-", "−")
         assert f"{100 * stats['mean']:.2f}".replace("-", "−") in section and interval in section
+
+
+def test_the_quoted_mutation_scores_are_the_results():
+    """The development section (README) and docs/development.md quote bench/results/mutation_score.json, the
+    score of the last `make mutants`."""
+    result = json.loads((REPO / "bench" / "results" / "mutation_score.json").read_text())
+    development = (REPO / "docs" / "development.md").read_text()
+    readme = (REPO / "README.md").read_text().split("## Development")[1]
+    for source, counts in result["files"].items():
+        assert f"{100 * counts['score']:.1f} %" in development, source
+        assert f"{counts['mutants']:,}" in development, source
+    core = result["files"]["cdb_hf/core.py"]
+    assert f"{100 * core['score']:.1f} %" in readme and f"{core['mutants']:,}" in readme

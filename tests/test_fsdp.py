@@ -13,6 +13,7 @@ ranks, and the 1-row head leaves rank 1 an empty shard (eligible along cols only
 from __future__ import annotations
 
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -239,13 +240,13 @@ def test_local_masks_on_every_shard_equal_the_unsharded_selection(size, ranks_):
     full = torch.randn(size, 3, generator=torch.Generator().manual_seed(0))
     dropped = torch.tensor([size - 1, 0])
     expected = full.clone()
-    plain = _DroppedRows(_Selected("w", nn.Parameter(full), 0, size, dropped, 1.0, None))
+    plain = _DroppedRows(_Selected("w", nn.Parameter(full), 0, size, dropped, 1.0, None, len(dropped)))
     plain.zero_(expected)
     zeroed, restored = [], []
     for rank in range(ranks_):
         start, length = _chunk_range(size, ranks_, rank)
         shard = full[start:start + length].clone()
-        rows = _DroppedRows(_Selected("w", nn.Parameter(full), 0, size, dropped, 1.0, (start, length)))
+        rows = _DroppedRows(_Selected("w", nn.Parameter(full), 0, size, dropped, 1.0, (start, length), len(dropped)))
         saved = rows.save(shard)
         rows.zero_(shard)
         zeroed.append(shard.clone())
@@ -256,3 +257,102 @@ def test_local_masks_on_every_shard_equal_the_unsharded_selection(size, ranks_):
     moved = full + 1.0
     moved[dropped] = full[dropped]
     assert torch.equal(torch.cat(restored), moved)
+
+
+# ---------------------------------------------------------------------------- one rank, in this process
+@pytest.fixture
+def fake_rank_1():
+    """Rank 1 of a two-rank group that exists only in this process (torch's FakeProcessGroup: no peer, no spawn,
+    collectives do nothing). Enough for the layout arithmetic and for element-wise steps on the local shard, and
+    fast enough to run for every mutant in `make mutants` (which leaves out the two-rank tests above)."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("fake", store=FakeStore(), rank=1, world_size=WORLD_SIZE)
+    try:
+        yield DeviceMesh("cpu", torch.arange(WORLD_SIZE))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_local_shard_maps_rank_1_to_its_rows_and_refuses_other_layouts(fake_rank_1):
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    from cdb_hf.core import _local_shard
+
+    def sharded(rows: int, placements, mesh=fake_rank_1) -> nn.Parameter:
+        return nn.Parameter(distribute_tensor(torch.randn(rows, 3), mesh, placements))
+
+    assert _local_shard("w", sharded(5, [Shard(0)]), 0) == (3, 2), "rows 3-4 of 5"
+    assert _local_shard("w", sharded(8, [Shard(0)]), 0) == (4, 4)
+    assert _local_shard("w", sharded(1, [Shard(0)]), 0) == (1, 0), "an empty shard"
+    assert _local_shard("w", sharded(5, [Shard(0)]), 1) is None, "cols: every column is local"
+    assert _local_shard("w", sharded(5, [Replicate()]), 0) is None
+    assert _local_shard("w", nn.Parameter(torch.randn(5, 3)), 0) is None
+    supported = "ChannelDropBack supports DTensors sharded Shard(0) or Replicate() on a 1-D mesh"
+    with pytest.raises(ValueError, match=r"parameter 's' is a DTensor with placements \(Shard\(dim=1\),\) on a "
+                                         rf"1-D device mesh; {re.escape(supported)}"):
+        _local_shard("s", sharded(5, [Shard(1)]), 0)
+    square = DeviceMesh("cpu", torch.arange(WORLD_SIZE).view(WORLD_SIZE, 1))
+    with pytest.raises(ValueError, match=r"placements \(Shard\(dim=0\), Replicate\(\)\) on a 2-D device mesh"):
+        _local_shard("h", sharded(4, [Shard(0), Replicate()], square), 0)
+    odd = nn.Parameter(DTensor.from_local(torch.randn(3, 4), fake_rank_1, [Shard(0)], run_check=False,
+                                          shape=torch.Size([5, 4]), stride=(4, 1)))
+    with pytest.raises(ValueError, match=r"^parameter 'odd': the local shard has 3 of 5 rows where DTensor's "
+                                         r"Shard\(0\) rule gives 2; ChannelDropBack cannot map its selection onto "
+                                         r"this layout$"):
+        _local_shard("odd", odd, 0)
+    outside = DeviceMesh("cpu", torch.tensor([0]))  # a mesh without this rank: it holds no rows
+    assert _local_shard("w", sharded(5, [Shard(0)], outside), 0) == (5, 0)
+    layer = nn.Linear(3, 5)
+    layer.weight = sharded(5, [Shard(1)])
+    with pytest.raises(ValueError, match=r"^parameter 'weight' is a DTensor with placements"):
+        ChannelDropBack(layer)
+
+
+@pytest.mark.parametrize("mode", ["grad", "exact"])
+def test_one_sharded_step_on_rank_1_equals_those_rows_of_the_unsharded_step(fake_rank_1, mode):
+    """A Linear whose weight is sharded Shard(0) (rows 3-4 of 5 here) and its gradient: CDB's step on the local
+    shard equals rows 3-4 of the same step on the whole weight (grad and exact mode, AdamW with weight decay)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    def rank_1_rows(full: torch.Tensor) -> torch.Tensor:  # (distribute_tensor would scatter: a no-op here)
+        return DTensor.from_local(full[3:].clone(), fake_rank_1, [Shard(0)], run_check=False, shape=full.shape,
+                                  stride=full.stride())
+
+    config = ChannelDropBackConfig(layer_selection="bernoulli", layer_rate=1.0, channel_rate=0.5, mode=mode, seed=5)
+    generator = torch.Generator().manual_seed(0)
+    weight, grads = torch.randn(5, 3, generator=generator), torch.randn(3, 5, 3, generator=generator)
+    plain, sharded = nn.Linear(3, 5, bias=False), nn.Linear(3, 5, bias=False)
+    plain.weight = nn.Parameter(weight.clone())
+    sharded.weight = nn.Parameter(rank_1_rows(weight))
+    runs = []
+    for layer in (plain, sharded):
+        optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1, weight_decay=0.1, foreach=False)
+        cdb = ChannelDropBack(layer, config)
+        cdb.attach(optimizer)
+        masks = []
+        for grad in grads:
+            layer.weight.grad = grad.clone() if layer is plain else rank_1_rows(grad)
+            optimizer.step()
+            masks.append(cdb.last_selection["weight"].cpu())
+        runs.append((layer.weight.detach(), optimizer.state[layer.weight], torch.stack(masks)))
+    (full, full_state, keep), (local, local_state, local_keep) = runs
+    assert torch.equal(keep, local_keep), "drawn over the global shape: the same selection"
+    assert not keep[:, 3:].all() and keep[:, 3:].any(), "rank 1's rows were dropped and kept in these steps"
+    assert torch.equal(local.to_local(), full[3:])
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(local_state[key].to_local(), full_state[key][3:]), key
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the device of the mask matters only off the CPU")
+def test_the_local_mask_is_built_on_the_device_of_the_dropped_indices():
+    dropped = torch.tensor([0, 4], device="cuda")
+    rows = _DroppedRows(_Selected("w", nn.Parameter(torch.zeros(5, 3, device="cuda")), 0, 5, dropped, 1.0, (3, 2), 2))
+    shard = torch.ones(2, 3, device="cuda")  # rows 3-4 of 5: row 4 is dropped
+    rows.zero_(shard)
+    assert rows.local_mask.device == dropped.device
+    assert shard[0].eq(1).all() and shard[1].eq(0).all()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,6 +22,7 @@ from cdb_hf.run_dir import (
     RunDirectory,
     checkpoint_step,
     find_checkpoints,
+    foreign_entries,
     is_finite_number,
     read_checkpoint_record,
     read_run_marker,
@@ -30,6 +32,7 @@ from cdb_hf.run_dir import (
     write_results_json,
     write_run_marker,
 )
+from cdb_hf.version import __version__
 
 
 def tree(folder: Path) -> dict[str, bytes]:
@@ -73,8 +76,32 @@ def test_the_marker_keeps_its_start_and_what_it_replaces(tmp_path):
     assert second["started"] == first["started"]
     (tmp_path / RUN_MARKER).write_text("[1, 2]")
     assert read_run_marker(tmp_path) is None, "not an object: not a marker"
-    (tmp_path / RUN_MARKER).write_text('{"status": NaN}')
+    (tmp_path / RUN_MARKER).write_text('{"tool": "cdb_hf", "status": NaN}')
     assert read_run_marker(tmp_path) is None, "not strict JSON: not a marker"
+    (tmp_path / RUN_MARKER).write_text('{"tool": "other", "status": "complete"}')
+    assert read_run_marker(tmp_path) is None, "another tool's marker"
+
+
+def test_the_marker_records_tool_version_kind_start_and_notes(tmp_path):
+    write_run_marker(tmp_path, status="running")
+    marker = read_run_marker(tmp_path)
+    started = marker.pop("started")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", started), started
+    assert marker == {"tool": "cdb_hf", "version": __version__, "kind": "run", "status": "running",
+                      "replaces": None, "notes": []}
+    write_json_atomic(tmp_path / RUN_MARKER, {**read_run_marker(tmp_path), "started": "2020-01-01T00:00:00"})
+    write_run_marker(tmp_path, status="running", notes=["--output_dir was empty"])
+    write_run_marker(tmp_path, status="complete")
+    marker = read_run_marker(tmp_path)
+    assert marker["started"] == "2020-01-01T00:00:00", "the start of the run, kept by every later write"
+    assert marker["notes"] == ["--output_dir was empty"], "notes are kept until replaced"
+    write_run_marker(tmp_path, status="complete", notes=[])
+    assert read_run_marker(tmp_path)["notes"] == []
+
+
+def test_json_files_are_indented_with_sorted_keys(tmp_path):
+    write_json_atomic(tmp_path / "a.json", {"b": 1, "a": [1.5]})
+    assert (tmp_path / "a.json").read_text() == '{\n  "a": [\n    1.5\n  ],\n  "b": 1\n}\n'
 
 
 # ------------------------------------------------------------------------------------------ RunDirectory
@@ -84,13 +111,33 @@ def test_a_bad_mode_is_refused():
 
 
 def test_a_fresh_run_is_marked_running_then_complete(tmp_path):
-    run = RunDirectory(tmp_path / "out", "fresh")
-    run.open()
-    assert read_run_marker(tmp_path / "out")["status"] == "running"
-    assert read_run_marker(tmp_path / "out")["replaces"] is None
+    out = tmp_path / "new" / "parents" / "out"
+    run = RunDirectory(out, "fresh")
+    run.open(notes=["a note"])
+    marker = read_run_marker(out)
+    assert (marker["status"], marker["kind"], marker["replaces"], marker["notes"]) == ("running", "run", None,
+                                                                                     ["a note"])
+    (out / "model.safetensors").write_bytes(b"w")
     run.complete()
-    assert read_run_marker(tmp_path / "out")["status"] == "complete"
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    marker = read_run_marker(out)
+    assert (marker["status"], marker["kind"], marker["files"]) == ("complete", "run", ["model.safetensors"])
+    assert run.backup is None and [p.name for p in out.parent.iterdir()] == ["out"]
+
+    evaluation = RunDirectory(tmp_path / "eval", "fresh", kind="eval")
+    evaluation.open()
+    assert read_run_marker(tmp_path / "eval")["kind"] == "eval"
+    evaluation.complete()
+    assert read_run_marker(tmp_path / "eval")["kind"] == "eval"
+
+
+def test_a_resumed_run_opens_in_place(tmp_path):
+    before = tree(previous_run(tmp_path / "out"))
+    RunDirectory(tmp_path / "out", "resume").open(notes=["resumed"])
+    assert [p.name for p in tmp_path.iterdir()] == ["out"], "nothing set aside"
+    after = tree(tmp_path / "out")
+    assert {name: data for name, data in after.items() if name != RUN_MARKER} == \
+        {name: data for name, data in before.items() if name != RUN_MARKER}
+    assert read_run_marker(tmp_path / "out")["notes"] == ["resumed"]
 
 
 def test_a_replacement_sets_the_previous_run_aside_and_deletes_it_only_when_complete(tmp_path):
@@ -98,7 +145,8 @@ def test_a_replacement_sets_the_previous_run_aside_and_deletes_it_only_when_comp
     run = RunDirectory(tmp_path / "out", "replace")
     run.open()
     (aside,) = set_aside_runs(tmp_path / "out")
-    assert aside.name.startswith(".out.previous-") and tree(aside) == before
+    assert re.fullmatch(r"\.out\.previous-\d{8}-\d{6}-[0-9a-f]{6}", aside.name), "sorts by time: newest first"
+    assert tree(aside) == before
     assert read_run_marker(tmp_path / "out")["replaces"] == aside.name
     assert [p.name for p in (tmp_path / "out").iterdir()] == [RUN_MARKER], "the new run starts empty"
     run.complete()
@@ -120,6 +168,7 @@ def test_a_failed_replacement_restores_the_previous_run_and_keeps_only_checkpoin
     (tmp_path / "out" / "checkpoint-4").mkdir()
     (tmp_path / "out" / "checkpoint-4" / "model.safetensors").write_bytes(b"new")
     kept = run.fail()
+    assert run.backup is None, "the previous run is back: nothing is set aside any more"
     assert tree(tmp_path / "out") == before
     assert kept is not None and kept.parent == tmp_path and kept.name.startswith(".out.failed-")
     assert (kept / "checkpoint-4" / "model.safetensors").read_bytes() == b"new"
@@ -128,11 +177,13 @@ def test_a_failed_replacement_restores_the_previous_run_and_keeps_only_checkpoin
 
 
 def test_a_failed_fresh_run_is_marked_failed_and_kept(tmp_path):
-    run = RunDirectory(tmp_path / "out", "fresh")
+    run = RunDirectory(tmp_path / "out", "fresh", kind="eval")
     run.open()
     (tmp_path / "out" / "checkpoint-2").mkdir()
     assert run.fail() is None
-    assert read_run_marker(tmp_path / "out")["status"] == "failed" and (tmp_path / "out" / "checkpoint-2").is_dir()
+    marker = read_run_marker(tmp_path / "out")
+    assert (marker["status"], marker["kind"]) == ("failed", "eval") and (tmp_path / "out" / "checkpoint-2").is_dir()
+
 
 
 def test_completing_a_resumed_replacement_deletes_the_whole_chain_and_nothing_else(tmp_path):
@@ -153,6 +204,68 @@ def test_completing_a_resumed_replacement_deletes_the_whole_chain_and_nothing_el
     assert (unrelated / "notes.txt").read_text() == "mine"
     assert read_run_marker(out)["replaces"] is None
 
+    write_run_marker(out, status="running", replaces=unrelated.name)  # names a folder that is not a run of ours
+    RunDirectory(out, "resume").complete()
+    marker = read_run_marker(out)
+    assert (unrelated / "notes.txt").read_text() == "mine"
+    assert marker["replaces"] is None and marker["files"] == [], "the run is completed all the same"
+
+
+def test_completing_never_follows_a_recorded_name_out_of_the_parent_folder(tmp_path):
+    victim = previous_run(tmp_path / "victim")
+    (tmp_path / ".out.previous-1").mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    write_run_marker(out, status="running", replaces=".out.previous-1/../victim")
+    RunDirectory(out, "resume").complete()
+    assert read_run_marker(victim)["status"] == "complete" and (victim / "model.safetensors").is_file()
+
+
+def test_an_interrupted_replacement_stays_in_place_and_names_the_run_it_replaces(tmp_path):
+    """A preemption stop keeps the new run where it is (to be resumed) and the earlier run set aside."""
+    out = tmp_path / "out"
+    before = tree(previous_run(out))
+    run = RunDirectory(out, "replace", kind="eval")
+    run.open()
+    (out / "checkpoint-3").mkdir()
+    (out / "checkpoint-3" / "model.safetensors").write_bytes(b"new")
+    aside = run.interrupt()
+    assert aside is not None and set_aside_runs(out) == [aside] and tree(aside) == before
+    assert run.backup is None, "the earlier run is no longer this process's to restore"
+    marker = read_run_marker(out)
+    assert (marker["status"], marker["kind"], marker["replaces"]) == ("interrupted", "eval", aside.name)
+    assert (out / "checkpoint-3" / "model.safetensors").read_bytes() == b"new"
+
+    fresh = RunDirectory(tmp_path / "new", "fresh")
+    fresh.open()
+    assert fresh.interrupt() is None and read_run_marker(tmp_path / "new")["status"] == "interrupted"
+    aside.rename(tmp_path / "elsewhere")
+    assert RunDirectory(out, "resume").interrupt() is None, "the set-aside run is gone: nothing to name"
+    write_run_marker(out, status="running", replaces="elsewhere")
+    assert RunDirectory(out, "resume").interrupt() is None, "only a set-aside sibling of this run is named"
+
+
+def test_foreign_entries_are_judged_by_the_recorded_list_or_else_by_the_tool_outputs(tmp_path):
+    out = tmp_path / "out"
+    run = RunDirectory(out, "fresh")
+    run.open()
+    (out / "model.safetensors").write_bytes(b"w")
+    (out / "runs").mkdir()
+    run.complete()
+    assert read_run_marker(out)["files"] == ["model.safetensors", "runs"]
+    assert foreign_entries(out) == []
+    (out / "notes.txt").write_text("mine")
+    (out / "analysis").mkdir()
+    (out / "predictions.csv").write_text("not written by that run")
+    assert foreign_entries(out) == ["analysis/", "notes.txt", "predictions.csv"], "the recorded list decides"
+
+    for files in (None, "model.safetensors", [1]):  # no list (an older or unfinished run), or a malformed one
+        marker = read_run_marker(out)
+        write_json_atomic(out / RUN_MARKER, {**marker, "files": files})
+        for name in ("model-00001-of-00002.safetensors", "seed1000", "checkpoint-12", ".x.json.tmp-1a2b"):
+            (out / name).mkdir(exist_ok=True)
+        assert foreign_entries(out) == ["analysis/", "notes.txt"], files
+
 
 # ------------------------------------------------------------------------------------------ checkpoints
 def test_checkpoint_names_and_order(tmp_path):
@@ -171,6 +284,7 @@ def _checkpoint(tmp_path: Path, step: int = 4) -> Path:
     (folder / "model.safetensors").write_bytes(b"12345")
     (folder / "sub" / "optimizer.pt").write_bytes(b"123")
     (folder / ".hidden").write_bytes(b"not listed")
+    (folder / "empty.txt").write_bytes(b"")  # a file of 0 bytes is complete too
     write_checkpoint_record(folder, trainer="hf", step=step, cdb={"seed": 0, "total": 8},
                             extra={"loop": {"completed_steps": step}})
     return folder
@@ -181,7 +295,9 @@ def test_a_complete_checkpoint_reads_back_its_record(tmp_path):
     record, why = read_checkpoint_record(folder)
     assert why is None
     assert record == {"trainer": "hf", "step": 4, "cdb": {"seed": 0, "total": 8},
-                      "files": {"model.safetensors": 5, "sub/optimizer.pt": 3}, "loop": {"completed_steps": 4}}
+                      "files": {"empty.txt": 0, "model.safetensors": 5, "sub/optimizer.pt": 3},
+                      "loop": {"completed_steps": 4}}
+    assert read_checkpoint_record(_checkpoint(tmp_path, step=0))[1] is None, "a checkpoint of step 0 is one"
 
 
 @pytest.mark.parametrize("damage, why", [
@@ -209,6 +325,12 @@ def test_an_incomplete_or_damaged_checkpoint_is_named_with_the_reason(damage, wh
 def _edit(folder: Path, **changes) -> None:
     record = json.loads((folder / CHECKPOINT_RECORD).read_text())
     (folder / CHECKPOINT_RECORD).write_text(json.dumps({**record, **changes}))
+
+
+def test_an_accelerate_checkpoint_reads_back_too(tmp_path):
+    folder = _checkpoint(tmp_path)
+    _edit(folder, trainer="accelerate")
+    assert read_checkpoint_record(folder)[0]["trainer"] == "accelerate"
 
 
 def test_a_checkpoint_folder_of_another_name_is_judged_by_its_record_alone(tmp_path):
@@ -251,6 +373,8 @@ def test_resume_with_the_same_settings_or_no_record_goes_ahead_silently(caplog):
     assert caplog.text == ""
     with pytest.raises(UsageError, match="seed: 0 in the checkpoint, 1 now"):
         check_resume_matches({"cdb": {"seed": 0}}, {"seed": 1}, object(), "c")
+    with pytest.raises(UsageError, match=r"\(rate: 0.1 in the checkpoint, 0.2 now; seed: 0 in the checkpoint, 1 now\)"):
+        check_resume_matches({"cdb": {"seed": 0, "rate": 0.1}}, {"seed": 1, "rate": 0.2}, strict, "c")
 
 
 def test_resume_compares_one_record_first_without_then_with_the_run_sized_fields():
