@@ -87,6 +87,39 @@ def test_nested_images_belong_to_their_top_level_class_folder(tmp_path):
             assert np.abs(mean - np.array(IMAGE_FOLDER_CLASSES[name])).max() < 40, (name, mean)
 
 
+
+def test_listing_a_large_image_folder_holds_little_more_than_its_file_list(tmp_path):
+    """The splits go to Arrow a class at a time: no list of strings and dict per image on top of the listing
+    (~900 B per file with the listing, 1.1 GB of start-up memory for ImageNet's 1.28M files, instead of ~420 B)."""
+    import tracemalloc
+
+    for name in ("d", "c", "b", "a"):
+        (tmp_path / "train" / name / "sub").mkdir(parents=True)
+        (tmp_path / "val" / name).mkdir(parents=True)
+        (tmp_path / "val" / name / "0.jpg").touch()  # never read: listing only
+        for i in range(1000):
+            (tmp_path / "train" / name / f"{i:04d}.jpg").touch()
+        (tmp_path / "train" / name / "sub" / "x.jpg").touch()  # nested: its top-level class
+    tracemalloc.start()
+    try:
+        sources._class_folders(str(tmp_path / "train"), "train_dir")
+        listing = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        splits = sources._load_image_folders(str(tmp_path / "train"), str(tmp_path / "val"))
+        loading = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # What stays on top of the listing: one class's path strings and datasets' fingerprint of the table.
+    assert loading < 2.2 * listing, f"{loading / 4004:.0f} B per file vs {listing / 4004:.0f} B for the listing alone"
+    rows = splits["train"].with_format("arrow")[:].to_pylist()
+    expected = [(f"{tmp_path}/train/{name}/{file}", label) for label, name in enumerate("abcd")
+                for file in [f"{i:04d}.jpg" for i in range(1000)] + ["sub/x.jpg"]]
+    assert [(row["image"]["path"], row["label"]) for row in rows] == expected
+    assert all(row["image"]["bytes"] is None for row in rows)
+    assert splits["train"].features == datasets.Features({"image": datasets.Image(),
+                                                          "label": datasets.ClassLabel(names=list("abcd"))})
+    assert splits["validation"].with_format("arrow")["label"].to_pylist() == [0, 1, 2, 3]
+
 def test_dataset_name_may_be_a_local_image_folder_with_split_folders(image_folder):
     loaded = load_image_datasets(DataArguments(dataset_name=str(image_folder)), seed=0)
     assert (loaded.num_rows["train"], loaded.num_rows["validation"]) == (15, 6)
