@@ -88,7 +88,8 @@ class TrainImages(torch.utils.data.Dataset):
     def __init__(self, split: datasets.Dataset, transform: Callable[..., torch.Tensor], seed: int,
                  cache_bytes: int = 0) -> None:
         self.split, self.transform, self.seed, self.epoch = split, transform, seed, 0
-        self.labels = [int(label) for label in split["label"]]
+        # One Arrow read (indices mapping included): reading the column row by row took 2.3 s per 200k images.
+        self.labels = [int(label) for label in split.with_format("arrow")["label"].to_pylist()]
         self.images = _decode_into_memory(split, cache_bytes)
 
     @property

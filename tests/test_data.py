@@ -624,6 +624,16 @@ def test_image_cache_gives_the_tensors_of_decoding_at_each_fetch(image_folder, a
     assert not too_small.cached and torch.equal(too_small[3]["pixel_values"], cached[3]["pixel_values"])
 
 
+def test_training_labels_follow_a_selection_of_the_split(image_folder):
+    """The labels are read from Arrow in one go: a selected or shuffled split (indices mapping) keeps its order."""
+    from cdb_hf.train_set import TrainImages
+
+    split = load_image_datasets(folder_args(image_folder), seed=0)["train"]
+    picked = split.shuffle(seed=3).select([4, 0, 5, 1])
+    dataset = TrainImages(picked, lambda image, rng: torch.zeros(1), seed=0)
+    assert dataset.labels == [picked[i]["label"] for i in range(4)] == [example["label"] for example in picked]
+    assert all(type(label) is int for label in dataset.labels) and len(set(split["label"])) > 1
+
 def test_crop_draws_the_same_boxes_as_crop_flip_without_the_flip(image_folder):
     crop, crop_flip = _train_images(image_folder, "crop"), _train_images(image_folder, "crop_flip")
     flipped = 0
