@@ -656,6 +656,25 @@ def test_labels_missing_from_a_classlabel_split_are_refused_in_one_line():
     with pytest.raises(ValueError, match=r"'train' split of 'src' has examples without a label"):
         sources._unify_labels(splits, "src")
 
+def test_a_split_that_will_not_fit_the_image_cache_is_given_up_after_a_sample(monkeypatch):
+    """Projected from the first 256 images' mean size, not decoded up to the cap and then dropped."""
+    from cdb_hf import train_set
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)) for _ in range(1000)]
+    split = datasets.Dataset.from_dict({"image": images, "label": [0] * 1000},
+                                       features=datasets.Features({"image": datasets.Image(),
+                                                                   "label": datasets.ClassLabel(names=["a"])}))
+    decoded = []
+    real = train_set.to_uint8_chw
+    monkeypatch.setattr(train_set, "to_uint8_chw", lambda image: decoded.append(1) or real(image))
+    one = 8 * 8 * 3
+    assert train_set._decode_into_memory(split, 750 * one) is None  # 1000 images: 1.33x the cap
+    assert len(decoded) == 256  # the cap alone would have decoded 750 first
+    decoded.clear()
+    fits = train_set._decode_into_memory(split, 1000 * one)
+    assert len(fits) == 1000 == len(decoded) and torch.equal(fits[999], real(images[999]))
+
 def test_crop_draws_the_same_boxes_as_crop_flip_without_the_flip(image_folder):
     crop, crop_flip = _train_images(image_folder, "crop"), _train_images(image_folder, "crop_flip")
     flipped = 0
