@@ -36,6 +36,7 @@ from pathlib import Path
 import datasets
 import PIL
 import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image, ImageFile
 
 __all__ = ["CACHE_ENV", "CACHE_FILE", "CORRUPT_IMAGE_MODES", "check_bytes", "check_files", "default_threads",
@@ -339,6 +340,12 @@ def find_corrupt_images(split: datasets.Dataset, split_name: str = "train") -> d
     return dict(sorted(bad.items()))
 
 
+def _label_ids(split: datasets.Dataset) -> set:
+    """The label values of ``split``, in one Arrow pass over its rows (``Dataset.unique`` first copies a selected
+    split's whole table, images included)."""
+    return set(pc.unique(split.with_format("arrow")["label"]).to_pylist())
+
+
 def _refuse_or_warn(listed: list[str], mode: str, source: str) -> None:
     """``error``: raise one ValueError naming the first corrupt files; ``skip``: one warning naming them."""
     if mode == "error":
@@ -380,12 +387,12 @@ def _drop_or_refuse_corrupt_images(splits: dict[str, datasets.Dataset], mode: st
     for name, bad in found.items():
         if not bad:
             continue
-        before = set(splits[name].unique("label"))
+        before = _label_ids(splits[name])
         kept = splits[name].select([i for i in range(len(splits[name])) if i not in bad])
         if len(kept) == 0:
             raise ValueError(f"every image of the {name!r} split of {source!r} is corrupt ({len(bad)}); nothing is left "
                              "to train or evaluate on with --corrupt_images skip.")
-        emptied = sorted(before - set(kept.unique("label")))
+        emptied = sorted(before - _label_ids(kept))
         if emptied:
             raise ValueError(f"leaving out the corrupt images of the {name!r} split of {source!r} leaves class(es) "
                              f"{[names[i] for i in emptied]} without any image; replace those images.")

@@ -14,7 +14,7 @@ from PIL import Image
 from torchvision.transforms import v2
 from transformers import ConvNextImageProcessor, DeiTImageProcessor, ViTImageProcessor
 
-from cdb_hf import sources
+from cdb_hf import run, sources
 from cdb_hf.arguments import DataArguments
 from cdb_hf.sources import load_image_datasets, num_examples_per_class
 from cdb_hf.train_set import PerExampleSeeded
@@ -642,12 +642,18 @@ def test_start_up_reads_no_column_row_by_row(image_folder, monkeypatch):
     def refuse(self):
         raise AssertionError(f"{type(self).__name__} iterated row by row at start-up")
 
+    def no_copy(self, *args, **kwargs):
+        raise AssertionError("a selected split's table was copied (flatten_indices) to read its labels")
+
     monkeypatch.setattr(datasets.Dataset, "__iter__", refuse)
     if hasattr(datasets.arrow_dataset, "Column"):  # datasets >= 4: ds["label"] is a lazy column
         monkeypatch.setattr(datasets.arrow_dataset.Column, "__iter__", refuse)
-    loaded = load_image_datasets(folder_args(image_folder), seed=0)
+    monkeypatch.setattr(datasets.Dataset, "flatten_indices", no_copy)  # what Dataset.unique does to a selection
+    loaded = load_image_datasets(folder_args(image_folder, max_train_samples=5), seed=0)  # a selection
     dataset = TrainImages(loaded["train"], lambda image, rng: torch.zeros(1), seed=0, cache_bytes=2**20)
-    assert dataset.cached and len(dataset.labels) == len(loaded["train"])
+    assert dataset.cached and len(dataset.labels) == len(loaded["train"]) == 5
+    run._warn_about_unseen_classes(loaded, loaded["train"].features["label"].names)
+    assert sum(num_examples_per_class(loaded["train"]).values()) == 5
 
 
 def test_labels_missing_from_a_classlabel_split_are_refused_in_one_line():
