@@ -35,7 +35,6 @@ from pathlib import Path
 
 import datasets
 import PIL
-import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, ImageFile
 
@@ -307,34 +306,37 @@ def find_corrupt_images(split: datasets.Dataset, split_name: str = "train") -> d
 
     with _FileChecker(None, use_cache=True) as files:
         for batch in raw.with_format("arrow").iter(batch_size=_CHECK_BATCH):
-            column = batch.column("image")
-            column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-            present = column.is_valid().to_pylist()
-            byte_values, path_values = column.field("bytes"), column.field("path").to_pylist()
-            has_value = byte_values.is_valid().to_pylist()
-            pending = []
-            for offset, (is_present, stored, path) in enumerate(zip(present, has_value, path_values)):
-                index = start + offset
-                if not is_present or (not stored and not path):
-                    bad[index] = (f"{split_name} example {index}", "no image")
-                elif stored:
-                    has_bytes = True
-                    if cached is None:
-                        pending.append((index, offset, path))
-                else:
-                    paths[index] = path
-            if pending:
-                verdicts = check_bytes([byte_values[offset].as_py() for _, offset, _ in pending])
-                for (index, _, path), reason in zip(pending, verdicts):
-                    if reason is not None:
-                        bad[index] = (path or f"{split_name} example {index}", reason)
+            # Chunk by chunk, never concatenated: that would copy the image bytes, i.e. read the whole dataset
+            # at every launch (150 GB for ImageNet) even when the verdicts are cached. Only the validity bitmaps
+            # and the paths are read here; bytes only for the images decoded.
+            for column in batch.column("image").chunks:
+                present = column.is_valid().to_pylist()
+                byte_values, path_values = column.field("bytes"), column.field("path").to_pylist()
+                has_value = byte_values.is_valid().to_pylist()
+                pending = []
+                for offset, (is_present, stored, path) in enumerate(zip(present, has_value, path_values)):
+                    index = start + offset
+                    if not is_present or (not stored and not path):
+                        bad[index] = (f"{split_name} example {index}", "no image")
+                    elif stored:
+                        has_bytes = True
+                        if cached is None:
+                            pending.append((index, offset, path))
+                    else:
+                        paths[index] = path
+                if pending:
+                    verdicts = check_bytes([byte_values[offset].as_py() for _, offset, _ in pending])
+                    for (index, _, path), reason in zip(pending, verdicts):
+                        if reason is not None:
+                            bad[index] = (path or f"{split_name} example {index}", reason)
+                start += len(column)
             if len(paths) >= _FILE_CHUNK:
                 check_paths(files)
-            start += len(column)
         check_paths(files)
     if has_bytes and cached is not None:
         for index, reason in cached.items():  # the few bad ones: their stored names
-            bad[index] = (raw[index]["image"]["path"] or f"{split_name} example {index}", reason)
+            if index not in bad:  # (an example without an image was found again above)
+                bad[index] = (raw[index]["image"]["path"] or f"{split_name} example {index}", reason)
     elif has_bytes:
         store_split_result(split._fingerprint, {i: reason for i, (_, reason) in bad.items() if i not in bad_files})
     return dict(sorted(bad.items()))

@@ -150,6 +150,39 @@ def test_images_stored_as_bytes_are_checked_and_cached_by_fingerprint(decodes):
 
 
 
+def _rss_file_mib() -> float:
+    """This process's resident file-backed pages (memory-mapped files it has read), in MiB."""
+    return next(int(line.split()[1]) / 1024 for line in open("/proc/self/status") if line.startswith("RssFile"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads RssFile from /proc (Linux)")
+def test_images_stored_as_bytes_are_checked_chunk_by_chunk_without_reading_the_bytes_again(tmp_path, decodes):
+    """A memory-mapped split of several chunks (as datasets stores a large one): the right indices in every chunk,
+    and a cached check reads validity bitmaps and paths only: concatenating a batch's chunks copied its image
+    bytes, so every launch read the whole dataset again (150 GB for ImageNet)."""
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a"])})
+    parts = []
+    for part in range(3):
+        images = [{"bytes": jpeg_bytes(i), "path": f"{part}_{i}.jpg"} for i in range(700)]  # ~9 kB each
+        if part == 1:
+            images[600] = {"bytes": truncated_jpeg_bytes(5), "path": "1_600.jpg"}  # index 1300
+        if part == 2:
+            images[50] = None  # index 1450
+        parts.append(datasets.Dataset.from_dict({"image": images, "label": [0] * 700}, features=features))
+    datasets.concatenate_datasets(parts).save_to_disk(str(tmp_path / "saved"))
+    found = find_corrupt_images(datasets.load_from_disk(str(tmp_path / "saved")))
+    assert {index: name for index, (name, _) in found.items()} == {1300: "1_600.jpg", 1450: "train example 1450"}
+    assert len(decodes) == 2099
+    decodes.clear()
+
+    split = datasets.load_from_disk(str(tmp_path / "saved"))  # a fresh memory map: none of it read yet
+    size_mib = sum(f.stat().st_size for f in (tmp_path / "saved").glob("*.arrow")) / 2**20
+    before = _rss_file_mib()
+    assert find_corrupt_images(split) == found and decodes == []  # the verdicts cached by fingerprint
+    read = _rss_file_mib() - before
+    assert read < size_mib / 4, f"a cached check read {read:.1f} MiB of the {size_mib:.1f} MiB dataset"
+
+
 def test_the_check_decodes_on_every_available_cpu_by_default(tmp_path, monkeypatch):
     files = []
     for seed in range(6):
