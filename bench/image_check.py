@@ -10,6 +10,12 @@ about 60-100 kB each) and times, each the median of ``--rounds`` rounds:
 * ``first_run_with_cache``: the same with an empty cache, writing the verdicts (what a first run costs);
 * ``cached``: the second run over the same unchanged files (stat calls and one sqlite query per 500).
 
+Whether the threads run in parallel is read against a control, timed the same way: sha256 of 8 MiB
+buffers, which holds no GIL, on one thread and on the default count. Its speedup is what the machine
+gives this process at that moment (other jobs take their share; nice does not help across sessions
+where the kernel groups tasks by session); the decode's speedup can reach it only if the decode holds
+no GIL either.
+
 The files are freshly written, so they are in the page cache: a first run from a cold disk adds the
 read time of the folder. ::
 
@@ -20,6 +26,7 @@ read time of the folder. ::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -56,6 +63,15 @@ def verify_all(paths: list[Path]) -> None:
     for path in paths:
         with Image.open(path) as image:
             image.verify()
+
+
+def sha256_buffers(threads: int, count: int = 16) -> None:
+    """The GIL-free control: hash ``count`` 8 MiB buffers on ``threads`` threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    buffer = bytes(8 << 20)
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(lambda _: hashlib.sha256(buffer).digest(), range(count)))
 
 
 def timed(function, rounds: int) -> float:
@@ -105,6 +121,8 @@ def main() -> None:
             "cached": timed(lambda: image_check.check_files(paths), args.rounds),
         }
         assert image_check.check_files(paths) == {}, "the generated images must all decode"
+        control = {"control_1_thread": timed(lambda: sha256_buffers(1), args.rounds),
+                   "control_threads": timed(lambda: sha256_buffers(threads), args.rounds)}
 
     per_image_ms = {name: 1000 * value / args.images for name, value in seconds.items()}
     per_100k_s = {name: value * 100_000 / 1000 for name, value in per_image_ms.items()}
@@ -113,9 +131,14 @@ def main() -> None:
     print(f"{'':22s} {'ms/image':>9s} {'per 100k images':>16s}")
     for name in seconds:
         print(f"{name:22s} {per_image_ms[name]:9.3f} {per_100k_s[name]:14.1f} s")
+    speedup = {"decode": seconds["decode_1_thread"] / seconds["decode_threads"],
+               "control_no_gil": control["control_1_thread"] / control["control_threads"]}
+    print(f"speedup of {threads} threads over 1: decode {speedup['decode']:.2f}x, GIL-free control "
+          f"{speedup['control_no_gil']:.2f}x (what the machine gave; load average {os.getloadavg()[0]:.1f})")
     if args.json:
         payload = {"setup": {**vars(args), "mean_kb": round(mean_kb, 1), "default_threads": threads},
-                   "machine": machine(), "ms_per_image": per_image_ms, "seconds_per_100k_images": per_100k_s}
+                   "machine": machine(), "ms_per_image": per_image_ms, "seconds_per_100k_images": per_100k_s,
+                   "control_seconds": control, "speedup_of_default_threads": speedup}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
 

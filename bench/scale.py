@@ -10,8 +10,10 @@ step, which gives the time from launch to the end of the first optimizer step an
 (S x batch over the time of the last S steps), and the process's peak RSS (``VmHWM``) at its exit. End-to-end
 numbers on a shared machine carry its noise; ``data_path`` isolates the data cost in this process, one
 thread: ms per training example through the map-style ``TrainImages`` (uint8 cache on and off) and through
-the stream (read, decode, augment), and the time to its first example. The image-check cache is warmed by one run before the
-map-style timings (what every launch after the first pays); ``--cold`` leaves it cold. Writes JSON to
+the stream (read, decode, augment), and the time to its first example. Before each map-style timing, a first
+launch with an empty image-check cache decodes every image once (its time and RSS are kept as ``first_launch_*``),
+so the timed run pays what every later launch pays; ``--cold`` times a run whose check finds the cache as it is.
+``--lock FILE`` holds a flock around each measurement, so benchmarks that share the machine take turns. Writes JSON to
 ``--json`` and a plot of cost against N next to it. ::
 
     nice -n 15 python bench/scale.py --sizes 2000 20000 --json bench/results/scale_cpu.json
@@ -20,6 +22,8 @@ map-style timings (what every launch after the first pays); ``--cold`` leaves it
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import platform
@@ -130,6 +134,20 @@ def run_once(argv: list[str], env: dict[str, str], times_file: Path) -> tuple[li
     return steps, peak / 1024
 
 
+@contextlib.contextmanager
+def held(lock: Path | None):
+    """``lock`` held (flock) while timing, so that benchmarks sharing a machine run one at a time."""
+    if lock is None:
+        yield
+        return
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def data_path(train: Path, validation: Path, examples: int = 1000) -> dict[str, float]:
     """ms per training example of each data path, in this process on one thread (no model)."""
     import itertools
@@ -180,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
                              "12,500 rows in row groups of 1,000 (--dataset_name).")
     parser.add_argument("--repeats", type=int, default=1,
                         help="Runs per setting; the row gives their medians (and every run's seconds to first step).")
+    parser.add_argument("--train_image_cache_mb", type=int, default=None,
+                        help="Passed to the map-style runs (default: the CLI's); 0 turns the decode cache off.")
+    parser.add_argument("--lock", type=Path, default=None,
+                        help="A file to flock around each measurement (other benchmarks on the machine wait).")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "scale_cpu.json")
     args = parser.parse_args(argv)
 
@@ -193,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         train = write_folder(args.data_root / f"train_{size}", size, seed=0)
         print(f"N={size}: folder ready in {time.perf_counter() - t0:.1f} s", flush=True)
         if args.source == "folder":
-            costs = {"images": size, "path": "data_path", **data_path(train, validation)}
+            with held(args.lock):
+                costs = {"images": size, "path": "data_path", **data_path(train, validation),
+                         "load_average_1min": round(os.getloadavg()[0], 2)}
             rows.append(costs)
             print(json.dumps(costs), flush=True)
         else:
@@ -208,20 +232,31 @@ def main(argv: list[str] | None = None) -> int:
                              "--per_device_train_batch_size", str(args.batch), "--per_device_eval_batch_size", "100",
                              "--save_strategy", "no", "--report_to", "none", "--use_cpu", "true",
                              "--disable_tqdm", "true", "--trainer", face, "--logging_steps", "1000"]
-                    return flags + (["--streaming", "true"] if path == "stream" else [])
+                    if path == "stream":
+                        return flags + ["--streaming", "true"]
+                    cache = args.train_image_cache_mb
+                    return flags + ([] if cache is None else ["--train_image_cache_mb", str(cache)])
 
-                with tempfile.TemporaryDirectory() as scratch:
+                row = {}
+                with tempfile.TemporaryDirectory() as scratch, held(args.lock):
                     times = Path(scratch) / "steps.txt"
+                    run_env = env
                     if path == "map" and not args.cold:
-                        run_once(argv_for(1, f"{scratch}/warm"), env, times)
-                    runs = [run_once(argv_for(1 + args.steady_steps, f"{scratch}/run{i}"), env, times)
+                        # A fresh image-check cache: this first launch decodes every image once (timed too).
+                        run_env = {**env, "CDB_HF_CACHE": f"{scratch}/check_cache"}
+                        first, first_rss = run_once(argv_for(1, f"{scratch}/warm"), run_env, times)
+                        row = {"first_launch_seconds_to_first_step": round(first[0], 2),
+                               "first_launch_peak_rss_mib": round(first_rss, 1)}
+                    load = os.getloadavg()[0]
+                    runs = [run_once(argv_for(1 + args.steady_steps, f"{scratch}/run{i}"), run_env, times)
                             for i in range(args.repeats)]
                 firsts = [steps[0] for steps, _ in runs]
                 row = {"images": size, "path": path, "face": face, "source": args.source,
                        "seconds_to_first_step": round(float(np.median(firsts)), 2),
                        "steady_images_per_second": round(float(np.median(
                            [args.steady_steps * args.batch / (steps[-1] - steps[0]) for steps, _ in runs])), 1),
-                       "peak_rss_mib": round(float(np.median([rss for _, rss in runs])), 1)}
+                       "peak_rss_mib": round(float(np.median([rss for _, rss in runs])), 1), **row,
+                       "load_average_1min": [round(load, 2), round(os.getloadavg()[0], 2)]}
                 if args.repeats > 1:
                     row["seconds_to_first_step_runs"] = [round(first, 2) for first in firsts]
                 rows.append(row)

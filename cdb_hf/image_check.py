@@ -35,7 +35,7 @@ from pathlib import Path
 
 import datasets
 import PIL
-import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image, ImageFile
 
 __all__ = ["CACHE_ENV", "CACHE_FILE", "CORRUPT_IMAGE_MODES", "check_bytes", "check_files", "default_threads",
@@ -48,6 +48,10 @@ CACHE_ENV = "CDB_HF_CACHE"
 CACHE_FILE = "image_checks-v1.sqlite"
 # SQLite's default bound on the parameters of one statement is 999 (older builds) or 32766.
 _QUERY_CHUNK = 500
+# Files are checked (stat, cache lookup, decode, cache write) this many at a time, so memory stays bounded.
+_FILE_CHUNK = 4096
+# Images handed to the decoding threads at a time, per thread.
+_DECODE_SLICE = 64
 # Only one check flips the process-wide LOAD_TRUNCATED_IMAGES switch at a time.
 _SWITCH_LOCK = threading.Lock()
 
@@ -76,35 +80,62 @@ def check_files(paths: Iterable[str | os.PathLike], *, threads: int | None = Non
 
     Paths are reported as given. Files whose (absolute path, size, mtime_ns) the cache already knows for
     this Pillow version are not read at all; the rest are decoded on ``threads`` threads (default: the
-    CPUs available) and their verdicts added to the cache.
+    CPUs available) and their verdicts added to the cache. ``paths`` is read and checked
+    :data:`_FILE_CHUNK` at a time, so memory does not grow with their number (only with the bad ones).
     """
-    paths = [str(path) for path in paths]
     bad: dict[str, str] = {}
-    keys: dict[str, tuple[str, int, int]] = {}
-    for path in paths:
-        try:
-            stat = os.stat(path)
-        except OSError as error:  # a missing file is never cached: it may appear before the next run
-            bad[path] = f"{type(error).__name__}: {error.strerror or error}"
-            continue
-        keys[path] = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
-    cache = _Cache.open() if use_cache and keys else None
-    known = cache.lookup(list(keys.values())) if cache else {}
-    todo = []
-    for path, key in keys.items():
-        if key in known:
-            if known[key] is not None:
-                bad[path] = known[key]
-        else:
-            todo.append(path)
-    verdicts = _decode_all(todo, decode_error, threads)
-    for path, reason in zip(todo, verdicts):
-        if reason is not None:
-            bad[path] = reason
-    if cache:
-        cache.store([(*keys[path], reason) for path, reason in zip(todo, verdicts)])
-        cache.close()
-    return {path: bad[path] for path in paths if path in bad}
+    with _FileChecker(threads, use_cache) as checker:
+        chunk: list[str] = []
+        for path in paths:
+            chunk.append(str(path))
+            if len(chunk) == _FILE_CHUNK:
+                bad.update(checker.check(chunk))
+                chunk = []
+        bad.update(checker.check(chunk))
+    return bad
+
+
+class _FileChecker:
+    """One cache connection for the chunks of a check; :meth:`check` does a chunk: stat, look up, decode, store."""
+
+    def __init__(self, threads: int | None, use_cache: bool) -> None:
+        self.threads, self.use_cache, self.cache, self.opened = threads, use_cache, None, False
+
+    def __enter__(self) -> _FileChecker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.cache is not None:
+            self.cache.close()
+
+    def check(self, paths: list[str]) -> dict[str, str]:
+        """``{path: reason}`` of the bad ones among ``paths``, in their order."""
+        bad: dict[str, str] = {}
+        keys: dict[str, tuple[str, int, int]] = {}
+        for path in paths:
+            try:
+                stat = os.stat(path)
+            except OSError as error:  # a missing file is never cached: it may appear before the next run
+                bad[path] = f"{type(error).__name__}: {error.strerror or error}"
+                continue
+            keys[path] = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+        if self.use_cache and keys and not self.opened:
+            self.cache, self.opened = _Cache.open(), True
+        known = self.cache.lookup(list(keys.values())) if self.cache else {}
+        todo = []
+        for path, key in keys.items():
+            if key in known:
+                if known[key] is not None:
+                    bad[path] = known[key]
+            else:
+                todo.append(path)
+        verdicts = _decode_all(todo, decode_error, self.threads)
+        for path, reason in zip(todo, verdicts):
+            if reason is not None:
+                bad[path] = reason
+        if self.cache:
+            self.cache.store([(*keys[path], reason) for path, reason in zip(todo, verdicts)])
+        return {path: bad[path] for path in paths if path in bad}
 
 
 def check_bytes(images: Sequence[bytes], *, threads: int | None = None) -> list[str | None]:
@@ -144,8 +175,12 @@ def _decode_all(items: list, check: Callable[[object], str | None], threads: int
         try:
             if workers == 1:
                 return [check(item) for item in items]
+            verdicts: list[str | None] = []
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="image-check") as pool:
-                return list(pool.map(check, items))
+                # Executor.map makes every future at once (about 1.5 kB each): a slice at a time keeps that bounded.
+                for start in range(0, len(items), _DECODE_SLICE * workers):
+                    verdicts.extend(pool.map(check, items[start:start + _DECODE_SLICE * workers]))
+            return verdicts
         finally:
             ImageFile.LOAD_TRUNCATED_IMAGES = truncated_allowed
 
@@ -256,41 +291,61 @@ def find_corrupt_images(split: datasets.Dataset, split_name: str = "train") -> d
     raw = split.select_columns(["image"]).cast_column("image", datasets.Image(decode=False))
     cached = load_split_result(split._fingerprint)
     bad: dict[int, tuple[str, str]] = {}
-    paths: dict[int, str] = {}
+    bad_files: set[int] = set()  # the bad examples that are image files (cached per file, not with the split)
     has_bytes = False
     start = 0
-    for batch in raw.with_format("arrow").iter(batch_size=_CHECK_BATCH):
-        column = batch.column("image")
-        column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-        present = column.is_valid().to_pylist()
-        byte_values, path_values = column.field("bytes"), column.field("path").to_pylist()
-        has_value = byte_values.is_valid().to_pylist()
-        pending = []
-        for offset, (is_present, stored, path) in enumerate(zip(present, has_value, path_values)):
-            index = start + offset
-            if not is_present or (not stored and not path):
-                bad[index] = (f"{split_name} example {index}", "no image")
-            elif stored:
-                has_bytes = True
-                if cached is None:
-                    pending.append((index, offset, path))
-            else:
-                paths[index] = path
-        if pending:
-            verdicts = check_bytes([byte_values[offset].as_py() for _, offset, _ in pending])
-            for (index, _, path), reason in zip(pending, verdicts):
-                if reason is not None:
-                    bad[index] = (path or f"{split_name} example {index}", reason)
-        start += len(column)
+    paths: dict[int, str] = {}  # image files not checked yet: checked once _FILE_CHUNK have gathered
+
+    def check_paths(files: _FileChecker) -> None:
+        by_path = files.check(list(dict.fromkeys(paths.values())))
+        for index, path in paths.items():
+            if path in by_path:
+                bad[index] = (path, by_path[path])
+                bad_files.add(index)
+        paths.clear()
+
+    with _FileChecker(None, use_cache=True) as files:
+        for batch in raw.with_format("arrow").iter(batch_size=_CHECK_BATCH):
+            # Chunk by chunk, never concatenated: that would copy the image bytes, i.e. read the whole dataset
+            # at every launch (150 GB for ImageNet) even when the verdicts are cached. Only the validity bitmaps
+            # and the paths are read here; bytes only for the images decoded.
+            for column in batch.column("image").chunks:
+                present = column.is_valid().to_pylist()
+                byte_values, path_values = column.field("bytes"), column.field("path").to_pylist()
+                has_value = byte_values.is_valid().to_pylist()
+                pending = []
+                for offset, (is_present, stored, path) in enumerate(zip(present, has_value, path_values)):
+                    index = start + offset
+                    if not is_present or (not stored and not path):
+                        bad[index] = (f"{split_name} example {index}", "no image")
+                    elif stored:
+                        has_bytes = True
+                        if cached is None:
+                            pending.append((index, offset, path))
+                    else:
+                        paths[index] = path
+                if pending:
+                    verdicts = check_bytes([byte_values[offset].as_py() for _, offset, _ in pending])
+                    for (index, _, path), reason in zip(pending, verdicts):
+                        if reason is not None:
+                            bad[index] = (path or f"{split_name} example {index}", reason)
+                start += len(column)
+            if len(paths) >= _FILE_CHUNK:
+                check_paths(files)
+        check_paths(files)
     if has_bytes and cached is not None:
         for index, reason in cached.items():  # the few bad ones: their stored names
-            bad[index] = (raw[index]["image"]["path"] or f"{split_name} example {index}", reason)
+            if index not in bad:  # (an example without an image was found again above)
+                bad[index] = (raw[index]["image"]["path"] or f"{split_name} example {index}", reason)
     elif has_bytes:
-        store_split_result(split._fingerprint, {i: reason for i, (_, reason) in bad.items()
-                                                            if i not in paths})
-    by_path = check_files(paths.values())
-    bad.update({index: (path, by_path[path]) for index, path in paths.items() if path in by_path})
+        store_split_result(split._fingerprint, {i: reason for i, (_, reason) in bad.items() if i not in bad_files})
     return dict(sorted(bad.items()))
+
+
+def _label_ids(split: datasets.Dataset) -> set:
+    """The label values of ``split``, in one Arrow pass over its rows (``Dataset.unique`` first copies a selected
+    split's whole table, images included)."""
+    return set(pc.unique(split.with_format("arrow")["label"]).to_pylist())
 
 
 def _refuse_or_warn(listed: list[str], mode: str, source: str) -> None:
@@ -334,12 +389,12 @@ def _drop_or_refuse_corrupt_images(splits: dict[str, datasets.Dataset], mode: st
     for name, bad in found.items():
         if not bad:
             continue
-        before = set(splits[name].unique("label"))
+        before = _label_ids(splits[name])
         kept = splits[name].select([i for i in range(len(splits[name])) if i not in bad])
         if len(kept) == 0:
             raise ValueError(f"every image of the {name!r} split of {source!r} is corrupt ({len(bad)}); nothing is left "
                              "to train or evaluate on with --corrupt_images skip.")
-        emptied = sorted(before - set(kept.unique("label")))
+        emptied = sorted(before - _label_ids(kept))
         if emptied:
             raise ValueError(f"leaving out the corrupt images of the {name!r} split of {source!r} leaves class(es) "
                              f"{[names[i] for i in emptied]} without any image; replace those images.")

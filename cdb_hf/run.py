@@ -30,7 +30,7 @@ import torch
 from accelerate import PartialState
 from transformers import set_seed
 
-from . import evaluation, sources, train_set, transforms
+from . import evaluation, image_check, sources, train_set, transforms
 from .checks import check_cdb_against_model
 from .core import ChannelDropBackConfig
 from .errors import UsageError, usage_errors
@@ -324,7 +324,7 @@ def _warn_about_unseen_classes(dataset, labels: list[str]) -> None:
     """A class in validation that train never shows (a tiny dataset, a carved split) can only be wrong."""
     present = {}
     for split in ("train", "validation"):
-        present[split] = set(dataset[split].unique("label"))
+        present[split] = image_check._label_ids(dataset[split])
     unseen = sorted(present["validation"] - present["train"])
     if unseen:
         logger.warning(f"the validation split has class(es) with no training example: {[labels[i] for i in unseen]}; "

@@ -88,7 +88,8 @@ class TrainImages(torch.utils.data.Dataset):
     def __init__(self, split: datasets.Dataset, transform: Callable[..., torch.Tensor], seed: int,
                  cache_bytes: int = 0) -> None:
         self.split, self.transform, self.seed, self.epoch = split, transform, seed, 0
-        self.labels = [int(label) for label in split["label"]]
+        # One Arrow read (indices mapping included): reading the column row by row took 2.3 s per 200k images.
+        self.labels = [int(label) for label in split.with_format("arrow")["label"].to_pylist()]
         self.images = _decode_into_memory(split, cache_bytes)
 
     @property
@@ -120,11 +121,19 @@ def _decode_into_memory(split: datasets.Dataset, cache_bytes: int) -> list[torch
         return None
     images: list[torch.Tensor] = []
     total = 0
-    for batch in split.select_columns(["image"]).iter(batch_size=256):
+    for batch in split.select_columns(["image"]).iter(batch_size=_CACHE_SAMPLE):
         for image in batch["image"]:
             pixels = to_uint8_chw(image)
             total += pixels.numel()
             if total > cache_bytes or (len(images) == 0 and pixels.numel() * len(split) > 2 * cache_bytes):
                 return None  # decoding the rest just to drop it would waste the start-up time
             images.append(pixels)
+        if len(images) == _CACHE_SAMPLE and total * len(split) > cache_bytes * len(images):
+            # The first images' mean size says the split will not fit: stop now, not after filling the cap
+            # (100k 64-px images and the 1 GiB default: 87k decoded, 20 s and 1 GiB, then dropped).
+            return None
     return images
+
+
+# The first this many images give the mean size that decides whether the split fits the decode cache.
+_CACHE_SAMPLE = 256

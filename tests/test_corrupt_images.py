@@ -149,6 +149,98 @@ def test_images_stored_as_bytes_are_checked_and_cached_by_fingerprint(decodes):
     assert find_corrupt_images(split) == found and decodes == []
 
 
+
+def _rss_file_mib() -> float:
+    """This process's resident file-backed pages (memory-mapped files it has read), in MiB."""
+    return next(int(line.split()[1]) / 1024 for line in open("/proc/self/status") if line.startswith("RssFile"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads RssFile from /proc (Linux)")
+def test_images_stored_as_bytes_are_checked_chunk_by_chunk_without_reading_the_bytes_again(tmp_path, decodes):
+    """A memory-mapped split of several chunks (as datasets stores a large one): the right indices in every chunk,
+    and a cached check reads validity bitmaps and paths only: concatenating a batch's chunks copied its image
+    bytes, so every launch read the whole dataset again (150 GB for ImageNet)."""
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a"])})
+    parts = []
+    for part in range(3):
+        images = [{"bytes": jpeg_bytes(i), "path": f"{part}_{i}.jpg"} for i in range(700)]  # ~9 kB each
+        if part == 1:
+            images[600] = {"bytes": truncated_jpeg_bytes(5), "path": "1_600.jpg"}  # index 1300
+        if part == 2:
+            images[50] = None  # index 1450
+        parts.append(datasets.Dataset.from_dict({"image": images, "label": [0] * 700}, features=features))
+    datasets.concatenate_datasets(parts).save_to_disk(str(tmp_path / "saved"))
+    found = find_corrupt_images(datasets.load_from_disk(str(tmp_path / "saved")))
+    assert {index: name for index, (name, _) in found.items()} == {1300: "1_600.jpg", 1450: "train example 1450"}
+    assert len(decodes) == 2099
+    decodes.clear()
+
+    split = datasets.load_from_disk(str(tmp_path / "saved"))  # a fresh memory map: none of it read yet
+    size_mib = sum(f.stat().st_size for f in (tmp_path / "saved").glob("*.arrow")) / 2**20
+    before = _rss_file_mib()
+    assert find_corrupt_images(split) == found and decodes == []  # the verdicts cached by fingerprint
+    read = _rss_file_mib() - before
+    assert read < size_mib / 4, f"a cached check read {read:.1f} MiB of the {size_mib:.1f} MiB dataset"
+
+
+def test_the_check_decodes_on_every_available_cpu_by_default(tmp_path, monkeypatch):
+    files = []
+    for seed in range(6):
+        files.append(tmp_path / f"{seed}.jpg")
+        files[-1].write_bytes(jpeg_bytes(seed))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2, 5, 7}, raising=False)
+    pools = []
+    real = image_check.ThreadPoolExecutor
+
+    def recording(max_workers, **kwargs):
+        pools.append(max_workers)
+        return real(max_workers=max_workers, **kwargs)
+
+    monkeypatch.setattr(image_check, "ThreadPoolExecutor", recording)
+    assert image_check.default_threads() == 4
+    assert image_check.check_files(files, use_cache=False) == {}
+    assert pools == [4]  # one thread per CPU this process may use, not one thread
+    assert image_check.check_files(files, threads=1, use_cache=False) == {} and pools == [4]
+
+
+def test_a_large_check_holds_a_bounded_number_of_pending_decodes():
+    """Executor.map would make a future per image up front: 1.3 GB for ImageNet's 1.28M images."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        verdicts = image_check._decode_all(list(range(20_000)), lambda item: None if item % 7 else "bad", 2)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert verdicts == [None if i % 7 else "bad" for i in range(20_000)]  # in order, every item once
+    assert peak < 5 * 2**20, f"{peak / 2**20:.1f} MiB held while checking 20,000 items (unbounded: ~30 MiB)"
+
+
+def test_files_are_checked_a_chunk_at_a_time_with_the_same_verdicts(tmp_path, monkeypatch, decodes):
+    """Memory does not grow with a folder: stat, cache look-up, decode and cache write go a chunk at a time,
+    and the verdicts, their example indices and the cache come out as in one pass."""
+    monkeypatch.setattr(image_check, "_FILE_CHUNK", 3)
+    lookups = []
+    real_lookup = image_check._Cache.lookup
+    monkeypatch.setattr(image_check._Cache, "lookup", lambda self, keys: lookups.append(len(keys)) or real_lookup(self, keys))
+    files = [tmp_path / f"{i}.jpg" for i in range(8)]
+    for i, file in enumerate(files):
+        file.write_bytes(truncated_jpeg_bytes(i) if i in (2, 3, 7) else jpeg_bytes(i))
+    files[5].unlink()  # missing: named, never cached
+    paths = [str(file) for file in files]
+    expected = [paths[2], paths[3], paths[5], paths[7]]
+    found = image_check.check_files(iter(paths))  # any iterable, read as it goes
+    assert list(found) == expected and "FileNotFoundError" in found[paths[5]]
+    assert max(lookups) <= 3 and len(lookups) == 3 and len(decodes) == 7
+    split = datasets.Dataset.from_dict({"image": paths, "label": [0, 1] * 4}, features=datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])}))
+    decodes.clear()
+    bad = find_corrupt_images(split)
+    assert {index: file for index, (file, _) in bad.items()} == {2: paths[2], 3: paths[3], 5: paths[5], 7: paths[7]}
+    assert decodes == []  # all cached by check_files, chunk by chunk
+
+
 # ------------------------------------------------------------------------------------------ data loading
 def test_skip_leaves_out_the_corrupt_files_and_counts_them(tmp_path, caplog):
     root, bad = folder_with_truncated_jpeg(tmp_path / "data")
