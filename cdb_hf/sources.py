@@ -209,22 +209,35 @@ def _check_is_dir(folder: str, flag: str) -> Path:
     return path
 
 
-def _class_folders(folder: str, flag: str) -> dict[str, list[Path]]:
-    """``{class name: image files}`` of an image folder: one sub-folder per class.
+def list_class_folders(folder: str, flag: str) -> tuple[list[str], list[pa.StringArray]]:
+    """(class names, each class's image paths) of an image folder: one sub-folder per class, hidden entries
+    skipped, images in nested folders (``<class>/<sub>/<image>``) in their top-level class, each class in the
+    order a sort of ``Path`` objects gives (whatever order the filesystem lists them in).
 
-    Images in nested folders (``<class>/<sub>/<image>``) belong to their top-level class folder.
-    """
-    path = _check_is_dir(folder, flag)
-    classes = {}
-    for sub in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = sorted(_image_files(sub))
+    The listing is the one start-up cost of an image folder that grows with its files, so it holds no ``Path``
+    per file: names as strings (``os.scandir``), one sort per class, and each class's paths an Arrow array as
+    soon as they are sorted, so that Python holds the strings of one class at a time."""
+    root = str(_check_is_dir(folder, flag))
+    extensions = tuple({extension.lower() for extension in _image_extensions()})
+    with os.scandir(root) as entries:
+        classes = sorted(entry.name for entry in entries if not entry.name.startswith(".") and entry.is_dir())
+    names, paths = [], []
+    for name in classes:
+        files, nested = [], False
+        for top, dirs, found in os.walk(os.path.join(root, name)):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            nested = nested or bool(dirs)
+            files.extend([f"{top}{os.sep}{file}" for file in found
+                          if not file.startswith(".") and file.lower().endswith(extensions)])
         if files:
-            classes[sub.name] = files
-    if not classes:
-        loose = [p.name for p in path.iterdir() if p.is_file()][:5]
+            files.sort(key=(lambda path: path.split(os.sep)) if nested else None)  # Path order: part by part
+            names.append(name)
+            paths.append(pa.array(files, pa.string()))
+    if not names:
+        loose = sorted(entry.name for entry in os.scandir(root) if entry.is_file())[:5]
         raise ValueError(f"--{flag} {folder!r} has no class sub-folders with images (extensions like .png/.jpg); "
                          f"expected e.g. {folder}/<class name>/<image>.png. Found files: {loose}.")
-    return classes
+    return names, paths
 
 
 def _load_image_folders(train_dir: str, validation_dir: str | None) -> datasets.DatasetDict:
@@ -235,30 +248,27 @@ def _load_image_folders(train_dir: str, validation_dir: str | None) -> datasets.
     _check_is_dir(train_dir, "train_dir")
     if validation_dir is not None:
         _check_is_dir(validation_dir, "validation_dir")
-    folders = {"train": (train_dir, _class_folders(train_dir, "train_dir"))}
+    listed = {"train": list_class_folders(train_dir, "train_dir")}
+    names = listed["train"][0]
     if validation_dir is not None:
-        folders["validation"] = (validation_dir, _class_folders(validation_dir, "validation_dir"))
-        unknown = sorted(set(folders["validation"][1]) - set(folders["train"][1]))
+        listed["validation"] = list_class_folders(validation_dir, "validation_dir")
+        unknown = sorted(set(listed["validation"][0]) - set(names))
         if unknown:
             raise ValueError(f"--validation_dir {validation_dir!r} has classes that --train_dir {train_dir!r} lacks: "
-                             f"{unknown}. Train classes: {sorted(folders['train'][1])}.")
-    names = sorted(folders["train"][1])
+                             f"{unknown}. Train classes: {names}.")
+    return datasets.DatasetDict({split: _folder_split(names, split_names, paths, split)
+                                 for split, (split_names, paths) in listed.items()})
+
+
+def _folder_split(names: list[str], split_names: list[str], paths: list[pa.StringArray], split: str
+                  ) -> datasets.Dataset:
+    """A listed image folder as a split of undecoded paths with ClassLabel ids over ``names``, built from the
+    listing's Arrow arrays: no per-image string or ``{"bytes", "path"}`` dict (~0.9 kB per image before)."""
+    labels = [pa.array(np.full(len(files), names.index(name), dtype=np.int64)) for name, files in zip(split_names, paths)]
+    path_column = pa.concat_arrays(paths)
+    image = pa.StructArray.from_arrays([pa.nulls(len(path_column), pa.binary()), path_column], names=["bytes", "path"])
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
-    splits = {}
-    for split, (_, classes) in folders.items():
-        # Straight to Arrow, a class at a time, each class's Paths dropped once converted: lists of Paths,
-        # strings and an {"bytes", "path"} dict per image (what from_dict would make of a list of paths)
-        # held at once cost about 0.9 kB per image at start-up (1.1 GB for ImageNet's 1.28M files); now ~0.4 kB.
-        path_arrays, label_arrays = [], []
-        for name in sorted(classes):
-            files = classes.pop(name)
-            path_arrays.append(pa.array([str(file) for file in files], pa.string()))
-            label_arrays.append(pa.array(np.full(len(files), names.index(name), dtype=np.int64)))
-        paths = pa.concat_arrays(path_arrays)
-        image = pa.StructArray.from_arrays([pa.nulls(len(paths), pa.binary()), paths], names=["bytes", "path"])
-        splits[split] = datasets.Dataset.from_dict({"image": image, "label": pa.concat_arrays(label_arrays)},
-                                                   features=features, split=split)
-    return datasets.DatasetDict(splits)
+    return datasets.Dataset.from_dict({"image": image, "label": pa.concat_arrays(labels)}, features=features, split=split)
 
 
 # -------------------------------------------------------------------------------------------- columns
@@ -414,13 +424,8 @@ def load_eval_split(data_args, seed: int, *, cache_dir: str | None = None,
     split a training run evaluated on, a carved one included.
     """
     if data_args.dataset_name is None and data_args.train_dir is None and data_args.validation_dir is not None:
-        classes = _class_folders(data_args.validation_dir, "validation_dir")
-        names = sorted(classes)
-        features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
-        split = datasets.Dataset.from_dict(
-            {"image": [str(file) for name in names for file in classes[name]],
-             "label": [index for index, name in enumerate(names) for _ in classes[name]]},
-            features=features, split="validation")
+        names, paths = list_class_folders(data_args.validation_dir, "validation_dir")
+        split = _folder_split(names, names, paths, "validation")
         limit = data_args.max_eval_samples
         if limit is not None and limit < len(split):
             split = split.shuffle(seed=seed).select(range(limit))

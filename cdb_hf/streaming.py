@@ -205,7 +205,7 @@ def _folder_stream(folder: str, flag: str, seed: int | None) -> datasets.Iterabl
     needs: file names as strings (``os.scandir``), one sort per class folder, and one Arrow table built in one go
     (no per-file ``Path`` or feature encoding). The order is the one a sort of ``Path`` objects gives, whatever
     order the filesystem lists them in."""
-    names, paths = _list_class_folders(folder, flag)
+    names, paths = sources.list_class_folders(folder, flag)
     count = sum(len(files) for files in paths)
     image = pa.StructArray.from_arrays([pa.nulls(count, pa.binary()), pa.concat_arrays(paths)],
                                        names=["bytes", "path"])  # datasets.Image's storage: an undecoded path
@@ -220,32 +220,6 @@ def _folder_stream(folder: str, flag: str, seed: int | None) -> datasets.Iterabl
     fingerprint = hashlib.sha256(json.dumps([folder, seed, names, count]).encode()).hexdigest()[:16]
     return _sharded_stream(datasets.Dataset(InMemoryTable(table), info=datasets.DatasetInfo(features=features),
                                             fingerprint=fingerprint))
-
-
-def _list_class_folders(folder: str, flag: str) -> tuple[list[str], list[pa.StringArray]]:
-    """(class names, each class's image paths) of an image folder, as the map-style ``sources._class_folders``
-    finds them (hidden entries skipped, nested images in their top-level class, each class in ``Path`` order),
-    without a ``Path`` per file; each class's paths become an Arrow array as soon as they are sorted, so that
-    Python holds the strings of one class at a time."""
-    root = str(sources._check_is_dir(folder, flag))
-    extensions = tuple({extension.lower() for extension in sources._image_extensions()})
-    with os.scandir(root) as entries:
-        classes = sorted(entry.name for entry in entries if not entry.name.startswith(".") and entry.is_dir())
-    names, paths = [], []
-    for name in classes:
-        files, nested = [], False
-        for top, dirs, found in os.walk(os.path.join(root, name)):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-            nested = nested or bool(dirs)
-            files.extend([f"{top}{os.sep}{file}" for file in found
-                          if not file.startswith(".") and file.lower().endswith(extensions)])
-        if files:
-            files.sort(key=(lambda path: path.split(os.sep)) if nested else None)  # Path order: part by part
-            names.append(name)
-            paths.append(pa.array(files, pa.string()))
-    if not names:
-        sources._class_folders(folder, flag)  # raises its error naming the folder and what it holds
-    return names, paths
 
 
 def _sharded_stream(split: datasets.Dataset) -> datasets.IterableDataset:

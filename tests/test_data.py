@@ -102,7 +102,7 @@ def test_listing_a_large_image_folder_holds_little_more_than_its_file_list(tmp_p
         (tmp_path / "train" / name / "sub" / "x.jpg").touch()  # nested: its top-level class
     tracemalloc.start()
     try:
-        sources._class_folders(str(tmp_path / "train"), "train_dir")
+        sources.list_class_folders(str(tmp_path / "train"), "train_dir")
         listing = tracemalloc.get_traced_memory()[1]
         tracemalloc.reset_peak()
         splits = sources._load_image_folders(str(tmp_path / "train"), str(tmp_path / "val"))
