@@ -181,3 +181,27 @@ def test_the_quoted_mutation_scores_are_the_results():
         assert f"{counts['mutants']:,}" in development, source
     core = result["files"]["cdb_hf/core.py"]
     assert f"{100 * core['score']:.1f} %" in readme and f"{core['mutants']:,}" in readme
+
+
+def test_the_readme_scale_figures_are_the_results():
+    """The README's Scale bullet quotes bench/results/scale_cpu*.json (hf face; memory: the larger of the faces)."""
+    def rows(name: str) -> dict[tuple[int, str], dict]:
+        result = json.loads((REPO / "bench" / "results" / f"{name}.json").read_text())
+        return {(row["images"], row["face"]): row for row in result["rows"] if "face" in row}
+
+    bullet = (REPO / "README.md").read_text().split("- **Scale**")[1].split("\n- **")[0]
+    bullet = " ".join(bullet.split())
+    folders, shards = rows("scale_cpu_stream"), rows("scale_cpu_stream_parquet")
+    nocache = rows("scale_cpu_nocache")
+    for quoted, table in (("image folders", folders), ("parquet shards", shards)):
+        first = [table[size, "hf"]["seconds_to_first_step"] for size in (2000, 200000)]
+        assert f"{quoted} {first[0]:.1f} → {first[1]:.1f} s" in bullet, quoted
+    stream_rss = max(table[200000, face]["peak_rss_mib"] / table[20000, face]["peak_rss_mib"]
+                     for table in (folders, shards) for face in ("hf", "accelerate"))
+    assert f"is at most {stream_rss:.2f}× that at 20k" in bullet
+    later = [nocache[size, "hf"]["seconds_to_first_step"] for size in (2000, 200000)]
+    assert f"go from {later[0]:.1f} to {later[1]:.1f} s" in bullet
+    map_rss = max(nocache[200000, face]["peak_rss_mib"] / nocache[20000, face]["peak_rss_mib"]
+                  for face in ("hf", "accelerate"))
+    assert f"with peak RSS at most {map_rss:.2f}× that at 20k" in bullet
+    assert f"({nocache[200000, 'hf']['first_launch_seconds_to_first_step']:.0f} s at 200k here" in bullet
