@@ -1463,6 +1463,10 @@ def test_an_optimizer_that_skipped_optimizer_init_is_framed_and_masked_from_the_
     params = dict(model.named_parameters())
     for name, keep in cdb.last_selection.items():
         assert torch.equal(params[name].detach()[~keep], before[name][~keep]), name
+    optimizer.zero_grad()  # torch now patches the class: still one CDB step per optimizer step
+    mlp_loss(model, seed=1).backward()
+    optimizer.step()
+    assert cdb.step == 2
 
 
 def test_a_step_cdb_did_not_see_is_named_in_full_and_explicit_calls_are_seen():

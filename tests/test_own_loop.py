@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import warnings
-from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -435,35 +434,6 @@ def test_torch_lr_schedulers_and_the_framed_wrapper_step_get_along(scheduler_fir
     handle.remove()
     train_steps(model, optimizer, cdb, [3])
     assert cdb.step == 3, "removed: the optimizer steps without CDB"
-
-
-def test_an_optimizer_that_skipped_optimizer_init_is_masked_from_the_first_step():
-    """torch runs no step hooks for such a class until its first zero_grad (timm's Lookahead's trap)."""
-    class Plain(torch.optim.Optimizer):
-        def __init__(self, params, lr):
-            self.param_groups, self.state, self.defaults = [{"params": list(params), "lr": lr}], {}, {}
-            self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = OrderedDict(), OrderedDict()
-
-        @torch.no_grad()
-        def step(self, closure=None):
-            for group in self.param_groups:
-                for param in group["params"]:
-                    param.add_(param.grad, alpha=-group["lr"])
-
-    model = mlp()
-    optimizer = Plain(model.parameters(), lr=0.1)
-    cdb = ChannelDropBack(model, ChannelDropBackConfig(**CONFIG))
-    cdb.attach(optimizer)
-    before = weights(model)
-    model(batch(0)).pow(2).mean().backward()
-    optimizer.step()
-    assert cdb.step == 1 and cdb.last_selection
-    params = dict(model.named_parameters())
-    for layer, keep in cdb.last_selection.items():
-        assert torch.equal(params[layer].detach()[~keep], before[layer][~keep])
-    optimizer.zero_grad()  # torch now patches the class: still one CDB step per optimizer step
-    train_steps(model, optimizer, cdb, [1])
-    assert cdb.step == 2
 
 
 # ---------------------------------------------------------------------------- hooks that never run
