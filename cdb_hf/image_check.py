@@ -39,7 +39,7 @@ import pyarrow.compute as pc
 from PIL import Image, ImageFile
 
 __all__ = ["CACHE_ENV", "CACHE_FILE", "CORRUPT_IMAGE_MODES", "check_bytes", "check_files", "default_threads",
-           "decode_error", "find_corrupt_images", "load_split_result", "store_split_result"]
+           "decode_error", "find_corrupt_images", "label_ids", "load_split_result", "store_split_result"]
 
 logger = logging.getLogger(__name__)
 
@@ -342,7 +342,7 @@ def find_corrupt_images(split: datasets.Dataset, split_name: str = "train") -> d
     return dict(sorted(bad.items()))
 
 
-def _label_ids(split: datasets.Dataset) -> set:
+def label_ids(split: datasets.Dataset) -> set:
     """The label values of ``split``, in one Arrow pass over its rows (``Dataset.unique`` first copies a selected
     split's whole table, images included)."""
     return set(pc.unique(split.with_format("arrow")["label"]).to_pylist())
@@ -389,12 +389,12 @@ def _drop_or_refuse_corrupt_images(splits: dict[str, datasets.Dataset], mode: st
     for name, bad in found.items():
         if not bad:
             continue
-        before = _label_ids(splits[name])
+        before = label_ids(splits[name])
         kept = splits[name].select([i for i in range(len(splits[name])) if i not in bad])
         if len(kept) == 0:
             raise ValueError(f"every image of the {name!r} split of {source!r} is corrupt ({len(bad)}); nothing is left "
                              "to train or evaluate on with --corrupt_images skip.")
-        emptied = sorted(before - _label_ids(kept))
+        emptied = sorted(before - label_ids(kept))
         if emptied:
             raise ValueError(f"leaving out the corrupt images of the {name!r} split of {source!r} leaves class(es) "
                              f"{[names[i] for i in emptied]} without any image; replace those images.")

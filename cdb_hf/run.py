@@ -324,7 +324,7 @@ def _warn_about_unseen_classes(dataset, labels: list[str]) -> None:
     """A class in validation that train never shows (a tiny dataset, a carved split) can only be wrong."""
     present = {}
     for split in ("train", "validation"):
-        present[split] = image_check._label_ids(dataset[split])
+        present[split] = image_check.label_ids(dataset[split])
     unseen = sorted(present["validation"] - present["train"])
     if unseen:
         logger.warning(f"the validation split has class(es) with no training example: {[labels[i] for i in unseen]}; "
