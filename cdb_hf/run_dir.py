@@ -115,6 +115,7 @@ class RunDirectory:
             raise ValueError(f"mode={mode!r} is not valid; choose 'fresh', 'resume' or 'replace'")
         self.output_dir, self.mode, self.kind = Path(output_dir), mode, kind
         self.backup: Path | None = None
+        self.restored = False  # fail() put the previous run back: output_dir is no longer this run's
 
     def open(self, notes: list[str] | None = None) -> None:
         """Make the directory this run's; in replace mode, set the previous run aside first. ``notes`` (what
@@ -156,7 +157,10 @@ class RunDirectory:
 
     def fail(self) -> Path | None:
         """The run failed: mark it so; in replace mode restore the previous run, keeping the failed attempt
-        beside it when it holds checkpoints (returned), deleting it when it holds nothing of value."""
+        beside it when it holds checkpoints (returned), deleting it when it holds nothing of value. Once the
+        previous run is back, a second call leaves it alone."""
+        if self.restored:
+            return None
         if self.output_dir.is_dir():
             write_run_marker(self.output_dir, status="failed", kind=self.kind)
         if self.backup is None:
@@ -169,7 +173,7 @@ class RunDirectory:
             else:
                 shutil.rmtree(self.output_dir)
         os.rename(self.backup, self.output_dir)
-        self.backup = None
+        self.backup, self.restored = None, True
         return kept
 
     def _sibling(self, what: str) -> Path:

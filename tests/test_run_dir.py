@@ -176,6 +176,17 @@ def test_a_failed_replacement_restores_the_previous_run_and_keeps_only_checkpoin
     assert set_aside_runs(tmp_path / "out") == [], "a failed attempt is not a run to restore"
 
 
+def test_failing_twice_leaves_the_restored_previous_run_as_it_was(tmp_path):
+    """A second fail() (an error handler that runs twice) must not mark the restored previous run as failed."""
+    before = tree(previous_run(tmp_path / "out"))
+    run = RunDirectory(tmp_path / "out", "replace")
+    run.open()
+    (tmp_path / "out" / "checkpoint-4").mkdir()
+    kept = run.fail()
+    assert run.fail() is None
+    assert tree(tmp_path / "out") == before and read_run_marker(kept)["status"] == "failed"
+
+
 def test_a_failed_fresh_run_is_marked_failed_and_kept(tmp_path):
     run = RunDirectory(tmp_path / "out", "fresh", kind="eval")
     run.open()
