@@ -261,13 +261,23 @@ def _load_image_folders(train_dir: str, validation_dir: str | None) -> datasets.
 
 def _folder_split(names: list[str], split_names: list[str], paths: list[pa.StringArray], split: str
                   ) -> datasets.Dataset:
-    """A listed image folder as a split of undecoded paths with ClassLabel ids over ``names``, built from the
-    listing's Arrow arrays: no per-image string or ``{"bytes", "path"}`` dict (~0.9 kB per image before)."""
+    """A listed image folder as a map-style split (see :func:`folder_columns`)."""
+    return datasets.Dataset.from_dict(folder_columns(names, split_names, paths), features=folder_features(names),
+                                      split=split)
+
+
+def folder_columns(names: list[str], split_names: list[str], paths: list[pa.StringArray]) -> dict[str, pa.Array]:
+    """The ``image`` (undecoded paths, ``datasets.Image``'s storage) and ``label`` (ids over ``names``) columns of
+    a listed image folder, built from the listing's Arrow arrays: no per-image string or ``{"bytes", "path"}``
+    dict (~0.9 kB per image before)."""
     labels = [pa.array(np.full(len(files), names.index(name), dtype=np.int64)) for name, files in zip(split_names, paths)]
     path_column = pa.concat_arrays(paths)
     image = pa.StructArray.from_arrays([pa.nulls(len(path_column), pa.binary()), path_column], names=["bytes", "path"])
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
-    return datasets.Dataset.from_dict({"image": image, "label": pa.concat_arrays(labels)}, features=features, split=split)
+    return {"image": image, "label": pa.concat_arrays(labels)}
+
+
+def folder_features(names: list[str]) -> datasets.Features:
+    return datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
 
 
 # -------------------------------------------------------------------------------------------- columns
